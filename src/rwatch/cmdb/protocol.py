@@ -1,0 +1,205 @@
+"""The resource_watch wire protocol: resources, cursors, error codes, request and reply shapes.
+
+Shared by the client and the simulator, so both sides speak exactly the same dialect.
+See ../shared/cmdb-watch-api.md for where each rule comes from.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+# --- resources -------------------------------------------------------------------------------------------
+
+# The public resources rwatch follows, with the cursor type number of each (CUR, §5.1).
+RESOURCE_TYPES: Final[dict[str, int]] = {
+    "host": 2,
+    "host_relation": 3,
+    "biz": 4,
+    "set": 5,
+    "module": 6,
+    "object_instance": 8,
+    "process": 9,
+    "mainline_instance": 12,
+    "biz_set": 14,
+    "biz_set_relation": 15,
+    "plat": 16,
+    "project": 22,
+}
+RESOURCES: Final[tuple[str, ...]] = (
+    "host", "host_relation", "biz", "set", "module", "process", "object_instance",
+    "mainline_instance", "biz_set", "biz_set_relation", "plat", "project",
+)
+TYPE_NO_EVENT: Final = 1
+
+# The server rejects an empty bk_fields for these four (OPTS Validate).
+FIELDS_REQUIRED: Final[frozenset[str]] = frozenset({"host", "biz", "set", "module"})
+# Only these accept bk_filter.bk_sub_resource (the value is a bk_obj_id).
+SUB_RESOURCE_ALLOWED: Final[frozenset[str]] = frozenset({"object_instance", "mainline_instance"})
+# biz_set_relation ignores bk_fields: its detail is always {bk_biz_set_id, bk_biz_ids}.
+FIELDS_IGNORED: Final[frozenset[str]] = frozenset({"biz_set_relation"})
+
+EVENT_TYPES: Final[tuple[str, ...]] = ("create", "update", "delete")
+
+# Fields that make up each resource's key (DESIGN.md "Keys"); rwatch always asks for them.
+KEY_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    "host": ("bk_host_id",),
+    "host_relation": ("bk_host_id", "bk_module_id"),
+    "biz": ("bk_biz_id",),
+    "set": ("bk_set_id",),
+    "module": ("bk_module_id",),
+    "process": ("bk_process_id",),
+    "object_instance": ("bk_obj_id", "bk_inst_id"),
+    "mainline_instance": ("bk_obj_id", "bk_inst_id"),
+    "biz_set": ("bk_biz_set_id",),
+    "biz_set_relation": ("bk_biz_set_id",),
+    "plat": ("bk_cloud_id",),
+    "project": ("id",),
+}
+
+
+def object_key(resource: str, data: dict[str, Any]) -> str | None:
+    """The object's identity as DESIGN.md spells it, or None when the detail lacks an id field."""
+    parts = []
+    for name in KEY_FIELDS[resource]:
+        value = data.get(name)
+        if value is None or value == "":
+            return None
+        parts.append(str(value))
+    return ":".join(parts)
+
+
+# --- error codes (§5.4) ----------------------------------------------------------------------------------
+
+CODE_OK: Final = 0
+CODE_CURSOR_EXPIRED: Final = 1103007  # CCErrEventChainNodeNotExist
+CODE_DETAIL_NOT_EXIST: Final = 1103008  # CCErrEventDetailNotExist
+CODE_START_FROM_INVALID: Final = 1199006  # CCErrCommParamsInvalid
+CODE_BAD_OPTIONS: Final = 1199998  # unknown / unrecognised error (validation failures)
+CODE_JSON_DECODE: Final = 1199000
+CODE_DB_READ: Final = 1199017
+CODE_NO_PERMISSION: Final = 9900403
+CODE_TOO_MANY_REQUESTS: Final = 1199997
+CODE_PROXY_FAILED: Final = 1199036
+CODE_PAGE_LIMIT: Final = 1199055  # page.limit above the API's maximum
+
+# --- cursors (§5.1) --------------------------------------------------------------------------------------
+
+NO_EVENT_CURSOR: Final = "MQ0xDTVlYTZkM2YzOTRjMWY1ZDk4NmU5YmQ4Ng1ub0V2ZW50DTENMQ=="
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """A decoded cursor: ``version 1 \\r type \\r oid \\r op \\r sec \\r inc \\r uniq``, base64 encoded."""
+
+    type: int
+    oid: str
+    op: str
+    sec: int
+    inc: int
+    uniq: str = ""
+
+    def encode(self) -> str:
+        raw = "\r".join(("1", str(self.type), self.oid, self.op, str(self.sec), str(self.inc), self.uniq))
+        return base64.b64encode(raw.encode()).decode()
+
+
+def decode_cursor(cursor: str) -> Cursor | None:
+    """Decode a cursor, or None when it is not in the server's current seven-field form.
+
+    rwatch never needs to decode a cursor to resume (the server treats it as opaque); it decodes only
+    to learn the event's cluster time, which gives the event its version.
+    """
+    try:
+        raw = base64.b64decode(cursor, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    parts = raw.split("\r")
+    if len(parts) != 7 or parts[0] != "1":
+        return None
+    try:
+        return Cursor(int(parts[1]), parts[2], parts[3], int(parts[4]), int(parts[5]), parts[6])
+    except ValueError:
+        return None
+
+
+# --- reply ------------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class WatchEvent:
+    cursor: str
+    resource: str
+    event_type: str
+    detail: dict[str, Any]
+
+
+@dataclass(slots=True)
+class WatchReply:
+    watched: bool
+    events: list[WatchEvent] = field(default_factory=list)
+
+    @property
+    def last_cursor(self) -> str | None:
+        return self.events[-1].cursor if self.events else None
+
+
+def parse_watch_data(data: Any, resource: str) -> WatchReply:
+    """Turn the ``data`` member of a successful reply into a WatchReply; ValueError if it is malformed."""
+    if not isinstance(data, dict):
+        raise ValueError("data is not an object")
+    raw_events = data.get("bk_events")
+    if raw_events is None:
+        raw_events = []
+    if not isinstance(raw_events, list):
+        raise ValueError("bk_events is not a list")
+    events = []
+    for raw in raw_events:
+        if not isinstance(raw, dict):
+            raise ValueError("an element of bk_events is not an object")
+        cursor = raw.get("bk_cursor")
+        if not isinstance(cursor, str) or not cursor:
+            raise ValueError("an event has no bk_cursor")
+        detail = raw.get("bk_detail")
+        if detail is None:
+            detail = {}
+        if not isinstance(detail, dict):
+            raise ValueError("bk_detail is not an object")
+        event_type = raw.get("bk_event_type") or ""
+        if not isinstance(event_type, str):
+            raise ValueError("bk_event_type is not a string")
+        events.append(WatchEvent(cursor, str(raw.get("bk_resource") or resource), event_type, detail))
+    return WatchReply(watched=bool(data.get("bk_watched")), events=events)
+
+
+def watch_body(
+    *,
+    resource: str,
+    fields: list[str],
+    event_types: list[str],
+    cursor: str | None = None,
+    start_from: int | None = None,
+    sub_resource: str | None = None,
+    supplier_account: str = "0",
+) -> dict[str, Any]:
+    """The request body, with exactly one start mode (cursor, start time, or neither for "from now")."""
+    body: dict[str, Any] = {
+        "bk_resource": resource,
+        "bk_event_types": event_types,
+        "bk_fields": fields,
+        "bk_supplier_account": supplier_account,
+    }
+    if cursor:
+        body["bk_cursor"] = cursor
+    elif start_from is not None:
+        body["bk_start_from"] = start_from
+    if sub_resource:
+        body["bk_filter"] = {"bk_sub_resource": sub_resource}
+    return body
+
+
+# Paths (§1.1). Gateway: base_url already includes /api/bk-cmdb/<stage> when going through BK API Gateway.
+GATEWAY_WATCH_PATH: Final = "/api/v3/event/watch/resource/{resource}"
+ESB_WATCH_PATH: Final = "/api/c/compapi/v2/cc/resource_watch/"

@@ -1,0 +1,453 @@
+"""Configuration: one TOML file, every key overridable by ``RWATCH_<SECTION>__<KEY>``.
+
+Unknown keys are errors; secrets are ``SecretStr`` (or ``SecretUrl``, which masks only the password) so
+they print masked everywhere. ``load_config`` turns every problem into a ``ConfigError`` that names the
+file (or environment variable) and the dotted key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from rwatch.cmdb.protocol import (
+    EVENT_TYPES,
+    FIELDS_IGNORED,
+    FIELDS_REQUIRED,
+    KEY_FIELDS,
+    RESOURCES,
+    SUB_RESOURCE_ALLOWED,
+)
+from rwatch.errors import ConfigError
+
+ENV_PREFIX = "RWATCH_"
+DEFAULT_CONFIG_PATH = Path("config.toml")
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string such as ``"250ms"``, ``"20s"``, ``"5m"``, ``"3h"``, ``"1h30m"``."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '5m'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        try:
+            seconds = float(text)
+        except ValueError:
+            pos, seconds = 0, 0.0
+            for match in _DURATION.finditer(text):
+                if match.start() != pos:
+                    break
+                seconds += float(match.group(1)) * _UNITS[match.group(2)]
+                pos = match.end()
+            if pos != len(text) or not text:
+                raise ValueError(f"{value!r} is not a duration (use seconds or e.g. '250ms', '5m', '3h')") from None
+    else:
+        raise ValueError("a duration is a number of seconds or a string like '5m'")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class SecretUrl(SecretStr):
+    """A URL that may carry a password: shown with the password masked, the rest left readable."""
+
+    def _display(self) -> str:
+        return mask_url(self.get_secret_value())
+
+
+def mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username}:***@{host}" if parts.username else f":***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _secret_url(value: Any) -> Any:
+    return SecretUrl(value) if isinstance(value, str) else value
+
+
+SecretUrlField = Annotated[SecretUrl, BeforeValidator(_secret_url)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# --- [cmdb] ----------------------------------------------------------------------------------------------
+
+
+class CmdbConfig(_Section):
+    base_url: str = "http://127.0.0.1:8089"
+    api: Literal["apigw", "esb"] = "apigw"
+    app_code: str = "rwatch"
+    app_secret: SecretStr = SecretStr("")
+    username: str = "admin"
+    tenant: str = "0"
+    timeout: Duration = Field(default=35.0, description="per request; must exceed the 20 s hold-open")
+    verify_tls: bool = True
+    rate_limit: float = Field(default=20.0, ge=0, description="requests per second, all resources; 0 = off")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator("timeout")
+    @classmethod
+    def _above_hold(cls, value: float) -> float:
+        if value <= 21:
+            raise ValueError("must be above the server's 20 s long-poll hold (use 30 s or more)")
+        return value
+
+
+# --- [watch] ---------------------------------------------------------------------------------------------
+
+# bk_fields is mandatory for host, biz, set and module; these are the attributes most downstream systems use.
+DEFAULT_FIELDS: dict[str, list[str]] = {
+    "host": [
+        "bk_host_id", "bk_host_innerip", "bk_host_innerip_v6", "bk_host_outerip", "bk_cloud_id",
+        "bk_host_name", "bk_os_type", "bk_os_name", "bk_agent_id", "operator", "bk_bak_operator",
+        "bk_supplier_account",
+    ],
+    "biz": [
+        "bk_biz_id", "bk_biz_name", "bk_biz_maintainer", "bk_biz_productor", "bk_biz_developer",
+        "bk_biz_tester", "default", "bk_data_status", "bk_supplier_account",
+    ],
+    "set": [
+        "bk_set_id", "bk_set_name", "bk_biz_id", "bk_parent_id", "set_template_id", "default",
+        "bk_set_env", "bk_service_status", "bk_supplier_account",
+    ],
+    "module": [
+        "bk_module_id", "bk_module_name", "bk_set_id", "bk_biz_id", "bk_parent_id", "service_template_id",
+        "service_category_id", "set_template_id", "default", "host_apply_enabled", "bk_supplier_account",
+    ],
+}
+# What a topology mirror needs; the rest are opt-in.
+DEFAULT_ENABLED = frozenset({"host", "host_relation", "biz", "set", "module"})
+
+
+class ResourceConfig(_Section):
+    enabled: bool = False
+    interval: Duration = Field(default=0.0, description="pause after each answer; 0 = real time")
+    event_types: list[Literal["create", "update", "delete"]] = Field(default_factory=list)
+    fields: list[str] = Field(default_factory=list)
+    sub_resource: str | None = None
+
+    @field_validator("event_types")
+    @classmethod
+    def _dedupe_types(cls, value: list[str]) -> list[str]:
+        return [t for t in EVENT_TYPES if t in value]
+
+
+class WatchConfig(_Section):
+    bootstrap: Literal["resync", "now"] = "now"
+    lookback: Duration = 300.0
+    retention: Duration = Field(default=3 * 3600.0, description="plan for 3 h (the docs); the code keeps 6 h")
+    resources: dict[str, ResourceConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        given = data.get("resources") or {}
+        if not isinstance(given, dict):
+            return data
+        for name in given:
+            if name not in RESOURCES:
+                raise ValueError(f"unknown resource {name!r} in [watch.resources] (known: {', '.join(RESOURCES)})")
+        merged: dict[str, Any] = {}
+        for name in RESOURCES:
+            table = dict(given.get(name) or {})
+            table.setdefault("enabled", name in DEFAULT_ENABLED)
+            if name in DEFAULT_FIELDS:
+                table.setdefault("fields", list(DEFAULT_FIELDS[name]))
+            merged[name] = table
+        return {**data, "resources": merged}
+
+    @model_validator(mode="after")
+    def _check_resources(self) -> WatchConfig:
+        for name, res in self.resources.items():
+            if res.sub_resource is not None and name not in SUB_RESOURCE_ALLOWED:
+                raise ValueError(f"resources.{name}.sub_resource: only object_instance and mainline_instance "
+                                 "accept a sub_resource")
+            if name in FIELDS_REQUIRED and not res.fields:
+                raise ValueError(f"resources.{name}.fields: CMDB requires a non-empty field list for {name}")
+            if name in FIELDS_IGNORED:
+                continue
+            # The key is built from these; asking for them costs nothing and saves every event.
+            if res.fields:
+                res.fields = res.fields + [f for f in KEY_FIELDS[name] if f not in res.fields]
+        if self.lookback >= self.retention:
+            raise ValueError("lookback must be shorter than retention")
+        return self
+
+    @property
+    def enabled(self) -> list[str]:
+        return [name for name, res in self.resources.items() if res.enabled]
+
+
+# --- [bus], [store], [http], [log] -----------------------------------------------------------------------
+
+
+class BusConfig(_Section):
+    kind: Literal["amqp", "memory"] = "amqp"
+    url: SecretUrlField = SecretUrl("amqp://guest:guest@127.0.0.1:5672/")
+    exchange: str = Field(default="cmdb", min_length=1)
+    queue_prefix: str = Field(default="rwatch", min_length=1)
+    delivery_limit: int = Field(default=5, ge=1)
+    publish_window: int = Field(default=256, ge=1, le=65535, description="unconfirmed publishes in flight")
+    prefetch: int = Field(default=256, ge=1, le=65535)
+    publish_timeout: Duration = Field(default=30.0, gt=0, description="per publish, until the broker confirms")
+
+
+class StoreConfig(_Section):
+    url: SecretUrlField = SecretUrl("sqlite:///rwatch-state.db")
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: SecretUrl) -> SecretUrl:
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme.split("+")[0] not in ("sqlite", "postgresql", "postgres"):
+            raise ValueError("the store is sqlite:///path or postgresql://user@host/db")
+        return value
+
+
+class HttpConfig(_Section):
+    listen: str = "127.0.0.1:9108"
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"{value!r} is not host:port")
+        return value
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+# --- [sinks.<name>] --------------------------------------------------------------------------------------
+
+
+class _SinkBase(_Section):
+    enabled: bool = True
+    resources: list[str] | None = Field(default=None, description="default: every enabled resource")
+    batch_max: int = Field(default=500, ge=1)
+    batch_wait: Duration = 0.05
+
+    @field_validator("resources")
+    @classmethod
+    def _known(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or ():
+            if name not in RESOURCES:
+                raise ValueError(f"unknown resource {name!r}")
+        return value
+
+
+class MirrorSinkConfig(_SinkBase):
+    kind: Literal["mirror"]
+    url: SecretUrlField = SecretUrl("sqlite:///rwatch-mirror.db")
+
+
+class WebhookSinkConfig(_SinkBase):
+    kind: Literal["webhook"]
+    url: str
+    secret: SecretStr
+    timeout: Duration = 10.0
+    concurrency: int = Field(default=8, ge=1)
+
+
+class PromJob(_Section):
+    name: str
+    port: int = Field(ge=1, le=65535)
+    biz: list[str | int] = Field(default_factory=list)
+    set: list[str | int] = Field(default_factory=list)
+    module: list[str | int] = Field(default_factory=list)
+
+
+class PromSdSinkConfig(_SinkBase):
+    kind: Literal["prom_sd"]
+    file: str | None = None
+    source: str = Field(default="mirror", description="the mirror sink whose topology is exported")
+    jobs: list[PromJob] = Field(default_factory=list)
+
+
+class JsonlSinkConfig(_SinkBase):
+    kind: Literal["jsonl"]
+    path: str = "-"
+    max_bytes: int = Field(default=100 * 1024 * 1024, ge=0)
+    backups: int = Field(default=5, ge=0)
+
+
+SinkConfig = Annotated[
+    MirrorSinkConfig | WebhookSinkConfig | PromSdSinkConfig | JsonlSinkConfig, Field(discriminator="kind")
+]
+
+
+# --- the whole ------------------------------------------------------------------------------------------
+
+
+class Config(_Section):
+    cmdb: CmdbConfig = Field(default_factory=CmdbConfig)
+    watch: WatchConfig = Field(default_factory=WatchConfig)
+    bus: BusConfig = Field(default_factory=BusConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    sinks: dict[str, SinkConfig] = Field(default_factory=dict)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _sinks_cover_resources(self) -> Config:
+        enabled = set(self.watch.enabled)
+        for name, sink in self.sinks.items():
+            if not re.fullmatch(r"[a-z0-9_-]+", name):
+                raise ValueError(f"sinks.{name}: a sink name is lower-case letters, digits, '_' or '-'")
+            for res in sink.resources or ():
+                if res not in enabled:
+                    raise ValueError(f"sinks.{name}.resources: {res!r} is not enabled in [watch.resources]")
+        return self
+
+    def sink_resources(self, sink: str) -> list[str]:
+        """The resources a sink takes: its own list, or every enabled resource."""
+        chosen = self.sinks[sink].resources
+        return list(chosen) if chosen is not None else self.watch.enabled
+
+    @property
+    def enabled_sinks(self) -> list[str]:
+        return [name for name, sink in self.sinks.items() if sink.enabled]
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration as plain data, every secret masked."""
+        return _mask(self.model_dump(mode="python"))
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return value._display() if isinstance(value, SecretUrl) else ("**********" if value.get_secret_value() else "")
+    if isinstance(value, dict):
+        return {k: _mask(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_mask(v) for v in value]
+    return value
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+
+def _env_value(raw: str) -> Any:
+    """Parse an environment value as a TOML value when it is one (numbers, booleans, arrays), else text."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    tree: dict[str, Any] = {}
+    origin: dict[tuple[str, ...], str] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = tuple(p.lower() for p in name[len(ENV_PREFIX):].split("__"))
+        if any(not p for p in path):
+            raise ConfigError(f"malformed variable name (empty part in {name})", file=f"${name}", key=name)
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{name} conflicts with another variable", file=f"${name}", key=".".join(path))
+            node = child
+        node[path[-1]] = _env_value(raw)
+        origin[path] = name
+    return tree, origin
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _error_location(err: dict[str, Any]) -> tuple[str, ...]:
+    # Drop pydantic's discriminator tags ("mirror", "function-after[...]") so the key reads as the user wrote it.
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-union"))]
+    return tuple(loc)
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file (``config.toml`` when none is named and it exists), apply the environment, validate."""
+    environ = os.environ if environ is None else environ
+    explicit = path is not None
+    file = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    data: dict[str, Any] = {}
+    if file.exists() or explicit:
+        try:
+            with file.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError("no such file", file=str(file)) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"not valid TOML: {exc}", file=str(file)) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read: {exc.strerror}", file=str(file)) from None
+    source = str(file) if data or explicit else "<defaults>"
+    overrides, origin = _env_overrides(environ)
+    try:
+        return Config.model_validate(_merge(data, overrides))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = _error_location(err)
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        # A model-level check names its key in the message ("resources.host.fields: ..."); prefer that.
+        if ": " in message and not loc[1:]:
+            inner, _, message = message.partition(": ")
+            loc = (*loc, *inner.split("."))
+        key = ".".join(loc)
+        env_name = next((name for p, name in origin.items() if loc[: len(p)] == p), None)
+        raise ConfigError(message, file=f"${env_name}" if env_name else source, key=key) from None
