@@ -186,7 +186,7 @@ class WatchConfig(_Section):
             return data
         for name in given:
             if name not in RESOURCES:
-                raise ValueError(f"unknown resource {name!r} in [watch.resources] (known: {', '.join(RESOURCES)})")
+                raise ValueError(f"resources.{name}: unknown resource {name!r} (known: {', '.join(RESOURCES)})")
         merged: dict[str, Any] = {}
         for name in RESOURCES:
             table = dict(given.get(name) or {})
@@ -371,6 +371,8 @@ def _mask(value: Any) -> Any:
     return value
 
 
+_SINK_KINDS = frozenset({"mirror", "webhook", "prom_sd", "jsonl"})
+
 # --- loading ---------------------------------------------------------------------------------------------
 
 
@@ -415,6 +417,8 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def _error_location(err: dict[str, Any]) -> tuple[str, ...]:
     # Drop pydantic's discriminator tags ("mirror", "function-after[...]") so the key reads as the user wrote it.
     loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-union"))]
+    if loc[:1] == ["sinks"] and len(loc) > 2 and loc[2] in _SINK_KINDS:
+        del loc[2]
     return tuple(loc)
 
 
@@ -445,9 +449,9 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         if err["type"] == "extra_forbidden":
             message = "unknown key"
         # A model-level check names its key in the message ("resources.host.fields: ..."); prefer that.
-        if ": " in message and not loc[1:]:
-            inner, _, message = message.partition(": ")
-            loc = (*loc, *inner.split("."))
+        inner, sep, rest = message.partition(": ")
+        if sep and re.fullmatch(r"[a-z_][a-z0-9_-]*(\.[a-z0-9_-]+)*", inner):
+            loc, message = (*loc, *inner.split(".")), rest
         key = ".".join(loc)
         env_name = next((name for p, name in origin.items() if loc[: len(p)] == p), None)
         raise ConfigError(message, file=f"${env_name}" if env_name else source, key=key) from None

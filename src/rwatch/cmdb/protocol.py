@@ -117,10 +117,11 @@ def decode_cursor(cursor: str) -> Cursor | None:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         return None
     parts = raw.split("\r")
-    if len(parts) != 7 or parts[0] != "1":
+    # Seven fields; the NoEventCursor constant has six (no unique key).
+    if len(parts) not in (6, 7) or parts[0] != "1":
         return None
     try:
-        return Cursor(int(parts[1]), parts[2], parts[3], int(parts[4]), int(parts[5]), parts[6])
+        return Cursor(int(parts[1]), parts[2], parts[3], int(parts[4]), int(parts[5]), "".join(parts[6:]))
     except ValueError:
         return None
 

@@ -1,0 +1,3 @@
+from rwatch.cli import main
+
+main()

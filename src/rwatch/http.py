@@ -1,0 +1,44 @@
+"""The HTTP server: liveness and Prometheus metrics on one port (``[http] listen``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+
+def make_app(alive: Callable[[], bool]) -> web.Application:
+    async def healthz(_: web.Request) -> web.Response:
+        # Liveness only: the loop answers and no supervised task died. Dependencies are /readyz's job.
+        if alive():
+            return web.json_response({"status": "ok"})
+        return web.json_response({"status": "dead"}, status=503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = await asyncio.to_thread(generate_latest)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def serve_http(listen: str, alive: Callable[[], bool], stop: asyncio.Event,
+                     bound: asyncio.Future[int] | None = None) -> None:
+    """Serve until ``stop`` is set; ``bound`` receives the port (useful with port 0)."""
+    host, _, port = listen.rpartition(":")
+    runner = web.AppRunner(make_app(alive), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host.strip("[]") or None, int(port), shutdown_timeout=1.0)
+        await site.start()
+        if bound is not None and not bound.done():
+            server = site._server
+            sockets = getattr(server, "sockets", None) or []
+            bound.set_result(sockets[0].getsockname()[1] if sockets else int(port))
+        await stop.wait()
+    finally:
+        await runner.cleanup()

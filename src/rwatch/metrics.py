@@ -1,0 +1,62 @@
+"""Prometheus metrics. Names start with ``rwatch_``, use base units, and no label takes per-object values."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+WATCH_REQUESTS = Counter(
+    "rwatch_watch_requests_total",
+    "resource_watch calls by outcome (events, empty, cursor_expired, start_out_of_window, transient, "
+    "rate_limited, permanent)",
+    ["resource", "outcome"],
+)
+WATCH_REQUEST_SECONDS = Histogram(
+    "rwatch_watch_request_duration_seconds",
+    "Time a resource_watch call took, long-poll hold included",
+    ["resource"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20, 25, 30, 40),
+)
+WATCH_BACKOFFS = Counter(
+    "rwatch_watch_backoffs_total", "Pauses before retrying a failed watch call", ["resource", "reason"]
+)
+EVENTS_RECEIVED = Counter(
+    "rwatch_events_received_total", "Events received from CMDB", ["resource", "action"]
+)
+EVENTS_PUBLISHED = Counter(
+    "rwatch_events_published_total", "Events confirmed durable by the bus", ["resource", "action"]
+)
+EVENTS_INVALID = Counter(
+    "rwatch_events_invalid_total",
+    "Events CMDB sent that rwatch could not normalize (skipped, logged)",
+    ["resource", "reason"],
+)
+CURSOR_DECODE_FAILURES = Counter(
+    "rwatch_cursor_decode_failures_total",
+    "Cursors that did not decode; the event's version fell back to the receive time",
+    ["resource"],
+)
+CURSOR_SAVES = Counter("rwatch_cursor_saves_total", "Cursors saved to the store", ["resource"])
+CURSOR_EXPIRED = Counter(
+    "rwatch_cursor_expired_total", "Cursor losses (1103007 / 1199006) handled by resuming by time", ["resource"]
+)
+CURSOR_GAPS = Counter("rwatch_cursor_gaps_total", "Intervals of history lost and recorded as gaps", ["resource"])
+CURSOR_GAP_SECONDS = Counter(
+    "rwatch_cursor_gap_seconds_total", "Length of the recorded gaps", ["resource"]
+)
+CURSOR_AGE = Gauge(
+    "rwatch_cursor_age_seconds", "Age of the newest saved cursor's event time", ["resource"]
+)
+LAST_POLL = Gauge(
+    "rwatch_watch_last_success_timestamp_seconds", "When the last watch call succeeded", ["resource"]
+)
+PUBLISH_SECONDS = Histogram(
+    "rwatch_publish_duration_seconds",
+    "Time from handing a batch to the bus until every event in it was confirmed",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+PUBLISH_RETRIES = Counter(
+    "rwatch_publish_retries_total", "Publishes retried after a nack, return, timeout or lost connection",
+    ["reason"],
+)
+BUS_CONNECTED = Gauge("rwatch_bus_connected", "1 while the bus is connected and its topology declared")
+BUS_RECONNECTS = Counter("rwatch_bus_reconnects_total", "Connections to the broker re-established")

@@ -1,0 +1,63 @@
+"""Backoff for calls to CMDB: 0.8 s doubling to 30 s with jitter, reset only after 2 min of health.
+
+A flapping server (one success between failures) must not reset the pause to 0.8 s each time, so the
+failure streak lives across calls and ends only when no failure happened for ``healthy_after`` seconds.
+The retry loop itself is tenacity's; this module supplies its wait strategy and an interruptible sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+
+from tenacity import RetryCallState
+from tenacity.wait import wait_base
+
+
+class HealthyResetWait(wait_base):
+    """A tenacity wait whose streak survives successful calls until the service stays healthy."""
+
+    def __init__(
+        self,
+        initial: float = 0.8,
+        maximum: float = 30.0,
+        healthy_after: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.healthy_after = healthy_after
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.streak = 0
+        self._last_failure: float | None = None
+
+    def next_delay(self) -> float:
+        """Record a failure and return the pause before the next attempt."""
+        now = self.clock()
+        if self._last_failure is not None and now - self._last_failure > self.healthy_after:
+            self.streak = 0
+        self._last_failure = now
+        ceiling = min(self.maximum, self.initial * 2**self.streak)
+        self.streak += 1
+        # "Equal jitter": never less than half the ceiling, so a storm of clients still spreads out.
+        return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        return self.next_delay()
+
+
+async def sleep_or_stop(seconds: float, stop: asyncio.Event) -> bool:
+    """Sleep, waking early when ``stop`` is set. Returns True when stopping."""
+    if stop.is_set():
+        return True
+    if seconds <= 0:
+        return False
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True

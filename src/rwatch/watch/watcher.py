@@ -1,0 +1,376 @@
+"""One long-poll loop per resource: CMDB -> normalize -> bus (durable) -> cursor store.
+
+Two stages joined by a one-slot queue: ``fetch`` long-polls and normalizes, ``deliver`` publishes and
+then saves the cursor. The next poll overlaps the previous publish, yet a cursor is saved only after its
+batch *and every batch before it* is durable (invariant 1), because ``deliver`` takes batches in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import structlog
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+
+from rwatch import metrics as m
+from rwatch.bus import Bus
+from rwatch.cmdb import protocol as p
+from rwatch.cmdb.client import CmdbClient
+from rwatch.config import ResourceConfig, WatchConfig
+from rwatch.errors import (
+    TRANSIENT_ERRORS,
+    CmdbRateLimited,
+    CursorExpired,
+    PermanentError,
+    StartOutOfWindow,
+    Stopping,
+    StoreError,
+)
+from rwatch.events import Event, iso_utc, watch_event_id
+from rwatch.failpoints import failpoint
+from rwatch.retry import HealthyResetWait, sleep_or_stop
+from rwatch.watch.cursors import CursorState, CursorStore
+
+PAGE_SIZE = 200  # the server's eventStep: a full page means more is waiting
+# How far inside the retention window a forced resume starts, so the request is not refused on arrival.
+RESUME_MARGIN = 60.0
+
+T = TypeVar("T")
+
+
+class _Repoll(Exception):
+    """Internal: the position changed after a cursor loss; poll again at once."""
+
+
+RETRYABLE = (*TRANSIENT_ERRORS, PermanentError, _Repoll)
+
+
+@dataclass(slots=True)
+class Position:
+    """Where the next poll starts: a cursor, a start time, or "from now" (neither)."""
+
+    cursor: str | None = None
+    start_from: int | None = None
+    event_time: float | None = None  # time of the newest event at or before this position, when known
+
+    @property
+    def mode(self) -> str:
+        return "cursor" if self.cursor else "start_from" if self.start_from is not None else "now"
+
+
+@dataclass(slots=True)
+class Batch:
+    events: list[Event]
+    state: CursorState | None  # None: nothing new to save (same cursor, or the NoEventCursor)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class Watcher:
+    def __init__(
+        self,
+        resource: str,
+        *,
+        settings: ResourceConfig,
+        watch: WatchConfig,
+        tenant: str,
+        client: CmdbClient,
+        bus: Bus,
+        store: CursorStore,
+        stop: asyncio.Event,
+        clock: Callable[[], float] = time.time,
+        backoff: HealthyResetWait | None = None,
+    ) -> None:
+        self.resource = resource
+        self.settings = settings
+        self.watch = watch
+        self.tenant = tenant
+        self.client = client
+        self.bus = bus
+        self.store = store
+        self.stop = stop
+        self.clock = clock
+        self.backoff = backoff or HealthyResetWait()
+        self.log = structlog.get_logger("rwatch.watch").bind(resource=resource)
+        self.position = Position()
+        self.saved: CursorState | None = None
+        self._seq = 0  # orders events whose cursor does not decode
+        self._outcomes = m.WATCH_REQUESTS
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Follow the resource until ``stop`` is set. Never raises for CMDB, broker or store trouble."""
+        try:
+            self.saved = await self._retry_store(lambda: self.store.load(self.tenant, self.resource))
+            self.position = await self._initial_position(self.saved)
+        except Stopping:
+            return
+        queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=1)
+        fetcher = asyncio.create_task(self.fetch(queue), name=f"fetch:{self.resource}")
+        try:
+            await self.deliver(queue, fetcher)
+        finally:
+            fetcher.cancel()
+            await asyncio.gather(fetcher, return_exceptions=True)
+
+    async def _initial_position(self, saved: CursorState | None) -> Position:
+        if saved is not None:
+            self.log.info("watch_resume", mode="cursor", event_time=saved.event_time)
+            return Position(cursor=saved.cursor, event_time=saved.event_time or saved.saved_at)
+        if self.watch.bootstrap == "resync":
+            # Everything before now is history this process never saw: recorded as a gap for
+            # reconciliation to fill, never silently assumed.
+            now = self.client.server_now()
+            await self._retry_store(lambda: self.store.add_gap(self.tenant, self.resource, 0.0, now, "bootstrap"))
+            self.log.warning("bootstrap_gap", start=0.0, end=now)
+        self.log.info("watch_start", mode="now")
+        return Position()
+
+    # --- stage 1: long-poll and normalize --------------------------------------------------------------
+
+    async def fetch(self, queue: asyncio.Queue[Batch]) -> None:
+        while not self.stop.is_set():
+            reply = await self.poll_once()
+            if reply is None:
+                return
+            batch = self.normalize(reply)
+            await queue.put(batch)
+            if len(reply.events) < PAGE_SIZE and await sleep_or_stop(self.settings.interval, self.stop):
+                return
+
+    async def poll_once(self) -> p.WatchReply | None:
+        """One successful watch call (retrying with backoff), or None once stopping."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(RETRYABLE),
+            wait=self._wait,
+            sleep=self._sleep,
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._call()
+        except Stopping:
+            return None
+        return None  # pragma: no cover - AsyncRetrying either returns or raises
+
+    async def _call(self) -> p.WatchReply:
+        if self.stop.is_set():
+            raise Stopping("stopping")
+        pos = self.position
+        started = time.monotonic()
+        poll = asyncio.ensure_future(self.client.watch(
+            self.resource, fields=self.settings.fields, event_types=self.settings.event_types,
+            cursor=pos.cursor, start_from=pos.start_from, sub_resource=self.settings.sub_resource,
+        ))
+        stopper = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({poll, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if not poll.done():
+            # A long-poll holds nothing: abandoning it loses no event, the cursor was not advanced.
+            poll.cancel()
+            await asyncio.gather(poll, return_exceptions=True)
+            raise Stopping("stopping")
+        m.WATCH_REQUEST_SECONDS.labels(self.resource).observe(time.monotonic() - started)
+        try:
+            reply = poll.result()
+        except (CursorExpired, StartOutOfWindow) as exc:
+            self._outcomes.labels(self.resource, _outcome(exc)).inc()
+            await self.recover(exc)
+            raise _Repoll() from exc
+        except Exception as exc:
+            self._outcomes.labels(self.resource, _outcome(exc)).inc()
+            raise
+        self._outcomes.labels(self.resource, "events" if reply.watched else "empty").inc()
+        m.LAST_POLL.labels(self.resource).set(self.clock())
+        return reply
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        return 0.0 if isinstance(exc, _Repoll) else self.backoff.next_delay()
+
+    async def _sleep(self, seconds: float) -> None:
+        if await sleep_or_stop(seconds, self.stop):
+            raise Stopping("stopping")
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Repoll):
+            return
+        reason = _outcome(exc)
+        m.WATCH_BACKOFFS.labels(self.resource, reason).inc()
+        fields = exc.fields() if hasattr(exc, "fields") else {"error": repr(exc)}
+        level = self.log.error if isinstance(exc, PermanentError) else self.log.warning
+        level("watch_failed", reason=reason, mode=self.position.mode,
+              retry_in=round(state.upcoming_sleep, 2), attempt=state.attempt_number, **fields)
+
+    # --- cursor loss (invariant 4) ---------------------------------------------------------------------
+
+    async def recover(self, exc: CursorExpired | StartOutOfWindow) -> None:
+        """Pick the next position after the server refused ours; record any history truly lost.
+
+        Cursor refused -> resume by time (last event − lookback) if inside the window, else from the
+        oldest retained second, recording the gap. Start time refused too (the server keeps less than
+        ``retention``, or the clocks disagree) -> from now, recording the rest as a gap. At most three
+        requests per loss: never a loop.
+        """
+        m.CURSOR_EXPIRED.labels(self.resource).inc()
+        pos = self.position
+        now = self.client.server_now()
+        last = pos.event_time
+        if pos.mode == "cursor":
+            oldest = now - self.watch.retention + RESUME_MARGIN
+            wanted = (last if last is not None else now) - self.watch.lookback
+            start = max(wanted, oldest)
+            self.log.warning("cursor_expired", code=exc.code, cursor=pos.cursor, last_event_time=last,
+                             resume_from=int(start))
+            if last is None or wanted < oldest:
+                await self.record_gap(last if last is not None else 0.0, start, "cursor_expired")
+            self.position = Position(start_from=int(start), event_time=last)
+            return
+        # The start time itself was refused: only "from now" is left.
+        self.log.warning("start_from_refused", code=exc.code, start_from=pos.start_from)
+        lost_from = pos.start_from if pos.start_from is not None else last
+        if lost_from is not None and now > lost_from:
+            await self.record_gap(float(lost_from), now, "start_out_of_window")
+        self.position = Position(event_time=last)
+
+    async def record_gap(self, start: float, end: float, reason: str) -> None:
+        gap = await self._retry_store(
+            lambda: self.store.add_gap(self.tenant, self.resource, start, end, reason))
+        m.CURSOR_GAPS.labels(self.resource).inc()
+        m.CURSOR_GAP_SECONDS.labels(self.resource).inc(max(0.0, end - start))
+        self.log.error("cursor_gap", gap_id=gap.id, start=iso_utc(start), end=iso_utc(end),
+                       seconds=round(end - start, 1), reason=reason)
+
+    # --- normalize -------------------------------------------------------------------------------------
+
+    def normalize(self, reply: p.WatchReply) -> Batch:
+        observed = self.clock()
+        observed_iso = iso_utc(observed)
+        events: list[Event] = []
+        counts: dict[str, int] = {}
+        res = self.resource
+        if reply.watched:
+            for raw in reply.events:
+                event = self._event(raw, observed, observed_iso)
+                if event is not None:
+                    events.append(event)
+                    counts[event.action] = counts.get(event.action, 0) + 1
+            for action, n in counts.items():
+                m.EVENTS_RECEIVED.labels(res, action).inc(n)
+        last = reply.last_cursor
+        if last is None or last == p.NO_EVENT_CURSOR:
+            # The NoEventCursor is a position only for the next poll: persisting it would replay the
+            # whole retention window after a restart.
+            self.position = Position(cursor=last, event_time=self.position.event_time)
+            return Batch(events, None, counts)
+        decoded = p.decode_cursor(last)
+        event_time = float(decoded.sec) if decoded else self.position.event_time
+        self.position = Position(cursor=last, event_time=event_time)
+        if self.saved is not None and self.saved.cursor == last and not events:
+            return Batch(events, None, counts)
+        version = (decoded.sec, decoded.inc) if decoded else None
+        state = CursorState(self.tenant, res, last, version, event_time, observed)
+        return Batch(events, state, counts)
+
+    def _event(self, raw: p.WatchEvent, observed: float, observed_iso: str) -> Event | None:
+        res = self.resource
+        action = raw.event_type
+        if action not in p.EVENT_TYPES:
+            return self._invalid(raw, "bad_event_type")
+        key = p.object_key(res, raw.detail)
+        if key is None:
+            return self._invalid(raw, "no_key")
+        decoded = p.decode_cursor(raw.cursor)
+        if decoded is not None:
+            version = (decoded.sec, decoded.inc)
+        else:
+            m.CURSOR_DECODE_FAILURES.labels(res).inc()
+            self._seq += 1
+            version = (int(observed), self._seq)
+        # model_construct: every field is built here from checked parts; validation would only cost time.
+        return Event.model_construct(
+            id=watch_event_id(res, raw.cursor), resource=res, action=action, key=key, tenant=self.tenant,
+            version=version, occurred_at=iso_utc(version[0]), observed_at=observed_iso, origin="watch",
+            cursor=raw.cursor, data=raw.detail,
+        )
+
+    def _invalid(self, raw: p.WatchEvent, reason: str) -> None:
+        m.EVENTS_INVALID.labels(self.resource, reason).inc()
+        self.log.error("event_invalid", reason=reason, cursor=raw.cursor, event_type=raw.event_type,
+                       detail_keys=sorted(raw.detail)[:20])
+        return None
+
+    # --- stage 2: publish, then save -------------------------------------------------------------------
+
+    async def deliver(self, queue: asyncio.Queue[Batch], fetcher: asyncio.Task[None]) -> None:
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait({getter, fetcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                fetcher.result()  # re-raise a crash of the fetch stage
+                return
+            batch = getter.result()
+            if not await self.publish_batch(batch):
+                return
+            if batch.state is not None and not await self.save_cursor(batch.state):
+                return
+
+    async def publish_batch(self, batch: Batch) -> bool:
+        if not batch.events:
+            return True
+        started = time.monotonic()
+        try:
+            await self.bus.publish(batch.events)
+        except Stopping:
+            return False
+        m.PUBLISH_SECONDS.observe(time.monotonic() - started)
+        for action, n in batch.counts.items():
+            m.EVENTS_PUBLISHED.labels(self.resource, action).inc(n)
+        failpoint("watch.after_publish")
+        return True
+
+    async def save_cursor(self, state: CursorState) -> bool:
+        """Saved only after the batch is durable: a crash before this line replays, never skips."""
+        try:
+            await self._retry_store(lambda: self.store.save(state))
+        except Stopping:
+            return False
+        self.saved = state
+        m.CURSOR_SAVES.labels(self.resource).inc()
+        if state.event_time is not None:
+            m.CURSOR_AGE.labels(self.resource).set(max(0.0, self.clock() - state.event_time))
+        failpoint("watch.after_save")
+        return True
+
+    async def _retry_store(self, op: Callable[[], Awaitable[T]]) -> T:
+        wait = HealthyResetWait(initial=0.2, maximum=10.0)
+        while True:
+            try:
+                return await op()
+            except StoreError as exc:
+                delay = wait.next_delay()
+                self.log.error("store_failed", retry_in=round(delay, 2), **exc.fields())
+                if await sleep_or_stop(delay, self.stop):
+                    raise Stopping("stopping") from exc
+
+
+def _outcome(exc: BaseException | None) -> str:
+    if isinstance(exc, CursorExpired):
+        return "cursor_expired"
+    if isinstance(exc, StartOutOfWindow):
+        return "start_out_of_window"
+    if isinstance(exc, CmdbRateLimited):
+        return "rate_limited"
+    if isinstance(exc, PermanentError):
+        return "permanent"
+    return "transient"
