@@ -1,0 +1,443 @@
+"""The cursor store: one saved position per (tenant, resource), and the gaps of history that were lost.
+
+SQLite (the embedded default) and PostgreSQL share one SQLAlchemy Core code path; only the engine set-up,
+the upsert's dialect and the schema lock differ. Every call is a single statement in autocommit mode, so
+``save`` costs one statement and one commit (one round trip on PostgreSQL) and is durable once it returns.
+Every database failure surfaces as ``StoreError`` (transient: the caller backs off and retries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Double,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    event,
+    select,
+    text,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+from rwatch.cmdb.protocol import NO_EVENT_CURSOR, decode_cursor
+from rwatch.config import mask_url
+from rwatch.errors import ConfigError, PermanentError, StoreError
+from rwatch.logs import get_logger
+
+log = get_logger("rwatch.cursors")
+
+DEFAULT_TIMEOUT = 10.0
+_SCHEMA_LOCK = int.from_bytes(b"rwatch", "big")  # PostgreSQL advisory lock key for creating the tables
+
+
+@dataclass(frozen=True, slots=True)
+class CursorState:
+    tenant: str
+    resource: str
+    cursor: str  # the CMDB bk_cursor to resume from
+    version: tuple[int, int] | None  # [seconds, increment] decoded from the cursor; None if it did not decode
+    event_time: float | None  # Unix seconds of the last event the cursor stands for (resume by time)
+    saved_at: float  # when it was saved (Unix seconds)
+
+    @classmethod
+    def from_cursor(
+        cls, tenant: str, resource: str, cursor: str, saved_at: float | None = None
+    ) -> CursorState:
+        """The state for a cursor CMDB handed out, its version and event time decoded from it."""
+        decoded = decode_cursor(cursor)
+        saved_at = time.time() if saved_at is None else saved_at
+        # NoEventCursor decodes to cluster time 1.1, which is no event at all: resuming by time from 1970
+        # would only draw 1199006, so it carries no version.
+        if decoded is None or cursor == NO_EVENT_CURSOR:
+            return cls(tenant, resource, cursor, None, None, saved_at)
+        return cls(tenant, resource, cursor, (decoded.sec, decoded.inc), float(decoded.sec), saved_at)
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    id: int
+    tenant: str
+    resource: str
+    start: float  # the interval of history truly lost (Unix seconds)
+    end: float
+    reason: str  # "cursor_expired", "bootstrap", ...
+    recorded_at: float
+    filled_at: float | None  # set by reconciliation
+
+
+class CursorStore(Protocol):
+    async def open(self) -> None:
+        """Connect and create the tables if missing (idempotent, safe with concurrent openers)."""
+
+    async def close(self) -> None: ...
+
+    async def load(self, tenant: str, resource: str) -> CursorState | None: ...
+
+    async def save(self, state: CursorState) -> None:
+        """Durable once it returns (SQLite: WAL + synchronous=FULL survives kill -9 and power loss)."""
+
+    async def delete(self, tenant: str, resource: str) -> None:
+        """Forget the position (cursor reset); the resource's gaps stay."""
+
+    async def states(self, tenant: str | None = None) -> list[CursorState]: ...
+
+    async def add_gap(self, tenant: str, resource: str, start: float, end: float, reason: str) -> Gap: ...
+
+    async def gaps(
+        self, tenant: str | None = None, resource: str | None = None, *, open_only: bool = True
+    ) -> list[Gap]: ...
+
+    async def fill_gap(self, gap_id: int, filled_at: float) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StoreError when the store cannot be reached (readiness)."""
+
+
+# --- schema ----------------------------------------------------------------------------------------------
+
+metadata = MetaData()
+
+# Text, not VARCHAR(n): PostgreSQL would enforce a length SQLite ignores, and both backends must agree.
+cursors_table = Table(
+    "rwatch_cursors",
+    metadata,
+    Column("tenant", Text, primary_key=True),
+    Column("resource", Text, primary_key=True),
+    Column("cursor", Text, nullable=False),
+    Column("version_s", BigInteger),
+    Column("version_i", BigInteger),
+    Column("event_time", Double),
+    Column("saved_at", Double, nullable=False),
+    # Reserved for HA fencing (a later issue): the upsert will only win when its fence is not older than the
+    # row's. Created now, always NULL, so existing databases need no migration when fencing arrives.
+    Column("fence", BigInteger),
+)
+
+gaps_table = Table(
+    "rwatch_gaps",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    Column("tenant", Text, nullable=False),
+    Column("resource", Text, nullable=False),
+    Column("start_ts", Double, nullable=False),
+    Column("end_ts", Double, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("recorded_at", Double, nullable=False),
+    Column("filled_at", Double),
+    Index("rwatch_gaps_tenant_resource", "tenant", "resource"),
+    sqlite_autoincrement=True,  # never reuse an id, so a stale fill_gap cannot fill someone else's gap
+)
+
+# Both dialects' insert() has on_conflict_do_update (and .excluded).
+_DIALECT_INSERTS: dict[str, Callable[[Table], Any]] = {
+    "sqlite": sqlite.insert,
+    "postgresql": postgresql.insert,
+}
+_C = cursors_table.c
+_G = gaps_table.c
+
+
+def _row_state(row: Any) -> CursorState:
+    version = None
+    if row.version_s is not None and row.version_i is not None:
+        version = (int(row.version_s), int(row.version_i))
+    return CursorState(row.tenant, row.resource, row.cursor, version, row.event_time, row.saved_at)
+
+
+def _row_gap(row: Any) -> Gap:
+    return Gap(row.id, row.tenant, row.resource, row.start_ts, row.end_ts, row.reason, row.recorded_at,
+               row.filled_at)
+
+
+def _describe(exc: BaseException) -> str:
+    inner = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    first = str(inner).strip().splitlines()
+    return f"{type(inner).__name__}: {first[0]}" if first else type(inner).__name__
+
+
+# --- the store -------------------------------------------------------------------------------------------
+
+
+class SqlCursorStore:
+    """The CursorStore on SQLAlchemy Core; subclasses set up the engine (and PostgreSQL locks the DDL)."""
+
+    backend: ClassVar[str] = "sql"
+
+    def __init__(self, url: URL, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._engine: AsyncEngine | None = None
+        self._opening = asyncio.Lock()
+        insert = _DIALECT_INSERTS[self.backend](cursors_table)
+        # Built once; every save only binds values. A later fencing issue adds ``where=`` here.
+        self._upsert = insert.on_conflict_do_update(
+            index_elements=[_C.tenant, _C.resource],
+            set_={
+                "cursor": insert.excluded.cursor,
+                "version_s": insert.excluded.version_s,
+                "version_i": insert.excluded.version_i,
+                "event_time": insert.excluded.event_time,
+                "saved_at": insert.excluded.saved_at,
+            },
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url.render_as_string(hide_password=True)}>"
+
+    async def __aenter__(self) -> SqlCursorStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # subclass hooks
+
+    def _create_engine(self) -> AsyncEngine:
+        raise NotImplementedError
+
+    async def _create_schema(self, conn: AsyncConnection) -> None:
+        # Autocommit: each CREATE ... IF NOT EXISTS is atomic on its own, so racing openers are harmless.
+        for table in metadata.sorted_tables:
+            await conn.execute(CreateTable(table, if_not_exists=True))
+            for index in table.indexes:
+                await conn.execute(CreateIndex(index, if_not_exists=True))
+
+    # lifecycle
+
+    async def open(self) -> None:
+        async with self._opening:
+            if self._engine is not None:
+                return
+            with self._errors("open"):
+                engine = self._create_engine()
+                try:
+                    async with engine.connect() as conn:
+                        await self._create_schema(conn)
+                except BaseException:
+                    await engine.dispose()
+                    raise
+            self._engine = engine
+        log.info("store_opened", backend=self.backend, url=self.url.render_as_string(hide_password=True))
+
+    async def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.dispose()
+            log.info("store_closed", backend=self.backend)
+
+    @contextmanager
+    def _errors(
+        self, operation: str, tenant: str | None = None, resource: str | None = None
+    ) -> Iterator[None]:
+        try:
+            yield
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            raise StoreError(
+                f"cursor store {operation} failed: {_describe(exc)}",
+                operation=operation, backend=self.backend, tenant=tenant, resource=resource,
+            ) from exc
+
+    def _live(self, operation: str, tenant: str | None = None, resource: str | None = None) -> AsyncEngine:
+        if self._engine is None:
+            raise StoreError("cursor store is not open", operation=operation, backend=self.backend,
+                             tenant=tenant, resource=resource)
+        return self._engine
+
+    # cursors
+
+    async def load(self, tenant: str, resource: str) -> CursorState | None:
+        engine = self._live("load", tenant, resource)
+        with self._errors("load", tenant, resource):
+            async with engine.connect() as conn:
+                result = await conn.execute(
+                    select(cursors_table).where(_C.tenant == tenant, _C.resource == resource)
+                )
+                row = result.first()
+        return None if row is None else _row_state(row)
+
+    async def save(self, state: CursorState) -> None:
+        engine = self._live("save", state.tenant, state.resource)
+        version_s, version_i = state.version if state.version is not None else (None, None)
+        with self._errors("save", state.tenant, state.resource):
+            # One statement in autocommit: the commit is the statement, nothing else crosses the wire.
+            async with engine.connect() as conn:
+                await conn.execute(self._upsert, {
+                    "tenant": state.tenant, "resource": state.resource, "cursor": state.cursor,
+                    "version_s": version_s, "version_i": version_i, "event_time": state.event_time,
+                    "saved_at": state.saved_at,
+                })
+
+    async def delete(self, tenant: str, resource: str) -> None:
+        engine = self._live("delete", tenant, resource)
+        with self._errors("delete", tenant, resource):
+            async with engine.connect() as conn:
+                await conn.execute(cursors_table.delete().where(_C.tenant == tenant, _C.resource == resource))
+
+    async def states(self, tenant: str | None = None) -> list[CursorState]:
+        engine = self._live("states", tenant)
+        query = select(cursors_table).order_by(_C.tenant, _C.resource)
+        if tenant is not None:
+            query = query.where(_C.tenant == tenant)
+        with self._errors("states", tenant):
+            async with engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        return [_row_state(row) for row in rows]
+
+    # gaps
+
+    async def add_gap(self, tenant: str, resource: str, start: float, end: float, reason: str) -> Gap:
+        if end < start:
+            raise ValueError(f"a gap ends before it starts ({start} > {end})")
+        engine = self._live("add_gap", tenant, resource)
+        recorded_at = time.time()
+        with self._errors("add_gap", tenant, resource):
+            async with engine.connect() as conn:
+                result = await conn.execute(
+                    gaps_table.insert()
+                    .values(tenant=tenant, resource=resource, start_ts=start, end_ts=end, reason=reason,
+                            recorded_at=recorded_at)
+                    .returning(_G.id)
+                )
+                (gap_id,) = result.one()
+        return Gap(int(gap_id), tenant, resource, start, end, reason, recorded_at, None)
+
+    async def gaps(
+        self, tenant: str | None = None, resource: str | None = None, *, open_only: bool = True
+    ) -> list[Gap]:
+        engine = self._live("gaps", tenant, resource)
+        query = select(gaps_table).order_by(_G.id)
+        if tenant is not None:
+            query = query.where(_G.tenant == tenant)
+        if resource is not None:
+            query = query.where(_G.resource == resource)
+        if open_only:
+            query = query.where(_G.filled_at.is_(None))
+        with self._errors("gaps", tenant, resource):
+            async with engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        return [_row_gap(row) for row in rows]
+
+    async def fill_gap(self, gap_id: int, filled_at: float) -> None:
+        """Mark a gap reconciled. Filling it again keeps the first time, so a retry is harmless."""
+        engine = self._live("fill_gap")
+        with self._errors("fill_gap"):
+            async with engine.connect() as conn:
+                result = await conn.execute(
+                    gaps_table.update()
+                    .where(_G.id == gap_id, _G.filled_at.is_(None))
+                    .values(filled_at=filled_at)
+                )
+                if result.rowcount:
+                    return
+                found = await conn.scalar(select(_G.id).where(_G.id == gap_id))
+        if found is None:
+            raise PermanentError(f"no gap with id {gap_id}", operation="fill_gap", gap_id=gap_id)
+
+    async def ping(self) -> None:
+        engine = self._live("ping")
+        with self._errors("ping"):
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+
+
+class SqliteCursorStore(SqlCursorStore):
+    """Embedded default. WAL + synchronous=FULL on every connection: a returned save survives power loss."""
+
+    backend = "sqlite"
+
+    @property
+    def path(self) -> str | None:
+        database = self.url.database
+        return None if not database or database == ":memory:" else database
+
+    def _create_engine(self) -> AsyncEngine:
+        if self.path is not None:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        busy_ms = int(self.timeout * 1000)
+        engine = create_async_engine(self.url, isolation_level="AUTOCOMMIT",
+                                     connect_args={"timeout": self.timeout})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            try:
+                # busy_timeout first, so the switch to WAL waits for another process instead of failing.
+                cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
+                cur.execute("PRAGMA journal_mode = WAL")
+                mode = cur.fetchone()[0]
+                cur.execute("PRAGMA synchronous = FULL")
+            finally:
+                cur.close()
+            if mode != "wal" and self.path is not None:
+                log.warning("store_not_wal", journal_mode=mode, path=self.path)
+
+        return engine
+
+
+class PostgresCursorStore(SqlCursorStore):
+    backend = "postgresql"
+
+    def _create_engine(self) -> AsyncEngine:
+        # No pool_pre_ping: it would add a round trip to every save. A dead pooled connection fails one call
+        # with StoreError (which the caller retries) and is discarded by the pool.
+        return create_async_engine(
+            self.url,
+            isolation_level="AUTOCOMMIT",
+            connect_args={
+                "timeout": self.timeout,
+                "command_timeout": self.timeout,
+                "server_settings": {"application_name": "rwatch"},
+            },
+        )
+
+    async def _create_schema(self, conn: AsyncConnection) -> None:
+        # Racing CREATE TABLE IF NOT EXISTS can still collide in pg_type ("duplicate key"), so openers take a
+        # transaction-scoped advisory lock and create everything in one transaction.
+        await conn.execution_options(isolation_level="READ COMMITTED")
+        async with conn.begin():
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+            await super()._create_schema(conn)
+
+
+# --- opening by URL ---------------------------------------------------------------------------------------
+
+
+class StoreUrlError(ConfigError, ValueError):
+    """The store URL names no backend rwatch has (``sqlite:///path`` or ``postgresql://...``)."""
+
+
+def open_store(url: str, *, timeout: float = DEFAULT_TIMEOUT) -> SqlCursorStore:
+    """The store for a URL, not yet opened: ``sqlite:///relative.db``, ``sqlite:////abs/path.db``,
+    ``postgresql://user@host/db`` (or ``postgres://``). ``timeout`` bounds connecting, lock waits
+    (SQLite busy_timeout) and statements (PostgreSQL)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StoreUrlError(f"{mask_url(url)!r} is not a URL (use sqlite:///path or postgresql://...)",
+                            key="store.url") from None
+    scheme, _, driver = parsed.drivername.partition("+")
+    if scheme == "sqlite" and driver in ("", "aiosqlite"):
+        return SqliteCursorStore(parsed.set(drivername="sqlite+aiosqlite"), timeout=timeout)
+    if scheme in ("postgresql", "postgres") and driver in ("", "asyncpg"):
+        return PostgresCursorStore(parsed.set(drivername="postgresql+asyncpg"), timeout=timeout)
+    raise StoreUrlError(
+        f"unsupported store URL scheme {parsed.drivername!r} (use sqlite:///path or postgresql://...)",
+        key="store.url",
+    )

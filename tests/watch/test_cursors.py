@@ -1,0 +1,434 @@
+"""The cursor store. One contract suite runs on both backends (the ``store`` fixture is parametrised over
+SQLite and PostgreSQL), so the two implementations are held to identical behaviour; SQLite-only behaviour
+(pragmas, locking, directories) follows it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import sqlite3
+import sys
+import textwrap
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from rwatch.cmdb.protocol import NO_EVENT_CURSOR, Cursor
+from rwatch.errors import ConfigError, PermanentError, StoreError, TransientError
+from rwatch.watch.cursors import (
+    CursorState,
+    CursorStore,
+    PostgresCursorStore,
+    SqlCursorStore,
+    SqliteCursorStore,
+    StoreUrlError,
+    open_store,
+)
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    # A sync fixture: pg_url runs its own event loop to create the database.
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/state/rwatch.db"  # the directory does not exist yet: open() makes it
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[SqlCursorStore]:
+    async with open_store(store_url) as opened:
+        yield opened
+
+
+def state(tenant: str = "0", resource: str = "host", n: int = 1) -> CursorState:
+    version = (1_732_000_000 + n, n % 7)
+    return CursorState(tenant, resource, f"cursor-{n}", version, float(version[0]), 1_732_600_000.5)
+
+
+def test_sql_store_satisfies_the_protocol() -> None:
+    chosen: CursorStore = open_store("sqlite:///x.db")
+    assert isinstance(chosen, SqlCursorStore)
+
+
+# --- the contract, on both backends ----------------------------------------------------------------------
+
+
+async def test_load_of_an_unknown_resource_is_none(store: CursorStore) -> None:
+    assert await store.load("0", "host") is None
+    assert await store.states() == []
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [
+        CursorState("0", "host", "MQ0yDTVm", (1_732_000_000, 3), 1_732_000_000.0, 1_732_600_000.123456),
+        CursorState("0", "host", "not-a-cursor", None, None, 1_732_600_000.0),
+        CursorState("0", "host", "x" * 4000, (2**40, 2**31), 1_732_600_000.987654321, 0.0),
+        CursorState("租户", "object_instance", NO_EVENT_CURSOR, None, 5.25, 1.0),
+    ],
+    ids=["decoded", "undecoded", "long", "unicode"],
+)
+async def test_save_then_load_round_trips_exactly(store: CursorStore, saved: CursorState) -> None:
+    await store.save(saved)
+    assert await store.load(saved.tenant, saved.resource) == saved
+
+
+async def test_save_overwrites(store: CursorStore) -> None:
+    await store.save(state(n=1))
+    await store.save(state(n=2))
+    await store.save(CursorState("0", "host", "cursor-3", None, None, 9.0))
+    assert await store.load("0", "host") == CursorState("0", "host", "cursor-3", None, None, 9.0)
+    assert len(await store.states()) == 1
+
+
+async def test_positions_are_per_tenant_and_per_resource(store: CursorStore) -> None:
+    saved = [state("0", "host", 1), state("0", "biz", 2), state("t2", "host", 3)]
+    for one in saved:
+        await store.save(one)
+    for one in saved:
+        assert await store.load(one.tenant, one.resource) == one
+    assert await store.load("t2", "biz") is None
+    await store.save(state("t2", "host", 4))
+    assert await store.load("0", "host") == saved[0]
+
+
+async def test_states_lists_every_position_or_one_tenants(store: CursorStore) -> None:
+    saved = [state("t2", "host", 1), state("0", "set", 2), state("0", "biz", 3)]
+    for one in saved:
+        await store.save(one)
+    assert await store.states() == sorted(saved, key=lambda s: (s.tenant, s.resource))
+    assert await store.states("0") == [saved[2], saved[1]]
+    assert await store.states("nobody") == []
+
+
+async def test_delete_forgets_the_position_but_not_the_gaps(store: CursorStore) -> None:
+    await store.save(state("0", "host", 1))
+    await store.save(state("0", "biz", 2))
+    gap = await store.add_gap("0", "host", 10.0, 20.0, "cursor_expired")
+    await store.delete("0", "host")
+    assert await store.load("0", "host") is None
+    assert await store.load("0", "biz") == state("0", "biz", 2)
+    assert await store.gaps() == [gap]
+    await store.delete("0", "host")  # forgetting twice is fine
+    await store.delete("nobody", "nothing")
+
+
+async def test_gaps_are_recorded_listed_and_filled(store: CursorStore) -> None:
+    first = await store.add_gap("0", "host", 100.5, 200.25, "cursor_expired")
+    second = await store.add_gap("0", "biz", 150.0, 150.0, "bootstrap")
+    third = await store.add_gap("t2", "host", 1.0, 2.0, "cursor_expired")
+    assert first.id < second.id < third.id
+    assert (first.tenant, first.resource, first.start, first.end, first.reason, first.filled_at) == (
+        "0", "host", 100.5, 200.25, "cursor_expired", None)
+    assert first.recorded_at > 1_700_000_000
+
+    assert await store.gaps() == [first, second, third]
+    assert await store.gaps("0") == [first, second]
+    assert await store.gaps(resource="host") == [first, third]
+    assert await store.gaps("0", "host") == [first]
+
+    await store.fill_gap(first.id, 300.0)
+    assert await store.gaps() == [second, third]
+    everything = await store.gaps(open_only=False)
+    assert [g.id for g in everything] == [first.id, second.id, third.id]
+    assert everything[0].filled_at == 300.0
+    assert everything[0].recorded_at == first.recorded_at
+
+
+async def test_filling_a_gap_again_keeps_the_first_time(store: CursorStore) -> None:
+    gap = await store.add_gap("0", "host", 1.0, 2.0, "cursor_expired")
+    await store.fill_gap(gap.id, 10.0)
+    await store.fill_gap(gap.id, 20.0)  # a retry after an ambiguous failure is harmless
+    (filled,) = await store.gaps(open_only=False)
+    assert filled.filled_at == 10.0
+
+
+async def test_filling_an_unknown_gap_is_a_permanent_error(store: CursorStore) -> None:
+    with pytest.raises(PermanentError) as caught:
+        await store.fill_gap(424242, 1.0)
+    assert caught.value.fields()["gap_id"] == 424242
+
+
+async def test_a_gap_cannot_end_before_it_starts(store: CursorStore) -> None:
+    with pytest.raises(ValueError, match="ends before it starts"):
+        await store.add_gap("0", "host", 2.0, 1.0, "cursor_expired")
+    assert await store.gaps(open_only=False) == []
+
+
+async def test_open_is_idempotent_and_stores_can_share_a_url(store_url: str) -> None:
+    stores = [open_store(store_url) for _ in range(4)]
+    try:
+        # Racing openers on an empty database, and one store opened twice at once.
+        await asyncio.gather(*(s.open() for s in stores), stores[0].open())
+        await stores[0].open()
+        await stores[1].save(state(n=5))
+        assert await stores[3].load("0", "host") == state(n=5)
+        gap = await stores[2].add_gap("0", "host", 1.0, 2.0, "bootstrap")
+        assert await stores[0].gaps() == [gap]
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_saved_positions_survive_close_and_reopen(store_url: str) -> None:
+    async with open_store(store_url) as first:
+        await first.save(state(n=7))
+        gap = await first.add_gap("0", "host", 1.0, 2.0, "bootstrap")
+    async with open_store(store_url) as second:
+        assert await second.load("0", "host") == state(n=7)
+        assert await second.gaps() == [gap]
+
+
+async def test_concurrent_saves_of_many_resources(store: CursorStore) -> None:
+    resources = [f"res{i}" for i in range(30)]
+    await asyncio.gather(*(store.save(state("0", r, n)) for n, r in enumerate(resources)))
+    assert await store.states() == sorted((state("0", r, n) for n, r in enumerate(resources)),
+                                          key=lambda s: s.resource)
+
+
+async def test_ping(store: CursorStore) -> None:
+    await store.ping()
+
+
+async def test_a_closed_store_raises_store_error(store_url: str) -> None:
+    store = open_store(store_url)
+    with pytest.raises(StoreError):
+        await store.load("0", "host")  # never opened
+    await store.open()
+    await store.close()
+    await store.close()  # closing twice is fine
+    calls = [
+        store.load("0", "host"),
+        store.save(state()),
+        store.delete("0", "host"),
+        store.states(),
+        store.add_gap("0", "host", 1.0, 2.0, "bootstrap"),
+        store.gaps(),
+        store.fill_gap(1, 1.0),
+        store.ping(),
+    ]
+    for call in calls:
+        with pytest.raises(StoreError) as caught:
+            await call
+        assert isinstance(caught.value, TransientError)
+    with pytest.raises(StoreError) as caught:
+        await store.save(state("t9", "biz"))
+    assert caught.value.fields()["operation"] == "save"
+    assert caught.value.fields()["tenant"] == "t9"
+    assert caught.value.fields()["resource"] == "biz"
+
+
+# --- crash safety: kill -9 at a random moment never loses an acknowledged save ---------------------------
+
+SAVER = textwrap.dedent("""
+    import asyncio, sys
+    from rwatch.watch.cursors import CursorState, open_store
+
+    async def main(url: str) -> None:
+        store = open_store(url)
+        await store.open()
+        n = 0
+        while True:
+            n += 1
+            await store.save(CursorState("0", "host", f"c{n}", (n, 0), float(n), float(n)))
+            # printed only after save() returned: everything printed must survive the kill
+            sys.stdout.write(f"saved {n}\\n")
+            sys.stdout.flush()
+
+    asyncio.run(main(sys.argv[1]))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+async def test_kill_9_never_loses_an_acknowledged_save(store_url: str, seed: int) -> None:
+    rng = random.Random(seed)
+    target = rng.randint(1, 300)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SAVER, store_url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    printed = 0
+    try:
+        while printed < target:
+            line = await proc.stdout.readline()
+            if not line:
+                stderr = await proc.stderr.read() if proc.stderr else b""
+                pytest.fail(f"the saver died early: {stderr.decode()[-2000:]}")
+            if line.startswith(b"saved "):
+                printed = int(line.split()[1])
+        # The saver keeps going while the signal travels, so it dies at an arbitrary point of a save.
+        proc.send_signal(signal.SIGKILL)
+        rest, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    printed = max([printed, *(int(x.split()[1]) for x in rest.splitlines() if x.startswith(b"saved "))])
+
+    async with open_store(store_url) as store:
+        saved = await store.load("0", "host")
+    assert saved is not None
+    assert saved.version is not None
+    # Never older than the last acknowledged save; at most the one that returned but was not yet printed.
+    assert printed <= saved.version[0] <= printed + 1
+    assert saved.cursor == f"c{saved.version[0]}"
+
+
+# --- opening by URL --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "kind", "target"),
+    [
+        ("sqlite:///rwatch-state.db", SqliteCursorStore, "sqlite+aiosqlite:///rwatch-state.db"),
+        ("sqlite:////var/lib/rwatch/state.db", SqliteCursorStore, "sqlite+aiosqlite:////var/lib/rwatch/state.db"),
+        ("sqlite+aiosqlite:///a.db", SqliteCursorStore, "sqlite+aiosqlite:///a.db"),
+        ("postgresql://rw:pw@db:5433/rwatch", PostgresCursorStore, "postgresql+asyncpg://rw:pw@db:5433/rwatch"),
+        ("postgres://rw@db/rwatch", PostgresCursorStore, "postgresql+asyncpg://rw@db/rwatch"),
+        ("postgresql+asyncpg://rw@db/rwatch", PostgresCursorStore, "postgresql+asyncpg://rw@db/rwatch"),
+    ],
+)
+def test_open_store_picks_the_backend_by_scheme(url: str, kind: type[SqlCursorStore], target: str) -> None:
+    chosen = open_store(url)
+    assert type(chosen) is kind
+    assert chosen.url.render_as_string(hide_password=False) == target
+
+
+@pytest.mark.parametrize(
+    "url", ["mysql://u@h/db", "postgresql+psycopg2://u@h/db", "sqlite+pysqlite:///a.db", "", "not a url"]
+)
+def test_open_store_rejects_other_schemes(url: str) -> None:
+    with pytest.raises(StoreUrlError) as caught:
+        open_store(url)
+    assert isinstance(caught.value, ValueError)
+    assert isinstance(caught.value, ConfigError)
+    assert caught.value.key == "store.url"
+
+
+def test_the_password_never_shows() -> None:
+    chosen = open_store("postgresql://rw:hunter2@db/rwatch")
+    assert "hunter2" not in repr(chosen)
+
+
+async def test_an_unreachable_postgres_raises_store_error() -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = open_store(f"postgresql://postgres@127.0.0.1:{port}/test", timeout=5)
+    with pytest.raises(StoreError) as caught:
+        await store.open()
+    assert caught.value.fields()["operation"] == "open"
+    with pytest.raises(StoreError):
+        await store.ping()
+
+
+# --- SQLite only -----------------------------------------------------------------------------------------
+
+
+async def test_sqlite_relative_path_is_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    async with open_store("sqlite:///deep/er/state.db") as store:
+        await store.save(state())
+    assert (tmp_path / "deep" / "er" / "state.db").is_file()
+
+
+@pytest.mark.parametrize(
+    "path", ["a-file/sub/state.db", "a-file", "a-dir"], ids=["no-directory", "not-a-database", "a-directory"]
+)
+async def test_sqlite_file_that_cannot_be_opened_raises_store_error(tmp_path: Path, path: str) -> None:
+    (tmp_path / "a-file").write_text("this is a text file, not SQLite " * 10)
+    (tmp_path / "a-dir").mkdir()
+    store = open_store(f"sqlite:///{tmp_path}/{path}")
+    before = set(threading.enumerate())
+    with pytest.raises(StoreError) as caught:
+        await store.open()
+    assert caught.value.fields()["operation"] == "open"
+    # aiosqlite stops its worker thread after a failed connect without awaiting it; let the thread finish
+    # while this loop still runs, or it reports "Event loop is closed" into a later test.
+    for thread in set(threading.enumerate()) - before:
+        await asyncio.to_thread(thread.join, 10)
+    with pytest.raises(StoreError, match="not open"):
+        await store.save(state())
+
+
+async def test_sqlite_runs_wal_and_full_sync_on_every_connection(tmp_path: Path) -> None:
+    async with open_store(f"sqlite:///{tmp_path}/s.db", timeout=3) as store:
+        engine = store._engine
+        assert engine is not None
+        async with engine.connect() as one, engine.connect() as two:  # two pooled connections
+            for conn in (one, two):
+                assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
+                assert (await conn.exec_driver_sql("PRAGMA synchronous")).scalar() == 2  # FULL
+                assert (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar() == 3000
+
+
+async def test_sqlite_in_memory_works_for_demos() -> None:
+    async with open_store("sqlite://") as store:
+        await asyncio.gather(*(store.save(state("0", f"r{i}")) for i in range(10)))
+        assert len(await store.states()) == 10
+
+
+async def test_sqlite_another_process_holding_the_write_lock(tmp_path: Path) -> None:
+    """E.g. ``rwatch cursors reset`` mid-write while the daemon runs: readers go on, a writer waits."""
+    path = tmp_path / "s.db"
+    async with open_store(f"sqlite:///{path}") as store:
+        await store.save(state(n=1))
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("UPDATE rwatch_cursors SET cursor = 'uncommitted'")
+            assert await store.states() == [state(n=1)]  # WAL: reading is not blocked
+            saving = asyncio.ensure_future(store.save(state(n=2)))
+            done, _ = await asyncio.wait({saving}, timeout=0.2)
+            assert not done  # waiting on busy_timeout rather than failing
+            other.execute("COMMIT")
+            await saving
+        finally:
+            other.close()
+        assert await store.load("0", "host") == state(n=2)
+
+
+async def test_sqlite_lock_held_past_the_timeout_raises_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with open_store(f"sqlite:///{path}", timeout=0.1) as store:
+        await store.save(state(n=1))
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            with pytest.raises(StoreError, match="locked") as caught:
+                await store.save(state(n=2))
+            assert caught.value.fields()["operation"] == "save"
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        await store.save(state(n=3))  # transient: the retry succeeds
+        assert await store.load("0", "host") == state(n=3)
+
+
+# --- CursorState.from_cursor -----------------------------------------------------------------------------
+
+
+def test_cursor_state_from_a_cursor_decodes_version_and_event_time() -> None:
+    cursor = Cursor(2, "5ea6d3f394c1f5d986e9bd86", "update", 1_732_000_123, 4).encode()
+    got = CursorState.from_cursor("0", "host", cursor, saved_at=5.0)
+    assert got == CursorState("0", "host", cursor, (1_732_000_123, 4), 1_732_000_123.0, 5.0)
+
+
+@pytest.mark.parametrize("cursor", ["garbage", NO_EVENT_CURSOR])
+def test_cursor_state_from_an_opaque_cursor_has_no_version(cursor: str) -> None:
+    got = CursorState.from_cursor("0", "host", cursor)
+    assert (got.version, got.event_time) == (None, None)
+    assert got.saved_at > 1_700_000_000
