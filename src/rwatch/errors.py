@@ -87,6 +87,11 @@ class MessageReturned(BusError):
     """The broker returned a ``mandatory`` message: no queue is bound for its routing key."""
 
 
+class TopologyConflict(PermanentError):
+    """The broker holds an exchange or queue of the same name with other arguments; ``queue`` and
+    ``argument`` say which. Delete it or change the configuration."""
+
+
 class StoreError(TransientError):
     """The cursor store could not be read or written."""
 
