@@ -1,0 +1,183 @@
+"""Fault injection: a script of faults consumed by the next requests, plus seeded random faults.
+
+Request faults (consumed by watch requests unless ``scope`` says otherwise):
+``http_500``/``http_502``/``http_503`` (gateway-style HTML error page), ``http_429`` (gateway rate limit),
+``code`` (``result: false`` with any CMDB ``code``), ``slow`` (sleep ``delay`` seconds, then answer
+normally), ``malformed`` (HTTP 200, body not JSON), ``truncated`` (HTTP 200, JSON cut in half), ``drop``
+(connection closed without a response), ``expire_cursors`` (cursor mode only: 1103007 for any cursor
+that is not the resource's newest), ``detail_missing`` (from-now / start_from only: 1103008).
+
+Event faults (applied to the state when scheduled, not consumed by requests): ``drop_event`` (the next
+``count`` changes, or each change with ``probability``, produce no event while the object still changes:
+the server's silent loss) and ``collapse`` (the next ``count`` repeats of an (object, op) reuse the previous
+event's cluster time, so the chain keeps only the last of the two, §5.2).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+from rwatch.cmdb.protocol import CODE_TOO_MANY_REQUESTS, RESOURCE_TYPES
+from rwatch.sim.chain import EventFaults
+
+REQUEST_KINDS: Final = frozenset(
+    {
+        "http_500",
+        "http_502",
+        "http_503",
+        "http_429",
+        "code",
+        "slow",
+        "malformed",
+        "truncated",
+        "drop",
+        "expire_cursors",
+        "detail_missing",
+    }
+)
+EVENT_KINDS: Final = frozenset({"drop_event", "collapse"})
+SCOPES: Final = frozenset({"watch", "list", "any"})
+
+
+@dataclass
+class Fault:
+    kind: str
+    count: int = 1  # how many requests it hits before it is used up
+    resource: str | None = None  # None = any resource
+    scope: str = "watch"  # watch | list | any
+    code: int = CODE_TOO_MANY_REQUESTS  # for kind=code
+    message: str | None = None  # for kind=code; default: the server's text for the code
+    delay: float = 1.0  # for kind=slow
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Fault:
+        if not isinstance(raw, dict):
+            raise ValueError("a fault must be an object")
+        unknown = set(raw) - {"kind", "count", "resource", "scope", "code", "message", "delay"}
+        if unknown:
+            raise ValueError(f"unknown fault fields: {sorted(unknown)}")
+        fault = cls(**raw)
+        if fault.kind not in REQUEST_KINDS:
+            raise ValueError(f"unknown fault kind {fault.kind!r}")
+        if fault.scope not in SCOPES:
+            raise ValueError(f"fault scope must be one of {sorted(SCOPES)}")
+        if fault.resource is not None and fault.resource not in RESOURCE_TYPES:
+            raise ValueError(f"unknown resource {fault.resource!r}")
+        if not isinstance(fault.count, int) or fault.count < 1:
+            raise ValueError("fault count must be a positive integer")
+        if not isinstance(fault.code, int) or not isinstance(fault.delay, int | float) or fault.delay < 0:
+            raise ValueError("fault code must be an integer and delay a non-negative number")
+        return fault
+
+    def applies(self, api: str, resource: str | None, mode: str | None, newest: bool = False) -> bool:
+        if self.scope != "any" and self.scope != api:
+            return False
+        if self.resource is not None and self.resource != resource:
+            return False
+        if self.kind == "expire_cursors":  # the newest cursor never expires (watch token)
+            return api == "watch" and mode == "cursor" and not newest
+        if self.kind == "detail_missing":
+            return api == "watch" and mode in ("now", "start_from")
+        return True
+
+
+class FaultPlan:
+    """Decides, per request, which fault (if any) the simulator injects."""
+
+    def __init__(self, seed: int = 0, event_faults: EventFaults | None = None) -> None:
+        self.script: list[Fault] = []
+        self.rates: dict[str, float] = {}  # kind -> probability per watch request
+        self.random_fault = Fault("code")  # template for random faults (code, delay)
+        self.rng = random.Random(seed)
+        self.event_faults = event_faults or EventFaults()
+        self.fired: Counter[str] = Counter()
+
+    def schedule(self, spec: Any) -> None:
+        """Add faults: a fault object, a list of them, or ``{"script": [...], "random": {...}}``."""
+        if isinstance(spec, list):
+            for item in spec:
+                self.schedule(item)
+            return
+        if not isinstance(spec, dict):
+            raise ValueError("faults must be an object or a list")
+        if "kind" not in spec:
+            self.schedule(spec.get("script", []))
+            if "random" in spec:
+                self._set_random(spec["random"])
+            return
+        if spec["kind"] in EVENT_KINDS:
+            self._event_fault(spec)
+            return
+        self.script.append(Fault.from_json(spec))
+
+    def _set_random(self, raw: Any) -> None:
+        if not isinstance(raw, dict):
+            raise ValueError("random must be an object")
+        rates = raw.get("rates", {})
+        for kind, rate in rates.items():
+            if kind not in REQUEST_KINDS or not 0 <= float(rate) <= 1:
+                raise ValueError(f"bad random fault rate {kind}={rate}")
+        self.rates = {k: float(v) for k, v in rates.items()}
+        if "seed" in raw:
+            self.rng.seed(raw["seed"])
+        self.random_fault = Fault(
+            "code", code=int(raw.get("code", CODE_TOO_MANY_REQUESTS)), delay=float(raw.get("delay", 1.0))
+        )
+
+    def _event_fault(self, spec: dict[str, Any]) -> None:
+        resource = spec.get("resource")
+        if resource is not None and resource not in RESOURCE_TYPES:
+            raise ValueError(f"unknown resource {resource!r}")
+        ef = self.event_faults
+        if spec["kind"] == "drop_event":
+            ef.drop_resource = resource
+            ef.drop_next = int(spec.get("count", 0 if "probability" in spec else 1))
+            ef.drop_probability = float(spec.get("probability", 0.0))
+        else:
+            ef.collapse_resource = resource
+            ef.collapse_next = int(spec.get("count", 1))
+
+    def take(
+        self, api: str, resource: str | None, mode: str | None = None, newest: bool = False
+    ) -> Fault | None:
+        """The fault for this request, consuming one use of a scripted fault; None for a normal answer.
+
+        ``newest``: the request's cursor is the resource's newest (``expire_cursors`` spares it).
+        """
+        for i, fault in enumerate(self.script):
+            if fault.applies(api, resource, mode, newest):
+                fault.count -= 1
+                if fault.count <= 0:
+                    del self.script[i]
+                self.fired[fault.kind] += 1
+                return fault
+        if api == "watch":
+            for kind, rate in self.rates.items():
+                candidate = Fault(kind, code=self.random_fault.code, delay=self.random_fault.delay)
+                if candidate.applies(api, resource, mode, newest) and self.rng.random() < rate:
+                    self.fired[kind] += 1
+                    return candidate
+        return None
+
+    def clear(self) -> None:
+        self.script.clear()
+        self.rates.clear()
+        self.event_faults.clear()
+
+    def to_json(self) -> dict[str, Any]:
+        ef = self.event_faults
+        return {
+            "script": [asdict(f) for f in self.script],
+            "rates": dict(self.rates),
+            "events": {
+                "drop_next": ef.drop_next,
+                "drop_probability": ef.drop_probability,
+                "drop_resource": ef.drop_resource,
+                "collapse_next": ef.collapse_next,
+                "collapse_resource": ef.collapse_resource,
+            },
+            "fired": dict(self.fired),
+        }

@@ -1,0 +1,337 @@
+"""The list APIs a full resync needs (cmdb-watch-api.md §6), on gateway, direct and ESB paths.
+
+Filtering is deliberately small but honest (see ``query.py``): equality-style conditions and CMDB query
+filters on top-level fields, path ids, and offset paging sorted by the id field (``page.sort`` may name
+another field, ``-field`` for descending). A ``page.limit`` above the API's maximum is refused with
+``CODE_PAGE_LIMIT``; ``limit`` 0 means 20 for search_module, 1000 for search_cloud_area and the API's
+maximum elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+from aiohttp import web
+
+from rwatch.cmdb.protocol import CODE_JSON_DECODE, CODE_PAGE_LIMIT, CODE_START_FROM_INVALID
+from rwatch.sim.query import match_condition, match_filter, mentions, project
+from rwatch.sim.state import SimError
+from rwatch.sim.wire import MESSAGES, auth_refused, check_auth, envelope
+
+if TYPE_CHECKING:
+    from rwatch.sim.server import Simulator
+
+CODE_PARAM_INVALID: Final = CODE_START_FROM_INVALID  # 1199006 CCErrCommParamsInvalid
+Params = dict[str, Any]
+
+
+class ListError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _int(params: Params, name: str, required: bool = True) -> int:
+    value = params.get(name)
+    if value in (None, "") and not required:
+        return 0
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ListError(CODE_PARAM_INVALID, f"'{name}' data parameter verification does not pass") from None
+
+
+def _ids(params: Params, name: str, max_len: int) -> set[int] | None:
+    values = params.get(name)
+    if not values:
+        return None
+    if not isinstance(values, list) or len(values) > max_len:
+        raise ListError(CODE_PARAM_INVALID, f"'{name}' must be a list of at most {max_len} ids")
+    return {int(v) for v in values}
+
+
+def _where(params: Params, docs: list[dict[str, Any]], *names: str) -> list[dict[str, Any]]:
+    """Apply whichever of the condition/filter parameters ``names`` the caller sent."""
+    sent = [n for n in names if params.get(n)]
+    if len(sent) > 1:
+        raise ListError(CODE_PARAM_INVALID, f"{' and '.join(sent)} can not be used at the same time")
+    if not sent:
+        return docs
+    name = sent[0]
+    check = match_condition if name == "condition" else match_filter
+    try:
+        return [d for d in docs if check(params[name], d)]
+    except ValueError as err:
+        raise ListError(CODE_PARAM_INVALID, f"{name}: {err}") from None
+
+
+def _page(
+    params: Params,
+    docs: list[dict[str, Any]],
+    id_field: str,
+    api: str,
+    max_limit: int,
+    zero_limit: int | None = None,
+) -> tuple[int, list[dict[str, Any]], dict[str, Any]]:
+    page = params.get("page") or {}
+    start, limit = _int(page, "start", False), _int(page, "limit", False)
+    if limit == 0:
+        limit = zero_limit or max_limit
+    if limit > max_limit:
+        raise ListError(CODE_PAGE_LIMIT, f"page.limit {limit} exceeds the maximum {max_limit} of {api}")
+    if start < 0 or limit < 0:
+        raise ListError(CODE_PARAM_INVALID, "page.start and page.limit must not be negative")
+    sort = str(page.get("sort") or id_field).split(",")[0]
+    field = sort.lstrip("-+")
+    ordered = sorted(
+        docs,
+        key=lambda d: (d.get(field) is None, str(type(d.get(field))), d.get(field) or 0),
+        reverse=sort.startswith("-"),
+    )
+    return len(docs), ordered[start : start + limit], {"start": start, "limit": limit, "sort": sort}
+
+
+def _info(
+    params: Params,
+    docs: list[dict[str, Any]],
+    id_field: str,
+    api: str,
+    max_limit: int,
+    zero_limit: int | None = None,
+) -> dict[str, Any]:
+    count, page, _ = _page(params, docs, id_field, api, max_limit, zero_limit)
+    return {"count": count, "info": [project(d, params.get("fields")) for d in page]}
+
+
+def _objs(sim: Simulator, resource: str) -> list[dict[str, Any]]:
+    return list(sim.state.objects(resource).values())
+
+
+def _biz_hosts(sim: Simulator, biz_id: int, params: Params) -> list[dict[str, Any]]:
+    if biz_id:
+        sim.state.get("biz", str(biz_id))
+    set_ids = _ids(params, "bk_set_ids", 200)
+    module_ids = _ids(params, "bk_module_ids", 500)
+    host_ids = {
+        r["bk_host_id"]
+        for r in _objs(sim, "host_relation")
+        if (not biz_id or r["bk_biz_id"] == biz_id)
+        and (set_ids is None or r["bk_set_id"] in set_ids)
+        and (module_ids is None or r["bk_module_id"] in module_ids)
+    }
+    hosts = [h for h in _objs(sim, "host") if h["bk_host_id"] in host_ids]
+    return _where(params, hosts, "host_property_filter")
+
+
+# --- the APIs -----------------------------------------------------------------------------------------
+
+
+def search_business(sim: Simulator, p: Params) -> Any:
+    bizs = [b for b in _objs(sim, "biz") if b.get("default") == 0]  # the resource pool is never returned
+    if not (
+        mentions(p.get("condition"), "bk_data_status")
+        or mentions(p.get("biz_property_filter"), "bk_data_status")
+    ):
+        bizs = [b for b in bizs if b.get("bk_data_status") != "disabled"]
+    return _info(p, _where(p, bizs, "condition", "biz_property_filter"), "bk_biz_id", "search_business", 200)
+
+
+def list_business_set(sim: Simulator, p: Params) -> Any:
+    sets = _where(p, _objs(sim, "biz_set"), "bk_biz_set_filter")
+    page = p.get("page") or {}
+    if page.get("enable_count"):
+        if page.get("start") or page.get("limit") or page.get("sort"):
+            raise ListError(CODE_PARAM_INVALID, "enable_count requires start=0, limit=0 and no sort")
+        return {"count": len(sets), "info": []}
+    return _info(p, sets, "bk_biz_set_id", "list_business_set", 500)
+
+
+def list_business_in_business_set(sim: Simulator, p: Params) -> Any:
+    set_id = _int(p, "bk_biz_set_id")
+    members = set(sim.state.get("biz_set_relation", str(set_id))["bk_biz_ids"])
+    bizs = _where(p, [b for b in _objs(sim, "biz") if b["bk_biz_id"] in members], "filter")
+    return _info(p, bizs, "bk_biz_id", "list_business_in_business_set", 500)
+
+
+def search_set(sim: Simulator, p: Params) -> Any:
+    biz_id = _int(p, "bk_biz_id")
+    sets = [s for s in _objs(sim, "set") if s["bk_biz_id"] == biz_id]
+    return _info(p, _where(p, sets, "condition", "filter"), "bk_set_id", "search_set", 500)
+
+
+def search_module(sim: Simulator, p: Params) -> Any:
+    biz_id, set_id = _int(p, "bk_biz_id"), _int(p, "bk_set_id", False)
+    modules = [m for m in _objs(sim, "module") if m["bk_biz_id"] == biz_id and set_id in (0, m["bk_set_id"])]
+    return _info(p, _where(p, modules, "condition", "filter"), "bk_module_id", "search_module", 500, 20)
+
+
+def search_biz_inst_topo(sim: Simulator, p: Params) -> Any:
+    biz = sim.state.get("biz", str(_int(p, "bk_biz_id")))
+    sets = sorted(
+        (s for s in _objs(sim, "set") if s["bk_biz_id"] == biz["bk_biz_id"]), key=lambda s: s["bk_set_id"]
+    )
+    modules = sorted(_objs(sim, "module"), key=lambda m: m["bk_module_id"])
+
+    def node(obj: str, inst_id: int, name: str, default: int, child: list[Any]) -> dict[str, Any]:
+        return {
+            "bk_obj_id": obj,
+            "bk_obj_name": obj,
+            "bk_inst_id": inst_id,
+            "bk_inst_name": name,
+            "default": default,
+            "child": child,
+        }
+
+    set_nodes = [
+        node(
+            "set",
+            s["bk_set_id"],
+            s["bk_set_name"],
+            s.get("default", 0),
+            [
+                node("module", m["bk_module_id"], m["bk_module_name"], m.get("default", 0), [])
+                for m in modules
+                if m["bk_set_id"] == s["bk_set_id"]
+            ],
+        )
+        for s in sets
+    ]
+    return [node("biz", biz["bk_biz_id"], biz["bk_biz_name"], biz.get("default", 0), set_nodes)]
+
+
+def list_biz_hosts(sim: Simulator, p: Params) -> Any:
+    if not p.get("fields"):
+        raise ListError(CODE_PARAM_INVALID, "'fields' data parameter verification does not pass")
+    return _info(p, _biz_hosts(sim, _int(p, "bk_biz_id"), p), "bk_host_id", "list_biz_hosts", 500)
+
+
+def list_biz_hosts_topo(sim: Simulator, p: Params) -> Any:
+    biz_id = _int(p, "bk_biz_id")
+    p = {**p, "page": {**(p.get("page") or {}), "sort": "bk_host_id"}}
+    count, hosts, _ = _page(p, _biz_hosts(sim, biz_id, p), "bk_host_id", "list_biz_hosts_topo", 500)
+    sets, modules = sim.state.objects("set"), sim.state.objects("module")
+    info = []
+    for host in hosts:
+        topo: dict[int, dict[str, Any]] = {}
+        for module_id in sim.state.host_modules(host["bk_host_id"]):
+            module = modules[str(module_id)]
+            entry = topo.setdefault(
+                module["bk_set_id"],
+                {
+                    "bk_set_id": module["bk_set_id"],
+                    "bk_set_name": sets[str(module["bk_set_id"])]["bk_set_name"],
+                    "module": [],
+                },
+            )
+            entry["module"].append({"bk_module_id": module_id, "bk_module_name": module["bk_module_name"]})
+        info.append({"host": project(host, p.get("fields")), "topo": list(topo.values())})
+    return {"count": count, "info": info}
+
+
+def find_host_topo_relation(sim: Simulator, p: Params) -> Any:
+    biz_id = _int(p, "bk_biz_id")
+    set_ids, module_ids = _ids(p, "bk_set_ids", 200), _ids(p, "bk_module_ids", 500)
+    host_ids = _ids(p, "bk_host_ids", 500)
+    rows = [
+        r
+        for r in _objs(sim, "host_relation")
+        if r["bk_biz_id"] == biz_id
+        and (set_ids is None or r["bk_set_id"] in set_ids)
+        and (module_ids is None or r["bk_module_id"] in module_ids)
+        and (host_ids is None or r["bk_host_id"] in host_ids)
+    ]
+    rows.sort(key=lambda r: (r["bk_host_id"], r["bk_module_id"]))
+    page = p.get("page") or {}
+    start, limit = _int(page, "start", False), _int(page, "limit", False) or 500
+    if limit > 500:
+        raise ListError(
+            CODE_PAGE_LIMIT, f"page.limit {limit} exceeds the maximum 500 of find_host_topo_relation"
+        )
+    return {"count": len(rows), "page": {"start": start, "limit": limit}, "data": rows[start : start + limit]}
+
+
+def list_hosts_without_biz(sim: Simulator, p: Params) -> Any:
+    hosts = _biz_hosts(sim, _int(p, "bk_biz_id", False), p)
+    return _info(p, hosts, "bk_host_id", "list_hosts_without_biz", 500)
+
+
+def search_cloud_area(sim: Simulator, p: Params) -> Any:
+    plats = _where(p, _objs(sim, "plat"), "condition")
+    return _info(p, plats, "bk_cloud_id", "search_cloud_area", 1000, 1000)
+
+
+def search_object_instances(sim: Simulator, p: Params) -> Any:
+    obj_id = str(p.get("bk_obj_id") or "")
+    if not obj_id:
+        raise ListError(CODE_PARAM_INVALID, "'bk_obj_id' data parameter verification does not pass")
+    insts = [
+        d for r in ("object_instance", "mainline_instance") for d in _objs(sim, r) if d["bk_obj_id"] == obj_id
+    ]
+    return _info(p, _where(p, insts, "conditions", "condition"), "bk_inst_id", "search_object_instances", 500)
+
+
+def list_project(sim: Simulator, p: Params) -> Any:
+    return _info(p, _where(p, _objs(sim, "project"), "filter"), "id", "list_project", 500)
+
+
+# name -> (gateway path, function)
+APIS: Final[dict[str, tuple[str, Callable[[Simulator, Params], Any]]]] = {
+    "search_business": ("/api/v3/biz/search/{bk_supplier_account}", search_business),
+    "list_business_set": ("/api/v3/findmany/biz_set", list_business_set),
+    "list_business_in_business_set": ("/api/v3/find/biz_set/biz_list", list_business_in_business_set),
+    "search_set": ("/api/v3/set/search/{bk_supplier_account}/{bk_biz_id}", search_set),
+    "search_module": ("/api/v3/module/search/{bk_supplier_account}/{bk_biz_id}/{bk_set_id}", search_module),
+    "search_biz_inst_topo": ("/api/v3/find/topoinst/biz/{bk_biz_id}", search_biz_inst_topo),
+    "list_biz_hosts": ("/api/v3/hosts/app/{bk_biz_id}/list_hosts", list_biz_hosts),
+    "list_biz_hosts_topo": ("/api/v3/hosts/app/{bk_biz_id}/list_hosts_topo", list_biz_hosts_topo),
+    "find_host_topo_relation": ("/api/v3/host/topo/relation/read", find_host_topo_relation),
+    "list_hosts_without_biz": ("/api/v3/hosts/list_hosts_without_app", list_hosts_without_biz),
+    "search_cloud_area": ("/api/v3/findmany/cloudarea", search_cloud_area),
+    "search_object_instances": ("/api/v3/search/instances/object/{bk_obj_id}", search_object_instances),
+    "list_project": ("/api/v3/findmany/project", list_project),
+}
+
+
+def _handler(
+    sim: Simulator, name: str, fn: Callable[[Simulator, Params], Any]
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        sim.stats.lists[name] += 1
+        raw = await request.read()
+        try:
+            body: Any = orjson.loads(raw) if raw.strip() else {}
+        except orjson.JSONDecodeError:
+            body = None
+        refused = check_auth(request, body, sim.options.app_code, sim.options.app_secret)
+        if refused is not None:
+            return auth_refused(request, refused)
+        if not isinstance(body, dict):
+            return envelope(request, code=CODE_JSON_DECODE, message=MESSAGES[CODE_JSON_DECODE])
+        fault = sim.faults.take("list", None)
+        if fault is not None:
+            response = await sim.inject(request, fault, name, body)
+            if response is not None:
+                return response
+        params = {k: v for k, v in body.items() if not k.startswith(("bk_app_", "bk_token", "bk_username"))}
+        params.update(request.match_info)
+        params.pop("stage", None)
+        try:
+            return envelope(request, data=fn(sim, params))
+        except ListError as err:
+            return envelope(request, code=err.code, message=err.message)
+        except SimError as err:  # an unknown biz / biz set id
+            return envelope(request, code=CODE_PARAM_INVALID, message=str(err))
+
+    return handle
+
+
+def add_routes(app: web.Application, sim: Simulator) -> None:
+    for name, (path, fn) in APIS.items():
+        handle = _handler(sim, name, fn)
+        for full in (path, "/api/bk-cmdb/{stage}" + path, f"/api/c/compapi/v2/cc/{name}/"):
+            app.router.add_post(full, handle)
+            if name == "search_biz_inst_topo":
+                app.router.add_get(full, handle)

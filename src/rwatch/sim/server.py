@@ -1,0 +1,321 @@
+"""The CMDB simulator's HTTP server: resource_watch on the gateway, direct and ESB paths, with faults.
+
+``Simulator`` is an async context manager that owns the state, the fault plan, the load generator and an
+aiohttp server; ``serve`` runs one until a stop event is set (the CLI wires the signals).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal
+
+import orjson
+from aiohttp import web
+
+from rwatch.cmdb.protocol import (
+    CODE_CURSOR_EXPIRED,
+    CODE_DETAIL_NOT_EXIST,
+    CODE_JSON_DECODE,
+    CODE_NO_PERMISSION,
+    RESOURCE_TYPES,
+)
+from rwatch.logs import get_logger
+from rwatch.sim import admin, lists
+from rwatch.sim.faults import Fault, FaultPlan
+from rwatch.sim.load import LoadGenerator, build_topology
+from rwatch.sim.state import SimState
+from rwatch.sim.stats import Stats
+from rwatch.sim.watch import (
+    Mode,
+    WatchAnswer,
+    WatchError,
+    WatchRequest,
+    answer_now,
+    answer_start_from,
+    body_mode,
+    locate,
+    parse_watch,
+    placeholder,
+    scan,
+)
+from rwatch.sim.wire import MESSAGES, auth_refused, check_auth, envelope, is_esb, permission
+
+log = get_logger("rwatch.sim")
+
+WATCH_PATHS = (
+    "/api/bk-cmdb/{stage}/api/v3/event/watch/resource/{resource}",
+    "/api/v3/event/watch/resource/{resource}",
+)
+ESB_WATCH_PATH = "/api/c/compapi/v2/cc/resource_watch/"
+
+
+@dataclass
+class SimOptions:
+    host: str = "127.0.0.1"
+    port: int = 8089  # 0 = pick a free one
+    hold: float = 20.0  # long-poll hold in cursor mode (server: ~20 s)
+    retention: float = 6 * 3600  # TTL window (code: 6 h)
+    error_delay: float = 0.5  # the server sleeps 500 ms before any error reply
+    app_code: str | None = None  # None = accept any credentials
+    app_secret: str | None = None
+    seed: int = 0
+    bizs: int = 2
+    sets_per_biz: int = 2
+    modules_per_set: int = 2
+    hosts: int = 20
+    load_rate: float = 0.0  # background changes per second, 0 = off
+    load_mix: dict[str, float] | None = None  # operation -> weight
+    detail_mode: Literal["snapshot", "latest"] = "snapshot"  # per-event snapshot (<=3.13) or latest (3.14+)
+    denied_resources: frozenset[str] = field(default_factory=frozenset)  # watching these answers 9900403
+
+
+class Simulator:
+    """A running simulated CMDB: ``async with Simulator(options) as sim: ... sim.url ...``."""
+
+    def __init__(self, options: SimOptions) -> None:
+        self.options = options
+        self.state = SimState(retention=options.retention, detail_mode=options.detail_mode, seed=options.seed)
+        build_topology(
+            self.state,
+            bizs=options.bizs,
+            sets_per_biz=options.sets_per_biz,
+            modules_per_set=options.modules_per_set,
+            hosts=options.hosts,
+        )
+        self.faults = FaultPlan(options.seed, self.state.faults)
+        self.load = LoadGenerator(self.state, seed=options.seed, mix=options.load_mix)
+        self.stats = Stats()
+        self.denied: set[str] = set(options.denied_resources)
+        self.url = ""
+        self._wakers: dict[str, asyncio.Event] = {}
+        self._closing = False
+        self._runner: web.AppRunner | None = None
+        self.state.listeners.append(self._wake)
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        for path in WATCH_PATHS:
+            app.router.add_post(path, self._watch)
+        app.router.add_post(ESB_WATCH_PATH, self._watch)
+        lists.add_routes(app, self)
+        admin.add_routes(app, self)
+        app.on_response_prepare.append(self._set_date)
+        return app
+
+    async def __aenter__(self) -> Simulator:
+        self._runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.options.host, self.options.port)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+        if self.options.load_rate > 0:
+            self.load.start(self.options.load_rate)
+        log.info(
+            "sim_started",
+            url=self.url,
+            hold=self.options.hold,
+            retention=self.options.retention,
+            events=self.state.events_total,
+        )
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # Long-polls answer at once (placeholder) instead of holding the shutdown for up to `hold`.
+        self._closing = True
+        for event in self._wakers.values():
+            event.set()
+        await self.load.aclose()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        log.info("sim_stopped", events=self.state.events_total, requests=self.stats.watch_count())
+
+    def _wake(self, resource: str) -> None:
+        event = self._wakers.pop(resource, None)
+        if event is not None:
+            event.set()
+
+    async def _set_date(self, request: web.Request, response: web.StreamResponse) -> None:
+        # The server's clock, so a client can see it after a jump (RFC 7231 date, whole seconds).
+        response.headers["Date"] = email.utils.formatdate(self.state.clock.now(), usegmt=True)
+
+    # --- resource_watch ------------------------------------------------------------------------------
+
+    async def _watch(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body: Any = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+        esb = is_esb(request)
+        if esb:
+            resource = str(body.get("bk_resource") or "") if isinstance(body, dict) else ""
+        else:
+            resource = request.match_info["resource"]
+        refused = check_auth(request, body, self.options.app_code, self.options.app_secret)
+        mode: str = body_mode(body) if isinstance(body, dict) else "invalid"
+        if refused is not None:
+            self.stats.record_watch(resource, mode, "error:auth")
+            return auth_refused(request, refused)
+        self.stats.begin(resource)
+        try:
+            if not isinstance(body, dict):
+                return await self._error(
+                    request, resource, mode, CODE_JSON_DECODE, MESSAGES[CODE_JSON_DECODE]
+                )
+            fault = self.faults.take("watch", resource, mode, self._is_newest(resource, body))
+            if fault is not None:
+                response = await self.inject(request, fault, resource, body)
+                if response is not None:
+                    self.stats.record_watch(resource, mode, f"fault:{fault.kind}")
+                    return response
+            if resource in self.denied:
+                return await self._error(
+                    request,
+                    resource,
+                    mode,
+                    CODE_NO_PERMISSION,
+                    MESSAGES[CODE_NO_PERMISSION],
+                    permission(resource),
+                )
+            try:
+                answer = await self._answer(parse_watch(resource, body))
+            except WatchError as err:
+                return await self._error(request, resource, mode, err.code, err.message)
+            self.stats.record_watch(resource, mode, "events" if answer.watched else "placeholder")
+            return envelope(request, data=answer.to_json())
+        finally:
+            self.stats.end(resource)
+
+    def _is_newest(self, resource: str, body: dict[str, Any]) -> bool:
+        newest = self.state.chain_of(resource).newest if resource in RESOURCE_TYPES else None
+        return newest is not None and body.get("bk_cursor") == newest.cursor
+
+    async def _error(
+        self, request: web.Request, resource: str, mode: str, code: int, message: str, perm: Any = None
+    ) -> web.Response:
+        self.stats.record_watch(resource, mode, f"error:{code}")
+        await asyncio.sleep(self.options.error_delay)  # the cache service throttles bad callers (SVC)
+        return envelope(request, code=code, message=message, permission=perm)
+
+    async def _answer(self, req: WatchRequest) -> WatchAnswer:
+        mode: Mode = req.mode
+        if mode == "now":
+            return answer_now(self.state, req)
+        if mode == "start_from":
+            return answer_start_from(self.state, req)
+        return await self._long_poll(req, locate(self.state, req))
+
+    async def _long_poll(self, req: WatchRequest, start: int) -> WatchAnswer:
+        """Hold until a matching event follows ``start`` or ``hold`` passes; then rescan once (WATCH)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.hold
+        scanned = start
+        while True:
+            # Take the waker before scanning: nothing can slip in between (no await until the wait).
+            waker = self._wakers.setdefault(req.resource, asyncio.Event())
+            events, scanned = scan(self.state, req, scanned)
+            if events:
+                return WatchAnswer(True, events)
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self._closing:
+                break
+            try:
+                await asyncio.wait_for(waker.wait(), remaining)
+            except TimeoutError:
+                break
+        events, scanned = scan(self.state, req, scanned)
+        if events:
+            return WatchAnswer(True, events)
+        newest = self.state.chain_of(req.resource).newest
+        if scanned > start and newest is not None:
+            return placeholder(newest.cursor, req.resource)  # only non-matching nodes: skip past them
+        return placeholder(req.cursor, req.resource)
+
+    async def inject(
+        self, request: web.Request, fault: Fault, resource: str, body: dict[str, Any]
+    ) -> web.StreamResponse | None:
+        """The response a fault produces, or None to answer normally (after ``slow``'s delay)."""
+        kind = fault.kind
+        if kind == "slow":
+            await asyncio.sleep(fault.delay)
+            return None
+        if kind.startswith("http_"):
+            status = int(kind[5:])
+            if status == 429:
+                gw = {
+                    "result": False,
+                    "code": 1642903,
+                    "code_name": "RATE_LIMIT_RESTRICTION",
+                    "message": "API rate limit exceeded",
+                    "data": None,
+                }
+                return web.Response(
+                    body=orjson.dumps(gw),
+                    status=429,
+                    content_type="application/json",
+                    headers={"Retry-After": "1"},
+                )
+            return web.Response(
+                status=status,
+                content_type="text/html",
+                text=f"<html><body><h1>{status}</h1>simulated gateway error</body></html>",
+            )
+        if kind == "code":
+            message = fault.message or MESSAGES.get(fault.code, "simulated error")
+            perm = permission(resource) if fault.code == CODE_NO_PERMISSION else None
+            await asyncio.sleep(self.options.error_delay)
+            return envelope(request, code=fault.code, message=message, permission=perm)
+        if kind == "detail_missing":
+            await asyncio.sleep(self.options.error_delay)
+            return envelope(request, code=CODE_DETAIL_NOT_EXIST, message=MESSAGES[CODE_DETAIL_NOT_EXIST])
+        if kind == "expire_cursors":
+            await asyncio.sleep(self.options.error_delay)
+            return envelope(request, code=CODE_CURSOR_EXPIRED, message=MESSAGES[CODE_CURSOR_EXPIRED])
+        if kind == "malformed":
+            return web.Response(
+                status=200,
+                content_type="application/json",
+                text="<html><body>upstream returned garbage</body></html>",
+            )
+        if kind == "truncated":
+            data = {
+                "bk_watched": True,
+                "bk_events": [
+                    {
+                        "bk_cursor": "x" * 40,
+                        "bk_resource": resource,
+                        "bk_event_type": "update",
+                        "bk_detail": {"k": "v"},
+                    }
+                ],
+            }
+            full = orjson.dumps(
+                {"result": True, "code": 0, "message": "success", "permission": None, "data": data}
+            )
+            return web.Response(status=200, content_type="application/json", body=full[: len(full) // 2])
+        if kind == "drop":
+            # Close the socket; aiohttp then drops the response quietly (the transport is gone).
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=200)
+        raise AssertionError(f"unhandled fault kind {kind}")  # Fault.from_json admits only known kinds
+
+
+async def serve(
+    options: SimOptions, stop: asyncio.Event, on_started: Callable[[Simulator], None] | None = None
+) -> None:
+    """Run a simulator until ``stop`` is set; ``on_started`` gets it once it listens (to learn the url)."""
+    async with Simulator(options) as sim:
+        if on_started is not None:
+            on_started(sim)
+        await stop.wait()

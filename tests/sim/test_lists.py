@@ -1,0 +1,211 @@
+"""The list APIs for resync (§6): paths, paging limits, the search_business quirks, and that a full
+list reproduces the simulator's truth."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rwatch.cmdb.protocol import CODE_PAGE_LIMIT
+
+GW = "/api/bk-cmdb/prod"
+ESB = "/api/c/compapi/v2/cc/{}/"
+
+
+async def call(http, sim, path, body=None, prefix=GW, **kwargs):
+    async with http.post(sim.url + prefix + path, json=body or {}, **kwargs) as resp:
+        assert resp.status == 200
+        return await resp.json()
+
+
+async def ok(http, sim, path, body=None, prefix=GW):
+    reply = await call(http, sim, path, body, prefix)
+    assert reply["result"] is True, reply
+    return reply["data"]
+
+
+async def list_all(http, sim, path, body, limit):
+    """Page through an API with offset paging, as a resync would."""
+    out, start = [], 0
+    while True:
+        data = await ok(http, sim, path, {**body, "page": {"start": start, "limit": limit}})
+        out.extend(data["info"])
+        start += limit
+        if start >= data["count"]:
+            return out
+
+
+async def test_search_business_hides_the_pool_and_archived(sim, http):
+    sim.state.update("biz", "2", {"bk_data_status": "disabled"})
+    data = await ok(http, sim, "/api/v3/biz/search/0", {"fields": ["bk_biz_id", "bk_biz_name"]})
+    assert [b["bk_biz_id"] for b in data["info"]] == [3]
+    assert set(data["info"][0]) == {"bk_biz_id", "bk_biz_name"}
+    cond = {"condition": {"bk_data_status": "disabled"}}
+    assert [b["bk_biz_id"] for b in (await ok(http, sim, "/api/v3/biz/search/0", cond))["info"]] == [2]
+    cond = {"condition": {"default": 1}}  # the pool is never returned, whatever the caller asks
+    assert (await ok(http, sim, "/api/v3/biz/search/0", cond))["count"] == 0
+    flt = {
+        "biz_property_filter": {
+            "condition": "AND",
+            "rules": [{"field": "bk_data_status", "operator": "not_equal", "value": "x"}],
+        }
+    }
+    assert (await ok(http, sim, "/api/v3/biz/search/0", flt))["count"] == 2
+
+
+@pytest.mark.parametrize(
+    ("path", "limit"),
+    [
+        ("/api/v3/biz/search/0", 201),
+        ("/api/v3/findmany/biz_set", 501),
+        ("/api/v3/set/search/0/2", 501),
+        ("/api/v3/module/search/0/2/2", 501),
+        ("/api/v3/hosts/app/2/list_hosts", 501),
+        ("/api/v3/hosts/app/2/list_hosts_topo", 501),
+        ("/api/v3/host/topo/relation/read", 501),
+        ("/api/v3/hosts/list_hosts_without_app", 501),
+        ("/api/v3/findmany/cloudarea", 1001),
+        ("/api/v3/search/instances/object/switch", 501),
+        ("/api/v3/findmany/project", 501),
+    ],
+)
+async def test_limit_above_the_maximum_is_refused(sim, http, path, limit):
+    body = {
+        "fields": ["bk_host_id"],
+        "bk_biz_id": 2,
+        "bk_biz_set_id": 1,
+        "page": {"start": 0, "limit": limit},
+    }
+    reply = await call(http, sim, path, body)
+    assert (reply["result"], reply["code"]) == (False, CODE_PAGE_LIMIT)
+    assert str(limit) in reply["message"]
+    body["page"]["limit"] = limit - 1
+    assert (await call(http, sim, path, body))["result"] is True
+
+
+async def test_module_limit_zero_means_20_and_cloud_area_1000(sim, http):
+    for i in range(25):
+        sim.state.create("module", {"bk_set_id": 2, "bk_module_name": f"m{i}"})
+        sim.state.create("plat", {"bk_cloud_name": f"c{i}"})
+    data = await ok(http, sim, "/api/v3/module/search/0/2/2", {"page": {"start": 0, "limit": 0}})
+    assert (data["count"], len(data["info"])) == (27, 20)
+    data = await ok(http, sim, "/api/v3/findmany/cloudarea", {"page": {"limit": 0}})
+    assert len(data["info"]) == data["count"] == 27
+
+
+async def test_paging_is_sorted_by_id_and_reproduces_the_truth(sim, http):
+    sim.load.run(2000)
+    hosts = await list_all(http, sim, "/api/v3/hosts/list_hosts_without_app", {"fields": []}, 7)
+    assert [h["bk_host_id"] for h in hosts] == sorted(int(k) for k in sim.state.objects("host"))
+    assert {str(h["bk_host_id"]): h for h in hosts} == sim.state.objects("host")
+    rows = []
+    for biz in sim.state.objects("biz"):
+        start = 0
+        while True:
+            data = await ok(
+                http,
+                sim,
+                "/api/v3/host/topo/relation/read",
+                {"bk_biz_id": int(biz), "page": {"start": start, "limit": 50}},
+            )
+            rows.extend(data["data"])
+            start += 50
+            if start >= data["count"]:
+                break
+    assert {f"{r['bk_host_id']}:{r['bk_module_id']}": r for r in rows} == sim.state.objects("host_relation")
+    sets = []
+    for biz in sim.state.objects("biz"):
+        sets += await list_all(http, sim, f"/api/v3/set/search/0/{biz}", {}, 10)
+    assert {str(s["bk_set_id"]): s for s in sets} == sim.state.objects("set")
+    modules = []
+    for biz in sim.state.objects("biz"):
+        modules += await list_all(http, sim, f"/api/v3/module/search/0/{biz}/0", {}, 10)
+    assert {str(m["bk_module_id"]): m for m in modules} == sim.state.objects("module")
+    projects = await list_all(http, sim, "/api/v3/findmany/project", {}, 5)
+    assert {str(p["id"]): p for p in projects} == sim.state.objects("project")
+    plats = await list_all(http, sim, "/api/v3/findmany/cloudarea", {}, 5)
+    assert {str(p["bk_cloud_id"]): p for p in plats} == sim.state.objects("plat")
+
+
+async def test_sort_descending_and_sort_field(sim, http):
+    data = await ok(http, sim, "/api/v3/findmany/cloudarea", {"page": {"sort": "-bk_cloud_id", "limit": 10}})
+    ids = [p["bk_cloud_id"] for p in data["info"]]
+    assert ids == sorted(ids, reverse=True)
+
+
+async def test_biz_hosts_and_topo(sim, http):
+    reply = await call(http, sim, "/api/v3/hosts/app/2/list_hosts", {"page": {"limit": 10}})
+    assert reply["result"] is False  # fields is required
+    data = await ok(
+        http, sim, "/api/v3/hosts/app/2/list_hosts", {"fields": ["bk_host_id"], "page": {"limit": 500}}
+    )
+    in_biz = {r["bk_host_id"] for r in sim.state.objects("host_relation").values() if r["bk_biz_id"] == 2}
+    assert {h["bk_host_id"] for h in data["info"]} == in_biz
+    assert all(set(h) == {"bk_host_id"} for h in data["info"])
+    module = next(iter(sim.state.objects("host_relation").values()))["bk_module_id"]
+    data = await ok(
+        http, sim, "/api/v3/hosts/app/2/list_hosts", {"fields": ["bk_host_id"], "bk_module_ids": [module]}
+    )
+    assert {h["bk_host_id"] for h in data["info"]} == sim.state.module_hosts(module)
+    data = await ok(
+        http, sim, "/api/v3/hosts/app/2/list_hosts_topo", {"page": {"limit": 500, "sort": "-bk_host_id"}}
+    )
+    ids = [i["host"]["bk_host_id"] for i in data["info"]]
+    assert ids == sorted(in_biz)  # always sorted by bk_host_id
+    topo = data["info"][0]["topo"][0]
+    assert set(topo) == {"bk_set_id", "bk_set_name", "module"}
+    prop = {
+        "host_property_filter": {
+            "condition": "AND",
+            "rules": [{"field": "bk_host_id", "operator": "equal", "value": ids[0]}],
+        },
+        "fields": ["bk_host_id"],
+    }
+    assert (await ok(http, sim, "/api/v3/hosts/app/2/list_hosts", prop))["count"] == 1
+
+
+async def test_biz_sets_topo_and_instances(sim, http):
+    data = await ok(http, sim, "/api/v3/findmany/biz_set", {"page": {"enable_count": True}})
+    assert data == {"count": 1, "info": []}
+    data = await ok(http, sim, "/api/v3/findmany/biz_set", {"page": {"limit": 10}})
+    assert data["info"][0]["bk_biz_set_name"] == "all"
+    data = await ok(http, sim, "/api/v3/find/biz_set/biz_list", {"bk_biz_set_id": 1, "page": {"limit": 10}})
+    assert sorted(b["bk_biz_id"] for b in data["info"]) == [2, 3]
+    [tree] = await ok(http, sim, "/api/v3/find/topoinst/biz/2")
+    assert (tree["bk_obj_id"], tree["bk_inst_id"]) == ("biz", 2)
+    assert len(tree["child"]) == 2
+    assert len(tree["child"][0]["child"]) == 2
+    data = await ok(http, sim, "/api/v3/search/instances/object/switch", {"page": {"limit": 10}})
+    assert [i["bk_obj_id"] for i in data["info"]] == ["switch"]
+
+
+async def test_esb_names_and_direct_paths(sim, http):
+    creds = {"bk_app_code": "a", "bk_app_secret": "b", "bk_username": "admin"}
+    data = await ok(http, sim, "", {**creds, "bk_biz_id": 2, "page": {"limit": 10}}, ESB.format("search_set"))
+    assert {s["bk_biz_id"] for s in data["info"]} == {2}
+    data = await ok(http, sim, "/api/v3/findmany/project", {}, prefix="")
+    assert data["count"] == 1
+    assert sim.stats.lists["search_set"] == 1
+    assert sim.stats.lists["list_project"] == 1
+
+
+async def test_list_auth_and_bad_input(make_sim, http):
+    sim = await make_sim(app_code="a", app_secret="b")
+    async with http.post(sim.url + GW + "/api/v3/findmany/project", json={}) as resp:
+        assert resp.status == 401
+    headers = {
+        "X-Bkapi-Authorization": json.dumps({"bk_app_code": "a", "bk_app_secret": "b", "bk_username": "u"})
+    }
+    reply = await call(http, sim, "/api/v3/set/search/0/999", {}, headers=headers)
+    assert reply["data"] == {"count": 0, "info": []}  # as CMDB: an unknown business has no sets
+    reply = await call(http, sim, "/api/v3/set/search/0/abc", {}, headers=headers)
+    assert (reply["result"], reply["code"]) == (False, 1199006)
+    reply = await call(
+        http,
+        sim,
+        "/api/v3/findmany/project",
+        {"filter": {"field": "x", "operator": "regex"}},
+        headers=headers,
+    )
+    assert reply["result"] is False  # an unsupported operator is refused, never ignored
