@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import structlog
@@ -16,30 +17,49 @@ from rwatch.cmdb.client import CmdbClient
 from rwatch.config import Config
 from rwatch.errors import TRANSIENT_ERRORS, ConfigError, RwatchError
 from rwatch.http import serve_http
+from rwatch.metrics import TASK_CRASHES
 from rwatch.retry import HealthyResetWait, sleep_or_stop
 from rwatch.watch.cursors import CursorStore, open_store
 from rwatch.watch.watcher import Watcher
 
 Role = Literal["watcher", "all"]
 log = structlog.get_logger("rwatch.app")
+_STARTUP_RETRYABLE: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, RwatchError)
 
 
-async def _until_up(what: str, connect: object, stop: asyncio.Event) -> bool:
+async def _until_up(what: str, connect: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:
     """Retry a dependency's start-up until it answers; False when asked to stop first."""
     wait = HealthyResetWait(initial=0.5, maximum=15.0)
     while not stop.is_set():
         try:
-            await connect()  # type: ignore[operator]
+            await connect()
             return True
-        except (*TRANSIENT_ERRORS, RwatchError) as exc:
-            if isinstance(exc, ConfigError):
-                raise
+        except ConfigError:
+            raise
+        except _STARTUP_RETRYABLE as exc:
             delay = wait.next_delay()
             fields = exc.fields() if isinstance(exc, RwatchError) else {"error": repr(exc)}
             log.error("dependency_unavailable", dependency=what, retry_in=round(delay, 2), **fields)
             if await sleep_or_stop(delay, stop):
                 break
     return False
+
+
+async def supervise(name: str, start: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
+    """Run a task; if it dies of a bug, log it with its traceback, count it, and start it again.
+
+    A watcher restarted this way reloads its cursor from the store, so a crash costs at most a replay.
+    """
+    wait = HealthyResetWait(initial=1.0, maximum=30.0)
+    while not stop.is_set():
+        try:
+            await start()
+            return
+        except Exception:
+            TASK_CRASHES.labels(name).inc()
+            delay = wait.next_delay()
+            log.exception("task_crashed", task=name, restart_in=round(delay, 2))
+            await sleep_or_stop(delay, stop)
 
 
 async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
@@ -66,11 +86,14 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
         async with CmdbClient(config.cmdb) as client, asyncio.TaskGroup() as group:
             tasks.add(group.create_task(serve_http(config.http.listen, alive, stop, http_port), name="http"))
             for resource in resources:
-                watcher = Watcher(
-                    resource, settings=config.watch.resources[resource], watch=config.watch,
-                    tenant=config.cmdb.tenant, client=client, bus=bus, store=store, stop=stop,
-                )
-                tasks.add(group.create_task(watcher.run(), name=f"watch:{resource}"))
+                def start(resource: str = resource) -> Awaitable[None]:
+                    return Watcher(
+                        resource, settings=config.watch.resources[resource], watch=config.watch,
+                        tenant=config.cmdb.tenant, client=client, bus=bus, store=store, stop=stop,
+                    ).run()
+
+                name = f"watch:{resource}"
+                tasks.add(group.create_task(supervise(name, start, stop), name=name))
     finally:
         await bus.close()
         await store.close()

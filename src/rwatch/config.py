@@ -250,7 +250,7 @@ class HttpConfig(_Section):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
+        _host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
             raise ValueError(f"{value!r} is not host:port")
         return value
@@ -358,7 +358,8 @@ class Config(_Section):
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration as plain data, every secret masked."""
-        return _mask(self.model_dump(mode="python"))
+        masked: dict[str, Any] = _mask(self.model_dump(mode="python"))
+        return masked
 
 
 def _mask(value: Any) -> Any:
@@ -414,7 +415,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _error_location(err: dict[str, Any]) -> tuple[str, ...]:
+def _error_location(err: Any) -> tuple[str, ...]:
     # Drop pydantic's discriminator tags ("mirror", "function-after[...]") so the key reads as the user wrote it.
     loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-union"))]
     if loc[:1] == ["sinks"] and len(loc) > 2 and loc[2] in _SINK_KINDS:

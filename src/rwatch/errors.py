@@ -101,7 +101,7 @@ class Stopping(RwatchError):
 
 
 # One tuple every retry uses to decide "back off and try again" versus "give up and report".
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     TransientError,
     aiohttp.ClientError,
     asyncio.TimeoutError,

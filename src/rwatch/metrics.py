@@ -60,3 +60,6 @@ PUBLISH_RETRIES = Counter(
 )
 BUS_CONNECTED = Gauge("rwatch_bus_connected", "1 while the bus is connected and its topology declared")
 BUS_RECONNECTS = Counter("rwatch_bus_reconnects_total", "Connections to the broker re-established")
+TASK_CRASHES = Counter(
+    "rwatch_task_crashes_total", "Supervised tasks that died of an unexpected error and were restarted", ["task"]
+)

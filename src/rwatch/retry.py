@@ -44,7 +44,7 @@ class HealthyResetWait(wait_base):
         ceiling = min(self.maximum, self.initial * 2**self.streak)
         self.streak += 1
         # "Equal jitter": never less than half the ceiling, so a storm of clients still spreads out.
-        return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
+        return float(ceiling / 2 + self.rng.uniform(0, ceiling / 2))
 
     def __call__(self, retry_state: RetryCallState) -> float:
         return self.next_delay()

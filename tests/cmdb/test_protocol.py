@@ -63,7 +63,7 @@ def test_parse_reply_and_placeholder() -> None:
     {"bk_events": [{"bk_cursor": "c", "bk_detail": []}]},
 ])
 def test_malformed_replies_raise(data: object) -> None:
-    with pytest.raises(ValueError):  # noqa: PT011
+    with pytest.raises(ValueError):
         p.parse_watch_data(data, "host")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -102,7 +102,7 @@ class CmdbClient:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(ssl=None if self.config.verify_tls else False, limit=64)
+            connector = aiohttp.TCPConnector(ssl=bool(self.config.verify_tls), limit=64)
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=self.config.timeout),
@@ -123,8 +123,8 @@ class CmdbClient:
         self,
         resource: str,
         *,
-        fields: list[str],
-        event_types: list[str],
+        fields: Sequence[str],
+        event_types: Sequence[str],
         cursor: str | None = None,
         start_from: int | None = None,
         sub_resource: str | None = None,

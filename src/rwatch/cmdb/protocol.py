@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -178,8 +179,8 @@ def parse_watch_data(data: Any, resource: str) -> WatchReply:
 def watch_body(
     *,
     resource: str,
-    fields: list[str],
-    event_types: list[str],
+    fields: Sequence[str],
+    event_types: Sequence[str],
     cursor: str | None = None,
     start_from: int | None = None,
     sub_resource: str | None = None,
@@ -188,8 +189,8 @@ def watch_body(
     """The request body, with exactly one start mode (cursor, start time, or neither for "from now")."""
     body: dict[str, Any] = {
         "bk_resource": resource,
-        "bk_event_types": event_types,
-        "bk_fields": fields,
+        "bk_event_types": list(event_types),
+        "bk_fields": list(fields),
         "bk_supplier_account": supplier_account,
     }
     if cursor:

@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
@@ -26,11 +26,12 @@ from rwatch.errors import (
     CmdbRateLimited,
     CursorExpired,
     PermanentError,
+    RwatchError,
     StartOutOfWindow,
     Stopping,
     StoreError,
 )
-from rwatch.events import Event, iso_utc, watch_event_id
+from rwatch.events import Action, Event, iso_utc, watch_event_id
 from rwatch.failpoints import failpoint
 from rwatch.retry import HealthyResetWait, sleep_or_stop
 from rwatch.watch.cursors import CursorState, CursorStore
@@ -97,6 +98,7 @@ class Watcher:
         self.log = structlog.get_logger("rwatch.watch").bind(resource=resource)
         self.position = Position()
         self.saved: CursorState | None = None
+        self._saved_changed = asyncio.Event()
         self._seq = 0  # orders events whose cursor does not decode
         self._outcomes = m.WATCH_REQUESTS
 
@@ -206,10 +208,10 @@ class Watcher:
             return
         reason = _outcome(exc)
         m.WATCH_BACKOFFS.labels(self.resource, reason).inc()
-        fields = exc.fields() if hasattr(exc, "fields") else {"error": repr(exc)}
+        fields = exc.fields() if isinstance(exc, RwatchError) else {"error": repr(exc)}
         level = self.log.error if isinstance(exc, PermanentError) else self.log.warning
-        level("watch_failed", reason=reason, mode=self.position.mode,
-              retry_in=round(state.upcoming_sleep, 2), attempt=state.attempt_number, **fields)
+        level("watch_failed", **{**fields, "outcome": reason, "mode": self.position.mode,
+                                 "retry_in": round(state.upcoming_sleep, 2), "attempt": state.attempt_number})
 
     # --- cursor loss (invariant 4) ---------------------------------------------------------------------
 
@@ -285,10 +287,12 @@ class Watcher:
         res = self.resource
         action = raw.event_type
         if action not in p.EVENT_TYPES:
-            return self._invalid(raw, "bad_event_type")
+            self._invalid(raw, "bad_event_type")
+            return None
         key = p.object_key(res, raw.detail)
         if key is None:
-            return self._invalid(raw, "no_key")
+            self._invalid(raw, "no_key")
+            return None
         decoded = p.decode_cursor(raw.cursor)
         if decoded is not None:
             version = (decoded.sec, decoded.inc)
@@ -298,7 +302,7 @@ class Watcher:
             version = (int(observed), self._seq)
         # model_construct: every field is built here from checked parts; validation would only cost time.
         return Event.model_construct(
-            id=watch_event_id(res, raw.cursor), resource=res, action=action, key=key, tenant=self.tenant,
+            id=watch_event_id(res, raw.cursor), resource=res, action=cast(Action, action), key=key, tenant=self.tenant,
             version=version, occurred_at=iso_utc(version[0]), observed_at=observed_iso, origin="watch",
             cursor=raw.cursor, data=raw.detail,
         )
@@ -307,7 +311,6 @@ class Watcher:
         m.EVENTS_INVALID.labels(self.resource, reason).inc()
         self.log.error("event_invalid", reason=reason, cursor=raw.cursor, event_type=raw.event_type,
                        detail_keys=sorted(raw.detail)[:20])
-        return None
 
     # --- stage 2: publish, then save -------------------------------------------------------------------
 
@@ -328,14 +331,10 @@ class Watcher:
     async def publish_batch(self, batch: Batch) -> bool:
         if not batch.events:
             return True
-        started = time.monotonic()
         try:
-            await self.bus.publish(batch.events)
+            await self.bus.publish(batch.events)  # the bus counts what it confirmed, and how long it took
         except Stopping:
             return False
-        m.PUBLISH_SECONDS.observe(time.monotonic() - started)
-        for action, n in batch.counts.items():
-            m.EVENTS_PUBLISHED.labels(self.resource, action).inc(n)
         failpoint("watch.after_publish")
         return True
 
@@ -346,11 +345,19 @@ class Watcher:
         except Stopping:
             return False
         self.saved = state
+        self._saved_changed.set()
         m.CURSOR_SAVES.labels(self.resource).inc()
         if state.event_time is not None:
             m.CURSOR_AGE.labels(self.resource).set(max(0.0, self.clock() - state.event_time))
         failpoint("watch.after_save")
         return True
+
+    async def wait_saved(self, done: Callable[[CursorState], bool]) -> CursorState:
+        """Until a saved position satisfies ``done`` (for callers that must know what is durable)."""
+        while self.saved is None or not done(self.saved):
+            self._saved_changed.clear()
+            await self._saved_changed.wait()
+        return self.saved
 
     async def _retry_store(self, op: Callable[[], Awaitable[T]]) -> T:
         wait = HealthyResetWait(initial=0.2, maximum=10.0)
@@ -359,7 +366,7 @@ class Watcher:
                 return await op()
             except StoreError as exc:
                 delay = wait.next_delay()
-                self.log.error("store_failed", retry_in=round(delay, 2), **exc.fields())
+                self.log.error("store_failed", **{**exc.fields(), "retry_in": round(delay, 2)})
                 if await sleep_or_stop(delay, self.stop):
                     raise Stopping("stopping") from exc
 

@@ -1,0 +1,278 @@
+"""End to end: simulator -> rwatch watcher -> RabbitMQ -> a test consumer, against the real broker.
+
+The oracle is the simulator's own event chain: every event it produced after rwatch's first answer must
+arrive, in order per resource, equal field by field to what rwatch was configured to ask for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from rwatch.app import run_async
+from rwatch.cmdb.protocol import NO_EVENT_CURSOR
+from rwatch.sim.server import SimOptions, Simulator
+from rwatch.watch.cursors import open_store
+from tests.integration.harness import (
+    MakeSetup,
+    Parts,
+    QueueReader,
+    Setup,
+    chain_suffix_from,
+    expected_event,
+    published_view,
+    reading,
+    running,
+    watcher_parts,
+)
+
+pytestmark = pytest.mark.amqp
+
+RESOURCES = ["host", "host_relation", "biz", "set", "module", "process", "plat"]
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(SimOptions(port=0, hold=1.0, error_delay=0.01, seed=7, bizs=3, hosts=60)) as s:
+        yield s
+
+
+async def wait_long_polling(sim: Simulator, resources: list[str], timeout: float = 30.0) -> None:
+    """Until every resource has a cursor-mode long-poll open: rwatch is past its first answer."""
+    await sim.stats.wait_for(lambda s: all(s.in_flight(r) >= 1 for r in resources), timeout)
+
+
+@contextlib.asynccontextmanager
+async def rwatch_in_process(setup: Setup) -> AsyncIterator[asyncio.Event]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_async(setup.config(), stop, role="watcher"))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+def check_stream(setup: Setup, sim: Simulator, reader: QueueReader, resource: str) -> int:
+    """Every event from rwatch's first one on, in chain order, field by field. Returns the count."""
+    got = reader.events[resource]
+    nodes = sim.state.chain(resource)
+    if not got:
+        assert not nodes, f"{resource}: nothing published but the simulator has {len(nodes)} events"
+        return 0
+    expected = [expected_event(setup, resource, n) for n in chain_suffix_from(nodes, got[0]["cursor"])]
+    assert [published_view(e) for e in got] == expected, f"{resource}: stream differs from the truth"
+    return len(got)
+
+
+def complete(sim: Simulator, resources: list[str]) -> object:
+    def done(reader: QueueReader) -> bool:
+        for res in resources:
+            nodes = sim.state.chain(res)
+            got = reader.events[res]
+            if nodes and (not got or got[-1]["cursor"] != nodes[-1].cursor):
+                return False
+        return True
+
+    return done
+
+
+async def test_every_event_arrives_in_order_matching_the_truth(
+    sim: Simulator, setups: MakeSetup
+) -> None:
+    setup = setups(sim.url, RESOURCES)
+    async with rwatch_in_process(setup):
+        await wait_long_polling(sim, RESOURCES)
+        async with reading(setup) as reader:
+            before = sum(len(sim.state.chain(r)) for r in RESOURCES)
+            sim.load.run(4500)
+            produced = sum(len(sim.state.chain(r)) for r in RESOURCES) - before
+            assert produced >= 5000, f"the workload must produce at least 5,000 events, made {produced}"
+            await reader.wait_for(complete(sim, RESOURCES), timeout=120)
+    total = sum(check_stream(setup, sim, reader, res) for res in RESOURCES)
+    assert total >= 5000
+    assert sum(1 for r in RESOURCES if reader.events[r]) >= 5
+    # Message properties: persistent, JSON, the event id in x-event-id, a fresh message_id per publish.
+    for res in RESOURCES:
+        for event, headers in zip(reader.events[res], reader.headers[res], strict=True):
+            assert headers["x-event-id"] == event["id"]
+            assert headers["routing_key"] == f"cmdb.{res}.{event['action']}"
+            assert headers["delivery_mode"] == 2 and headers["content_type"] == "application/json"
+            assert event["schema"] == 1 and event["origin"] == "watch" and event["tenant"] == "0"
+    ids = [h["message_id"] for r in RESOURCES for h in reader.headers[r]]
+    assert len(set(ids)) == len(ids)
+    # The saved cursors are the last ones.
+    store = open_store(setup.store_url)
+    await store.open()
+    try:
+        for res in RESOURCES:
+            state = await store.load("0", res)
+            assert state is not None and state.cursor == sim.state.chain(res)[-1].cursor
+            assert state.cursor != NO_EVENT_CURSOR
+    finally:
+        await store.close()
+
+
+
+# --- CMDB failures: no crash, visible backoff, the cursor moves only with real progress --------------------
+
+
+def metric(name: str, **labels: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def saved_cursor(parts: Parts, resource: str) -> str | None:
+    state = await parts.store.load("0", resource)
+    return state.cursor if state else None
+
+
+async def test_cmdb_failures_back_off_and_keep_the_cursor(
+    sim: Simulator, setups: MakeSetup
+) -> None:
+    setup = setups(sim.url, ["host"])
+    async with watcher_parts(setup, timeout=2.0) as parts, running(parts.watcher("host")) as watcher, \
+            reading(setup) as reader:
+        await wait_long_polling(sim, ["host"])
+        sim.state.update("host", next(iter(sim.state.objects("host"))), {"bk_host_name": "before-faults"})
+        await reader.wait_for(complete(sim, ["host"]))
+        newest = sim.state.chain("host")[-1].cursor
+        await asyncio.wait_for(watcher.wait_saved(lambda s: s.cursor == newest), 30)
+        cursor = await saved_cursor(parts, "host")
+        assert cursor == newest
+        backoffs = metric("rwatch_watch_backoffs_total", resource="host", reason="transient") + metric(
+            "rwatch_watch_backoffs_total", resource="host", reason="rate_limited")
+        faults = [
+            {"kind": "http_500", "resource": "host"}, {"kind": "http_502", "resource": "host"},
+            {"kind": "http_429", "resource": "host"}, {"kind": "code", "code": 1199997, "resource": "host"},
+            {"kind": "code", "code": 1199017, "resource": "host"}, {"kind": "malformed", "resource": "host"},
+            {"kind": "truncated", "resource": "host"}, {"kind": "drop", "resource": "host"},
+            {"kind": "slow", "delay": 3.0, "resource": "host"},  # past the 2 s client timeout
+        ]
+        sim.faults.schedule(faults)
+        await sim.stats.wait_for(lambda _: not sim.faults.script, 60)
+        # Every fault was answered with a pause, and none moved the cursor.
+        after = metric("rwatch_watch_backoffs_total", resource="host", reason="transient") + metric(
+            "rwatch_watch_backoffs_total", resource="host", reason="rate_limited")
+        assert after - backoffs >= len(faults) - 1  # the last one may still be pausing
+        assert await saved_cursor(parts, "host") == cursor
+        # Real progress after the storm: every change arrives and the cursor follows.
+        sim.load.run(150)
+        await reader.wait_for(complete(sim, ["host"]), timeout=60)
+        newest = sim.state.chain("host")[-1].cursor
+        await asyncio.wait_for(watcher.wait_saved(lambda s: s.cursor == newest), 30)
+        assert await saved_cursor(parts, "host") == newest
+    check_stream(setup, sim, reader, "host")
+
+
+async def test_permanent_cmdb_errors_are_logged_and_retried_never_fatal(
+    sim: Simulator, setups: MakeSetup
+) -> None:
+    setup = setups(sim.url, ["host"])
+    async with watcher_parts(setup) as parts, running(parts.watcher("host")) as watcher, \
+            reading(setup) as reader:
+        await wait_long_polling(sim, ["host"])
+        sim.faults.schedule([{"kind": "code", "code": 9900403, "resource": "host", "count": 2},
+                             {"kind": "code", "code": 1199998, "resource": "host"}])
+        await sim.stats.wait_for(lambda _: not sim.faults.script, 30)
+        sim.load.run(50)
+        await reader.wait_for(complete(sim, ["host"]), timeout=60)
+        assert watcher.backoff.streak >= 3
+    check_stream(setup, sim, reader, "host")
+
+
+# --- cursor loss while stopped (invariant 4) ---------------------------------------------------------------
+
+
+def host_requests(sim: Simulator) -> int:
+    return sim.stats.watch_requests("host")
+
+
+async def run_until_caught_up(setup: Setup, sim: Simulator, reader: QueueReader) -> None:
+    """Run a host watcher until its saved cursor is the simulator's newest, then stop it."""
+    async with watcher_parts(setup) as parts, running(parts.watcher("host")) as watcher:
+        await reader.wait_for(complete(sim, ["host"]), timeout=60)
+        newest = sim.state.chain("host")[-1].cursor
+        await asyncio.wait_for(watcher.wait_saved(lambda s: s.cursor == newest), 30)
+
+
+async def test_unknown_cursor_resumes_by_time_inside_the_window(
+    sim: Simulator, setups: MakeSetup
+) -> None:
+    setup = setups(sim.url, ["host"])
+    async with reading_after_declare(setup) as reader:
+        await run_until_caught_up(setup, sim, reader)
+        # Stopped: CMDB changes, then forgets every cursor but its newest (data cleanup, upgrade).
+        missed_from = len(sim.state.chain("host"))
+        for i, key in enumerate(list(sim.state.objects("host"))[:30]):
+            sim.state.update("host", key, {"bk_host_name": f"while-stopped-{i}"})
+        sim.faults.schedule({"kind": "expire_cursors", "resource": "host"})
+        requests = host_requests(sim)
+        await run_until_caught_up(setup, sim, reader)
+        # 1103007, one start_from reply, then a long-poll that holds: a bounded number of calls.
+        assert host_requests(sim) - requests <= 4
+    got = {e["id"] for e in reader.events["host"]}
+    missed = sim.state.chain("host")[missed_from:]
+    assert all(_event_id(n.cursor) in got for n in missed)
+    store = open_store(setup.store_url)
+    await store.open()
+    try:
+        assert await store.gaps("0", "host") == []
+    finally:
+        await store.close()
+
+
+async def test_cursor_older_than_retention_records_the_gap_and_moves_on(
+    setups: MakeSetup
+) -> None:
+    async with Simulator(SimOptions(port=0, hold=1.0, error_delay=0.01, seed=3, retention=3 * 3600)) as sim:
+        setup = setups(sim.url, ["host"])
+        async with reading_after_declare(setup) as reader:
+            await run_until_caught_up(setup, sim, reader)
+            last_seen = sim.state.chain("host")[-1]
+            # Stopped for longer than CMDB keeps history: these changes are lost for good...
+            lost_key = next(iter(sim.state.objects("host")))
+            sim.state.update("host", lost_key, {"bk_host_name": "lost"})
+            sim.state.clock.jump(4 * 3600)
+            # ...and these happened inside the window that is left.
+            after_from = len(sim.state.chain("host"))
+            for i, key in enumerate(list(sim.state.objects("host"))[:20]):
+                sim.state.update("host", key, {"bk_host_name": f"after-jump-{i}"})
+            requests = host_requests(sim)
+            await run_until_caught_up(setup, sim, reader)
+            assert host_requests(sim) - requests <= 4  # cursor (1103007), start_from, long-poll(s)
+        got = {e["id"] for e in reader.events["host"]}
+        assert all(_event_id(n.cursor) in got for n in sim.state.chain("host")[after_from:])
+        store = open_store(setup.store_url)
+        await store.open()
+        try:
+            gaps = await store.gaps("0", "host")
+        finally:
+            await store.close()
+        assert len(gaps) == 1
+        gap = gaps[0]
+        assert gap.reason == "cursor_expired" and gap.start == float(last_seen.sec)
+        now = sim.state.clock.now()
+        assert now - 3 * 3600 < gap.end < now - 3 * 3600 + 120  # the oldest retained second + margin
+
+
+def _event_id(cursor: str) -> str:
+    from rwatch.events import watch_event_id
+
+    return watch_event_id("host", cursor)
+
+
+@contextlib.asynccontextmanager
+async def reading_after_declare(setup: Setup) -> AsyncIterator[QueueReader]:
+    """Declare rwatch's topology first (as the bus does at start), then read it."""
+    from rwatch.bus import make_bus
+
+    bus = make_bus(setup.config())
+    await bus.start()
+    await bus.close()
+    async with reading(setup) as reader:
+        yield reader

@@ -1,0 +1,98 @@
+"""Normalization: the contract fields, the placeholder and NoEventCursor rules, bad events from CMDB."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from prometheus_client import REGISTRY
+
+from rwatch.cmdb import protocol as p
+from rwatch.config import load_config
+from rwatch.events import Event, watch_event_id
+from rwatch.watch.cursors import CursorState
+from rwatch.watch.watcher import Watcher
+
+
+def make(resource: str = "host") -> Watcher:
+    cfg = load_config(None, environ={})
+    # normalize() touches none of the collaborators; they are never called here.
+    nothing: Any = None
+    return Watcher(resource, settings=cfg.watch.resources[resource], watch=cfg.watch, tenant="7",
+                   client=nothing, bus=nothing, store=nothing, stop=asyncio.Event(), clock=lambda: 1_700_000_123.5)
+
+
+def cursor(sec: int, inc: int, op: str = "update", oid: str = "a" * 24) -> str:
+    return p.Cursor(2, oid, op, sec, inc).encode()
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_events_follow_the_contract() -> None:
+    w = make()
+    c1, c2 = cursor(1_700_000_000, 3), cursor(1_700_000_001, 1, "delete")
+    reply = p.WatchReply(True, [
+        p.WatchEvent(c1, "host", "update", {"bk_host_id": 5, "bk_host_name": "a"}),
+        p.WatchEvent(c2, "host", "delete", {"bk_host_id": 6}),
+    ])
+    batch = w.normalize(reply)
+    first = batch.events[0]
+    assert first.to_dict() == {
+        "schema": 1, "id": watch_event_id("host", c1), "resource": "host", "action": "update", "key": "5",
+        "tenant": "7", "version": [1_700_000_000, 3], "occurred_at": "2023-11-14T22:13:20Z",
+        "observed_at": "2023-11-14T22:15:23.500000Z", "origin": "watch", "cursor": c1,
+        "data": {"bk_host_id": 5, "bk_host_name": "a"},
+    }
+    # What goes on the wire validates against the model: the fast path builds nothing the contract refuses.
+    assert Event.from_json(first.to_json()) == first
+    assert batch.state == CursorState("7", "host", c2, (1_700_000_001, 1), 1_700_000_001.0, 1_700_000_123.5)
+    assert w.position.cursor == c2 and w.position.event_time == 1_700_000_001.0
+
+
+def test_no_event_cursor_is_polled_with_but_never_saved() -> None:
+    w = make()
+    batch = w.normalize(p.WatchReply(False, [p.WatchEvent(p.NO_EVENT_CURSOR, "host", "", {})]))
+    assert batch.events == [] and batch.state is None
+    assert w.position.cursor == p.NO_EVENT_CURSOR and w.position.mode == "cursor"
+
+
+def test_placeholder_cursor_is_saved_but_an_unchanged_one_is_not() -> None:
+    w = make()
+    c = cursor(1_700_000_050, 2)
+    batch = w.normalize(p.WatchReply(False, [p.WatchEvent(c, "host", "", {})]))
+    assert batch.events == [] and batch.state is not None and batch.state.cursor == c
+    w.saved = batch.state
+    again = w.normalize(p.WatchReply(False, [p.WatchEvent(c, "host", "", {})]))
+    assert again.state is None
+
+
+def test_bad_events_are_counted_and_skipped_but_the_cursor_moves_past_them() -> None:
+    w = make("module")
+    before_key = sample("rwatch_events_invalid_total", resource="module", reason="no_key")
+    before_type = sample("rwatch_events_invalid_total", resource="module", reason="bad_event_type")
+    good, nokey, badtype = cursor(1_700_000_060, 1), cursor(1_700_000_060, 2), cursor(1_700_000_060, 3)
+    batch = w.normalize(p.WatchReply(True, [
+        p.WatchEvent(good, "module", "create", {"bk_module_id": 1}),
+        p.WatchEvent(nokey, "module", "update", {}),
+        p.WatchEvent(badtype, "module", "archive", {"bk_module_id": 1}),
+    ]))
+    assert [e.cursor for e in batch.events] == [good]
+    assert batch.state is not None and batch.state.cursor == badtype
+    assert sample("rwatch_events_invalid_total", resource="module", reason="no_key") == before_key + 1
+    assert sample("rwatch_events_invalid_total", resource="module", reason="bad_event_type") == before_type + 1
+
+
+def test_undecodable_cursor_falls_back_to_receive_time_in_order() -> None:
+    w = make("plat")
+    before = sample("rwatch_cursor_decode_failures_total", resource="plat")
+    batch = w.normalize(p.WatchReply(True, [
+        p.WatchEvent("opaque-1", "plat", "create", {"bk_cloud_id": 1}),
+        p.WatchEvent("opaque-2", "plat", "update", {"bk_cloud_id": 1}),
+    ]))
+    versions = [e.version for e in batch.events]
+    assert versions[0][0] == 1_700_000_123 and versions[0] < versions[1]
+    assert sample("rwatch_cursor_decode_failures_total", resource="plat") == before + 2
+    # The position still advances; with no decodable time, the last known event time is kept.
+    assert batch.state is not None and batch.state.cursor == "opaque-2" and batch.state.version is None
