@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Literal
@@ -74,7 +75,9 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
              sinks=config.enabled_sinks, store=config.store.url._display(), cmdb=config.cmdb.base_url,
              api=config.cmdb.api, pid=os.getpid())
     store: CursorStore = open_store(config.store.url.get_secret_value())
-    bus: Bus = make_bus(config, stop=stop)
+    # Named so an operator (or a test) can tell this process's connection apart in RabbitMQ.
+    name = f"rwatch {role} {socket.gethostname()}:{os.getpid()} exchange={config.bus.exchange}"
+    bus: Bus = make_bus(config, stop=stop, name=name)
     tasks: set[asyncio.Task[None]] = set()
 
     def alive() -> bool:

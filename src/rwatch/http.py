@@ -30,15 +30,13 @@ async def serve_http(listen: str, alive: Callable[[], bool], stop: asyncio.Event
                      bound: asyncio.Future[int] | None = None) -> None:
     """Serve until ``stop`` is set; ``bound`` receives the port (useful with port 0)."""
     host, _, port = listen.rpartition(":")
-    runner = web.AppRunner(make_app(alive), access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_app(alive), access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host.strip("[]") or None, int(port), shutdown_timeout=1.0)
+        site = web.TCPSite(runner, host.strip("[]") or None, int(port))
         await site.start()
         if bound is not None and not bound.done():
-            server = site._server
-            sockets = getattr(server, "sockets", None) or []
-            bound.set_result(sockets[0].getsockname()[1] if sockets else int(port))
+            bound.set_result(runner.addresses[0][1])
         await stop.wait()
     finally:
         await runner.cleanup()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -309,3 +310,30 @@ async def running(watcher: Watcher) -> AsyncIterator[Watcher]:
 
 
 MakeSetup = Callable[..., Setup]
+
+
+# --- the broker, operated on from outside --------------------------------------------------------------
+
+
+async def rabbitmqctl(*args: str, timeout: float = 120.0) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode == 0, f"rabbitmqctl {' '.join(args)}: {err.decode()}"
+    return out.decode()
+
+
+async def close_connections(match: Callable[[str], bool]) -> int:
+    """Close, broker side, only the connections whose client-provided name ``match`` accepts."""
+    # Tab-separated "<pid>\t[{...,{"connection_name","..."},...}]": the pid in this form is what
+    # close_connection accepts (the JSON formatter prints it as #PID<...>, which it does not).
+    listing = await rabbitmqctl("-s", "list_connections", "pid", "client_properties")
+    closed = 0
+    for line in listing.splitlines():
+        pid, _, props = line.partition("\t")
+        found = re.search(r'\{"connection_name","([^"]*)"\}', props)
+        if found and match(found.group(1)):
+            await rabbitmqctl("-q", "close_connection", pid, "rwatch test: connection dropped on purpose")
+            closed += 1
+    return closed

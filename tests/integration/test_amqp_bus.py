@@ -12,7 +12,6 @@ import contextlib
 import json
 import shutil
 import socket
-import subprocess
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,6 +34,7 @@ from rwatch.bus.amqp import (
 from rwatch.config import Config
 from rwatch.errors import Stopping, TopologyConflict
 from rwatch.events import Event, iso_utc, watch_event_id
+from tests.integration.harness import close_connections
 
 pytestmark = pytest.mark.amqp
 
@@ -366,30 +366,6 @@ async def test_start_retries_an_unreachable_broker_until_stop(unique: str, spy: 
     await bus.close()
 
 
-async def _rabbitmqctl(*args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
-
-
-async def close_connections_named(connection_name: str) -> int:
-    """Close, broker side, only the connections whose client-provided name is ``connection_name``."""
-    # Tab-separated "<pid>\t[{...,{"connection_name","..."},...}]": the pid in this form is what
-    # close_connection accepts (the JSON formatter prints it as #PID<...>, which it does not).
-    listing = await _rabbitmqctl("-s", "list_connections", "pid", "client_properties")
-    marker = f'{{"connection_name","{connection_name}"}}'
-    closed = 0
-    for line in listing.splitlines():
-        pid, _, props = line.partition("\t")
-        if marker in props:
-            await _rabbitmqctl("-q", "close_connection", pid, "rwatch test: connection dropped on purpose")
-            closed += 1
-    return closed
-
-
 @pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl to close a connection")
 async def test_broker_closing_the_connection_mid_stream_loses_nothing(
     cleanup: list[str], amqp_url: str, unique: str, channel: AbstractChannel
@@ -414,7 +390,7 @@ async def test_broker_closing_the_connection_mid_stream_loses_nothing(
     await queue.consume(on_message, no_ack=True)
     task = asyncio.create_task(bus.publish(batch))
     await first.wait()  # the publish is under way
-    assert await close_connections_named(name) == 1
+    assert await close_connections(lambda n: n == name) == 1
     await task
     await all_seen.wait()
     await bus.close()

@@ -22,8 +22,10 @@ from tests.integration.harness import (
     QueueReader,
     Setup,
     chain_suffix_from,
+    close_connections,
     expected_event,
     published_view,
+    rabbitmqctl,
     reading,
     running,
     watcher_parts,
@@ -276,3 +278,47 @@ async def reading_after_declare(setup: Setup) -> AsyncIterator[QueueReader]:
     await bus.close()
     async with reading(setup) as reader:
         yield reader
+
+
+# --- the broker goes away mid-stream ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["close_connection", "restart_broker"])
+async def test_broker_trouble_mid_stream_recovers_and_loses_nothing(
+    sim: Simulator, setups: MakeSetup, fault: str
+) -> None:
+    resources = ["host", "host_relation", "module"]
+    setup = setups(sim.url, resources)
+    reconnects = metric("rwatch_bus_reconnects_total")
+    async with rwatch_in_process(setup):
+        await wait_long_polling(sim, resources)
+        async with reading(setup) as reader:
+            sim.load.start(rate=300, seed=5)
+            await reader.wait_for(lambda r: sum(len(r.events[x]) for x in resources) > 100)
+            if fault == "close_connection":
+                closed = await close_connections(lambda name: f"exchange={setup.exchange}" in name)
+                assert closed == 1
+            else:
+                # A full broker restart: every connection drops, the quorum queues come back from disk.
+                await rabbitmqctl("stop_app")
+                await asyncio.sleep(1.0)  # changes keep coming in CMDB while the broker is down
+                await rabbitmqctl("start_app")
+                await rabbitmqctl("await_startup")
+        # The reader's own connection died with the broker; a new one reads on.
+        async with reading(setup) as reader2:
+            await asyncio.sleep(1.0)
+            sim.load.stop()
+            await reader2.wait_for(complete(sim, resources), timeout=90)
+    assert metric("rwatch_bus_reconnects_total") > reconnects
+    for res in resources:
+        got = reader.events[res] + reader2.events[res]
+        ids = {e["id"] for e in got}
+        expected = chain_suffix_from(sim.state.chain(res), got[0]["cursor"])
+        missing = [n.cursor for n in expected if _event_id_of(res, n.cursor) not in ids]
+        assert not missing, f"{res}: {len(missing)} events lost"
+
+
+def _event_id_of(resource: str, cursor: str) -> str:
+    from rwatch.events import watch_event_id
+
+    return watch_event_id(resource, cursor)

@@ -38,13 +38,14 @@ class Bus(Protocol):
         """For readiness: connected and topology declared."""
 
 
-def make_bus(config: Config, *, stop: asyncio.Event | None = None) -> Bus:
-    """The bus ``[bus] kind`` names. ``stop`` ends retries with ``Stopping`` once set."""
+def make_bus(config: Config, *, stop: asyncio.Event | None = None, name: str = "rwatch") -> Bus:
+    """The bus ``[bus] kind`` names. ``stop`` ends retries with ``Stopping`` once set; ``name`` is the
+    AMQP connection name operators see in RabbitMQ's connection list."""
     # Imported here: the implementations import ``Backoff`` from this module.
     if config.bus.kind == "amqp":
         from rwatch.bus.amqp import AmqpBus
 
-        return AmqpBus(config, stop=stop)
+        return AmqpBus(config, stop=stop, connection_name=name)
     from rwatch.bus.memory import MemoryBus
 
     return MemoryBus(stop=stop)
