@@ -40,6 +40,7 @@ class Setup:
     resources: list[str]
     store_url: str = ""
     hold: float = 1.0
+    bootstrap: str = "now"
     extra: str = ""
     path: Path = field(init=False)
 
@@ -69,7 +70,7 @@ class Setup:
 base_url = "{self.sim_url}"
 rate_limit = 0
 [watch]
-bootstrap = "now"
+bootstrap = "{self.bootstrap}"
 lookback = "5m"
 retention = "3h"
 {"".join(tables)}

@@ -322,3 +322,20 @@ def _event_id_of(resource: str, cursor: str) -> str:
     from rwatch.events import watch_event_id
 
     return watch_event_id(resource, cursor)
+
+
+async def test_bootstrap_resync_records_the_history_before_now_as_a_gap_once(
+    sim: Simulator, setups: MakeSetup
+) -> None:
+    setup = setups(sim.url, ["host"], bootstrap="resync")
+    async with reading_after_declare(setup) as reader:
+        await run_until_caught_up(setup, sim, reader)
+        await run_until_caught_up(setup, sim, reader)  # a restart resumes from the cursor: no new gap
+    store = open_store(setup.store_url)
+    await store.open()
+    try:
+        gaps = await store.gaps("0", "host")
+    finally:
+        await store.close()
+    assert [(g.reason, g.start) for g in gaps] == [("bootstrap", 0.0)]
+    assert abs(gaps[0].end - sim.state.clock.now()) < 60

@@ -108,6 +108,7 @@ class Watcher:
         """Follow the resource until ``stop`` is set. Never raises for CMDB, broker or store trouble."""
         try:
             self.saved = await self._retry_store(lambda: self.store.load(self.tenant, self.resource))
+            self._saved_changed.set()
             self.position = await self._initial_position(self.saved)
         except Stopping:
             return
