@@ -113,7 +113,7 @@ class CmdbConfig(_Section):
     tenant: str = "0"
     timeout: Duration = Field(default=35.0, description="per request; must exceed the 20 s hold-open")
     verify_tls: bool = True
-    rate_limit: float = Field(default=20.0, ge=0, description="requests per second, all resources; 0 = off")
+    rate_limit: float = Field(default=50.0, ge=0, description="requests per second, all resources; 0 = off")
 
     @field_validator("base_url")
     @classmethod

@@ -100,6 +100,7 @@ class Watcher:
         self.saved: CursorState | None = None
         self._saved_changed = asyncio.Event()
         self._seq = 0  # orders events whose cursor does not decode
+        self._occurred: tuple[int, str] = (-1, "")  # the last event second and its ISO form
         self._outcomes = m.WATCH_REQUESTS
 
     # --- lifecycle -------------------------------------------------------------------------------------
@@ -301,10 +302,14 @@ class Watcher:
             m.CURSOR_DECODE_FAILURES.labels(res).inc()
             self._seq += 1
             version = (int(observed), self._seq)
+        occurred = self._occurred
+        if occurred[0] != version[0]:
+            # The events of a burst share their second: format it once, not once per event.
+            occurred = self._occurred = (version[0], iso_utc(version[0]))
         # model_construct: every field is built here from checked parts; validation would only cost time.
         return Event.model_construct(
             id=watch_event_id(res, raw.cursor), resource=res, action=cast(Action, action), key=key, tenant=self.tenant,
-            version=version, occurred_at=iso_utc(version[0]), observed_at=observed_iso, origin="watch",
+            version=version, occurred_at=occurred[1], observed_at=observed_iso, origin="watch",
             cursor=raw.cursor, data=raw.detail,
         )
 
