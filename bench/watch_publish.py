@@ -13,7 +13,7 @@ Run (RabbitMQ on 127.0.0.1:5672, or RWATCH_TEST_AMQP_URL; about 2.5 minutes on 2
    bodies the watcher published (captured from the queue in a first, untimed drain) to the same topology
    (quorum queue, same arguments and binding). Rounds alternate which side goes first; each run gets a
    fresh exchange and queues, deleted afterwards. Claim: median of watcher rate / baseline rate. For context,
-   one drain each with the shipped ``cmdb.rate_limit`` (20 requests/s) and with the start-up heap frozen.
+   one drain each with the shipped ``cmdb.rate_limit`` and with the start-up heap frozen (as ``rwatch run`` does).
 2. Idle. ``rwatch run --role watcher`` as a child process, watching five resources against a second
    simulator with no changes and the real 20 s hold. After start-up has settled: CMDB requests (counted by
    the simulator) and CPU seconds of the rwatch process (utime + stime from /proc) per resource per minute,
@@ -53,7 +53,7 @@ import orjson
 
 from rwatch.bus.amqp import AmqpBus, dead_queue_name, declare_topology, dlx_name, queue_name
 from rwatch.cmdb.client import CmdbClient
-from rwatch.config import Config
+from rwatch.config import CmdbConfig, Config
 from rwatch.events import watch_event_id
 from rwatch.logs import setup_logging
 from rwatch.watch.cursors import CursorState, open_store
@@ -65,6 +65,8 @@ SINK = "mirror"
 IDLE_RESOURCES = ("host", "host_relation", "biz", "set", "module")
 HOLD = 20.0  # the server's long-poll hold; the idle minimum follows from it
 TICK = os.sysconf("SC_CLK_TCK")
+
+DEFAULT_RATE_LIMIT = CmdbConfig().rate_limit
 
 
 # --- the machine ---------------------------------------------------------------------------------------
@@ -696,16 +698,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     result["drain"][f"median_{side}_cores"] = med(x[side]["process_cores"] for x in rounds)
                     result["drain"][f"median_{side}_machine_busy"] = med(x[side]["machine_busy"] for x in rounds)
                 if args.rate_limited:
-                    # What the shipped default (cmdb.rate_limit = 20 requests/s, 200 events a reply) allows.
-                    config = fresh("limited", rate_limit=20)
+                    # What the shipped default cmdb.rate_limit (requests/s, 200 events a reply) allows.
+                    config = fresh("limited", rate_limit=DEFAULT_RATE_LIMIT)
                     limited = await watcher_drain(config, backlog, args.events, sim)
                     await done(config)
                     result["drain"]["default_rate_limit"] = {
-                        **limited.to_json(), "rate_limit": 20,
+                        **limited.to_json(), "rate_limit": DEFAULT_RATE_LIMIT,
                         "ratio": _ratio(limited.rate, result["drain"]["median_baseline_events_per_s"])}
                 if args.gc_freeze:
-                    # What gc.freeze() after start-up would give: the import-time heap (~100k objects) leaves the
-                    # full collections that the drain's allocations keep triggering. rwatch does not do this today.
+                    # What gc.freeze() after start-up gives (rwatch run does it): the import-time heap
+                    # (~100k objects) leaves the full collections that the drain's allocations keep triggering.
                     config = fresh("frozen")
                     gc.freeze()
                     try:
@@ -758,8 +760,9 @@ def report(result: dict[str, Any]) -> str:
         ]
         if "default_rate_limit" in d:
             lim = d["default_rate_limit"]
-            lines.append(f"with the default cmdb.rate_limit = 20/s: {lim['events_per_s']:.0f} events/s, "
-                         f"ratio {lim['ratio']:.2f} (capped at 20 x 200 = 4000 events/s)")
+            rate = lim["rate_limit"]
+            lines.append(f"with the default cmdb.rate_limit = {rate:g}/s: {lim['events_per_s']:.0f} events/s, "
+                         f"ratio {lim['ratio']:.2f} (capped at {rate:g} x 200 = {rate * 200:.0f} events/s)")
         if "gc_freeze" in d:
             fr = d["gc_freeze"]
             lines.append(f"with gc.freeze() after start-up (one run): {fr['events_per_s']:.0f} events/s, "
@@ -808,7 +811,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--idle-seconds", type=float, default=60.0, help="idle window (0 skips; keep a multiple of 20)")
     parser.add_argument("--no-profile", action="store_true", help="skip the pyinstrument drain")
     parser.add_argument("--rate-limited", action=argparse.BooleanOptionalAction, default=True,
-                        help="also drain once with the default cmdb.rate_limit (20/s)")
+                        help="also drain once with the default cmdb.rate_limit")
     parser.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
                         help="also drain once with the start-up heap frozen (gc.freeze)")
     parser.add_argument("--top", type=int, default=20, help="profile rows to keep")
