@@ -8,11 +8,12 @@ from ``[bus] kind``.
 from __future__ import annotations
 
 import asyncio
-import random
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from rwatch.errors import Stopping
+from rwatch.retry import HealthyResetWait
 
 if TYPE_CHECKING:
     from rwatch.config import Config
@@ -55,14 +56,21 @@ class Backoff:
     """Pauses of 0.1 s doubling to 5 s (each drawn in [d/2, d]), ended early by any stop event.
 
     ``pause`` raises ``Stopping`` when a stop event is set before or during the pause, so retry loops
-    unwind instead of retrying during shutdown.
+    unwind instead of retrying during shutdown. The delays are the CMDB backoff's (``rwatch.retry``) with
+    the broker's shorter bounds; a Backoff lives for one operation, so its streak never times out.
     """
 
     def __init__(self, *stops: asyncio.Event, first: float = 0.1, cap: float = 5.0) -> None:
         self._stops = stops
-        self._first = first
-        self._cap = cap
-        self.attempt = 0
+        self._delays = HealthyResetWait(initial=first, maximum=cap, healthy_after=math.inf)
+
+    @property
+    def attempt(self) -> int:
+        return self._delays.streak
+
+    @attempt.setter
+    def attempt(self, value: int) -> None:
+        self._delays.streak = value
 
     @property
     def stopping(self) -> bool:
@@ -72,9 +80,7 @@ class Backoff:
         self.attempt = 0
 
     def next_delay(self) -> float:
-        delay = min(self._cap, self._first * 2 ** min(self.attempt, 32))
-        self.attempt += 1
-        return random.uniform(delay / 2, delay)
+        return self._delays.next_delay()
 
     async def pause(self, delay: float | None = None) -> None:
         if self.stopping:
