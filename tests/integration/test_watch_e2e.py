@@ -14,8 +14,9 @@ import pytest
 
 from rwatch.app import run_async
 from rwatch.cmdb.protocol import NO_EVENT_CURSOR
+from rwatch.events import watch_event_id
 from rwatch.sim.server import SimOptions, Simulator
-from rwatch.watch.cursors import open_store
+from rwatch.watch.cursors import Gap, open_store
 from tests.integration.harness import (
     MakeSetup,
     Parts,
@@ -119,6 +120,15 @@ async def test_every_event_arrives_in_order_matching_the_truth(
 
 
 
+async def stored_gaps(setup: Setup, resource: str) -> list[Gap]:
+    store = open_store(setup.store_url)
+    await store.open()
+    try:
+        return await store.gaps("0", resource)
+    finally:
+        await store.close()
+
+
 # --- CMDB failures: no crash, visible backoff, the cursor moves only with real progress --------------------
 
 
@@ -219,13 +229,8 @@ async def test_unknown_cursor_resumes_by_time_inside_the_window(
         assert host_requests(sim) - requests <= 4
     got = {e["id"] for e in reader.events["host"]}
     missed = sim.state.chain("host")[missed_from:]
-    assert all(_event_id(n.cursor) in got for n in missed)
-    store = open_store(setup.store_url)
-    await store.open()
-    try:
-        assert await store.gaps("0", "host") == []
-    finally:
-        await store.close()
+    assert all(watch_event_id("host", n.cursor) in got for n in missed)
+    assert await stored_gaps(setup, "host") == []
 
 
 async def test_cursor_older_than_retention_records_the_gap_and_moves_on(
@@ -248,24 +253,13 @@ async def test_cursor_older_than_retention_records_the_gap_and_moves_on(
             await run_until_caught_up(setup, sim, reader)
             assert host_requests(sim) - requests <= 4  # cursor (1103007), start_from, long-poll(s)
         got = {e["id"] for e in reader.events["host"]}
-        assert all(_event_id(n.cursor) in got for n in sim.state.chain("host")[after_from:])
-        store = open_store(setup.store_url)
-        await store.open()
-        try:
-            gaps = await store.gaps("0", "host")
-        finally:
-            await store.close()
+        assert all(watch_event_id("host", n.cursor) in got for n in sim.state.chain("host")[after_from:])
+        gaps = await stored_gaps(setup, "host")
         assert len(gaps) == 1
         gap = gaps[0]
         assert gap.reason == "cursor_expired" and gap.start == float(last_seen.sec)
         now = sim.state.clock.now()
         assert now - 3 * 3600 < gap.end < now - 3 * 3600 + 120  # the oldest retained second + margin
-
-
-def _event_id(cursor: str) -> str:
-    from rwatch.events import watch_event_id
-
-    return watch_event_id("host", cursor)
 
 
 @contextlib.asynccontextmanager
@@ -314,14 +308,9 @@ async def test_broker_trouble_mid_stream_recovers_and_loses_nothing(
         got = reader.events[res] + reader2.events[res]
         ids = {e["id"] for e in got}
         expected = chain_suffix_from(sim.state.chain(res), got[0]["cursor"])
-        missing = [n.cursor for n in expected if _event_id_of(res, n.cursor) not in ids]
+        missing = [n.cursor for n in expected if watch_event_id(res, n.cursor) not in ids]
         assert not missing, f"{res}: {len(missing)} events lost"
 
-
-def _event_id_of(resource: str, cursor: str) -> str:
-    from rwatch.events import watch_event_id
-
-    return watch_event_id(resource, cursor)
 
 
 async def test_bootstrap_resync_records_the_history_before_now_as_a_gap_once(
@@ -331,11 +320,6 @@ async def test_bootstrap_resync_records_the_history_before_now_as_a_gap_once(
     async with reading_after_declare(setup) as reader:
         await run_until_caught_up(setup, sim, reader)
         await run_until_caught_up(setup, sim, reader)  # a restart resumes from the cursor: no new gap
-    store = open_store(setup.store_url)
-    await store.open()
-    try:
-        gaps = await store.gaps("0", "host")
-    finally:
-        await store.close()
+    gaps = await stored_gaps(setup, "host")
     assert [(g.reason, g.start) for g in gaps] == [("bootstrap", 0.0)]
     assert abs(gaps[0].end - sim.state.clock.now()) < 60
