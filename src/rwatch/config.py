@@ -271,9 +271,14 @@ class LogConfig(_Section):
 
 class _SinkBase(_Section):
     enabled: bool = True
+
+
+class _QueueSink(_SinkBase):
+    """A sink fed by queues of its own: one per resource it takes."""
+
     resources: list[str] | None = Field(default=None, description="default: every enabled resource")
-    batch_max: int = Field(default=500, ge=1)
-    batch_wait: Duration = 0.05
+    batch_max: int = Field(default=500, ge=1, description="events applied together at most")
+    batch_wait: Duration = Field(default=0.05, description="how long a partial batch waits for more")
 
     @field_validator("resources")
     @classmethod
@@ -284,12 +289,12 @@ class _SinkBase(_Section):
         return value
 
 
-class MirrorSinkConfig(_SinkBase):
+class MirrorSinkConfig(_QueueSink):
     kind: Literal["mirror"]
     url: SecretUrlField = SecretUrl("sqlite:///rwatch-mirror.db")
 
 
-class WebhookSinkConfig(_SinkBase):
+class WebhookSinkConfig(_QueueSink):
     kind: Literal["webhook"]
     url: str
     secret: SecretStr
@@ -312,7 +317,7 @@ class PromSdSinkConfig(_SinkBase):
     jobs: list[PromJob] = Field(default_factory=list)
 
 
-class JsonlSinkConfig(_SinkBase):
+class JsonlSinkConfig(_QueueSink):
     kind: Literal["jsonl"]
     path: str = "-"
     max_bytes: int = Field(default=100 * 1024 * 1024, ge=0)
@@ -342,19 +347,33 @@ class Config(_Section):
         for name, sink in self.sinks.items():
             if not re.fullmatch(r"[a-z0-9_-]+", name):
                 raise ValueError(f"sinks.{name}: a sink name is lower-case letters, digits, '_' or '-'")
+            if isinstance(sink, PromSdSinkConfig):
+                source = self.sinks.get(sink.source)
+                if not isinstance(source, MirrorSinkConfig):
+                    raise ValueError(f"sinks.{name}.source: {sink.source!r} is not a mirror sink")
+                if sink.enabled and not source.enabled:
+                    raise ValueError(f"sinks.{name}.source: the mirror {sink.source!r} is disabled")
+                continue
             for res in sink.resources or ():
                 if res not in enabled:
                     raise ValueError(f"sinks.{name}.resources: {res!r} is not enabled in [watch.resources]")
         return self
 
     def sink_resources(self, sink: str) -> list[str]:
-        """The resources a sink takes: its own list, or every enabled resource."""
-        chosen = self.sinks[sink].resources
-        return list(chosen) if chosen is not None else self.watch.enabled
+        """The resources a queue sink takes: its own list, or every enabled resource."""
+        chosen = self.sinks[sink]
+        if isinstance(chosen, PromSdSinkConfig):
+            return []
+        return list(chosen.resources) if chosen.resources is not None else self.watch.enabled
 
     @property
     def enabled_sinks(self) -> list[str]:
         return [name for name, sink in self.sinks.items() if sink.enabled]
+
+    @property
+    def queue_sinks(self) -> list[str]:
+        """Enabled sinks fed by queues (every kind but prom_sd, a projection of a mirror)."""
+        return [name for name in self.enabled_sinks if not isinstance(self.sinks[name], PromSdSinkConfig)]
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration as plain data, every secret masked."""

@@ -92,6 +92,19 @@ class TopologyConflict(PermanentError):
     ``argument`` say which. Delete it or change the configuration."""
 
 
+class SinkUnavailable(TransientError):
+    """A sink could not apply a batch now (database down, endpoint timing out); the batch is retried."""
+
+
+class SinkRejected(PermanentError):
+    """A sink refuses events for good. ``event_ids`` names them (the rest of the batch was applied);
+    empty means the batch as a whole was refused and the consumer must find the culprits one by one."""
+
+    def __init__(self, message: str, *, event_ids: tuple[str, ...] = (), **fields: Any) -> None:
+        super().__init__(message, event_ids=list(event_ids), **fields)
+        self.event_ids = event_ids
+
+
 class StoreError(TransientError):
     """The cursor store could not be read or written."""
 

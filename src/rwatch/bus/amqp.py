@@ -118,7 +118,7 @@ async def declare_topology(channel: AbstractChannel, config: Config) -> Abstract
     exchange = await _declared(
         "exchange", bus.exchange, channel.declare_exchange(bus.exchange, ExchangeType.TOPIC, durable=True)
     )
-    sinks = config.enabled_sinks
+    sinks = config.queue_sinks
     if not sinks:
         return exchange
     dlx_ = dlx_name(config)
@@ -388,7 +388,7 @@ class AmqpBus:
         if self._ever_connected:
             BUS_RECONNECTS.inc()
         self._log.info("bus_connected", url=mask_url(self._url), reconnect=self._ever_connected,
-                       sinks=self._config.enabled_sinks)
+                       sinks=self._config.queue_sinks)
         self._ever_connected = True
 
     async def _drop(self, conn: AbstractConnection | None, reason: str) -> None:

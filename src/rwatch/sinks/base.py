@@ -1,0 +1,82 @@
+"""The Sink protocol: what a downstream system must offer for rwatch to keep it equal to CMDB.
+
+Every apply is idempotent and version-fenced (DESIGN.md invariant 2): an event older than, or as old as,
+what the sink already holds for that object changes nothing, so redeliveries and replays are harmless.
+Events of one resource arrive in stream order; across resources in any order (invariant 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from rwatch.config import Config
+    from rwatch.events import Event
+
+
+class Sink(Protocol):
+    name: str
+
+    async def open(self) -> None:
+        """Connect / create what the sink needs. Raises TransientError subclasses while unreachable."""
+
+    async def apply(self, events: Sequence[Event]) -> None:
+        """Apply a batch (events of one resource, in stream order) before returning.
+
+        Raises ``SinkUnavailable`` (or another TransientError) when the batch should be retried as a whole,
+        ``SinkRejected`` when events are refused for good: with ``event_ids`` when the sink knows which
+        (the others were applied), without when the whole batch was refused.
+        """
+
+    async def close(self) -> None: ...
+
+
+def make_sink(name: str, config: Config, sinks: dict[str, Sink] | None = None) -> Sink:
+    """The sink ``[sinks.<name>]`` describes. ``sinks`` holds those already made (prom_sd needs its mirror)."""
+    from rwatch.config import JsonlSinkConfig, MirrorSinkConfig, PromSdSinkConfig, WebhookSinkConfig
+
+    settings = config.sinks[name]
+    if isinstance(settings, MirrorSinkConfig):
+        from rwatch.sinks.mirror import MirrorSink
+
+        return MirrorSink(name, settings)
+    if isinstance(settings, WebhookSinkConfig):
+        from rwatch.sinks.webhook import WebhookSink
+
+        return WebhookSink(name, settings)
+    if isinstance(settings, JsonlSinkConfig):
+        from rwatch.sinks.jsonl import JsonlSink
+
+        return JsonlSink(name, settings)
+    if isinstance(settings, PromSdSinkConfig):
+        from rwatch.sinks.mirror import MirrorSink
+        from rwatch.sinks.prom_sd import PromSdSink
+
+        source = (sinks or {}).get(settings.source)
+        if not isinstance(source, MirrorSink):
+            raise ValueError(f"prom_sd sink {name!r} needs its mirror {settings.source!r} made first")
+        return PromSdSink(name, settings, source)
+    raise AssertionError(f"unknown sink kind for {name!r}")  # pragma: no cover - config validation
+
+
+@dataclass(frozen=True, slots=True)
+class TopologyRow:
+    """One row of the mirror's ``rwatch_topology`` view: a host in a module, with the module's set and biz.
+
+    Built from live rows only; a relation whose host, module, set or biz is not (yet) mirrored still shows,
+    with the missing side's columns as None (CMDB gives no order across resources).
+    """
+
+    tenant: str
+    bk_biz_id: int | None
+    bk_biz_name: str | None
+    bk_set_id: int | None
+    bk_set_name: str | None
+    bk_module_id: int
+    bk_module_name: str | None
+    bk_host_id: int
+    bk_host_innerip: str | None
+    bk_cloud_id: int | None
+    bk_host_name: str | None
