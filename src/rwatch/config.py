@@ -7,6 +7,8 @@ file (or environment variable) and the dotted key.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import tomllib
@@ -294,10 +296,35 @@ class MirrorSinkConfig(_QueueSink):
     url: SecretUrlField = SecretUrl("sqlite:///rwatch-mirror.db")
 
 
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def signing_key(secret: str) -> bytes:
+    """The webhook HMAC key: base64-decoded after a ``whsec_`` prefix, else the secret's UTF-8 bytes."""
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        key = secret.encode()
+    else:
+        encoded = secret[len(WEBHOOK_SECRET_PREFIX):]
+        try:
+            # Padding is often left off in the wild; the reference library adds it back too.
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except binascii.Error as exc:
+            raise ValueError("a whsec_ secret must be base64 after the prefix") from exc
+    if not key:
+        raise ValueError("the webhook secret is empty")
+    return key
+
+
 class WebhookSinkConfig(_QueueSink):
     kind: Literal["webhook"]
     url: str
     secret: SecretStr
+
+    @field_validator("secret")
+    @classmethod
+    def _usable_key(cls, value: SecretStr) -> SecretStr:
+        signing_key(value.get_secret_value())  # checked at load, so check-config catches it
+        return value
     timeout: Duration = 10.0
     concurrency: int = Field(default=8, ge=1)
 

@@ -1,15 +1,23 @@
-"""The HTTP server: liveness and Prometheus metrics on one port (``[http] listen``)."""
+"""The HTTP server: liveness and Prometheus metrics on one port (``[http] listen``).
+
+Extra GET routes (prom_sd's ``/sd``, see ``rwatch.sinks.prom_sd.sd_routes``) are mounted through ``routes``.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Routes = Sequence[tuple[str, Handler]]
 
-def make_app(alive: Callable[[], bool]) -> web.Application:
+
+def make_app(alive: Callable[[], bool], routes: Routes = ()) -> web.Application:
+    """The app; ``routes`` are extra ``(path, handler)`` pairs answered on GET (and HEAD)."""
+
     async def healthz(_: web.Request) -> web.Response:
         # Liveness only: the loop answers and no supervised task died. Dependencies are /readyz's job.
         if alive():
@@ -23,14 +31,16 @@ def make_app(alive: Callable[[], bool]) -> web.Application:
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    for path, handler in routes:
+        app.router.add_get(path, handler)
     return app
 
 
 async def serve_http(listen: str, alive: Callable[[], bool], stop: asyncio.Event,
-                     bound: asyncio.Future[int] | None = None) -> None:
+                     bound: asyncio.Future[int] | None = None, *, routes: Routes = ()) -> None:
     """Serve until ``stop`` is set; ``bound`` receives the port (useful with port 0)."""
     host, _, port = listen.rpartition(":")
-    runner = web.AppRunner(make_app(alive), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    runner = web.AppRunner(make_app(alive, routes), access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host.strip("[]") or None, int(port))

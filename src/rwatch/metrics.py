@@ -63,3 +63,42 @@ BUS_RECONNECTS = Counter("rwatch_bus_reconnects_total", "Connections to the brok
 TASK_CRASHES = Counter(
     "rwatch_task_crashes_total", "Supervised tasks that died of an unexpected error and were restarted", ["task"]
 )
+EVENTS_APPLIED = Counter(
+    "rwatch_events_applied_total", "Events a sink applied (or found already applied)", ["sink", "resource", "action"]
+)
+APPLY_SECONDS = Histogram(
+    "rwatch_apply_duration_seconds", "Time a sink took to apply one batch, retries included", ["sink"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+APPLY_RETRIES = Counter("rwatch_apply_retries_total", "Batches retried after a transient sink failure", ["sink"])
+DEAD_LETTERS = Counter(
+    "rwatch_dead_letters_total", "Events a sink refused for good, moved to its dead-letter queue", ["sink", "resource"]
+)
+CONSUMER_CONNECTED = Gauge("rwatch_consumer_connected", "1 while the consumers' broker connection is up")
+PROM_SD_TARGETS = Gauge(
+    "rwatch_prom_sd_targets", "Target groups (one per job and host) in the last rendered service discovery", ["sink"]
+)
+PROM_SD_RENDERS = Counter(
+    "rwatch_prom_sd_renders_total", "Service discovery renders attempted (failures included)", ["sink"]
+)
+PROM_SD_RENDER_ERRORS = Counter(
+    "rwatch_prom_sd_render_errors_total",
+    "Service discovery renders that failed (topology unreadable or file not written); retried",
+    ["sink"],
+)
+WEBHOOK_REQUESTS = Counter(
+    "rwatch_webhook_requests_total",
+    "Webhook POSTs by outcome (delivered, rejected, failed, timeout, connection_error)",
+    ["sink", "outcome"],
+)
+WEBHOOK_REQUEST_SECONDS = Histogram(
+    "rwatch_webhook_request_duration_seconds", "Time one webhook POST took, answer included", ["sink"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+WEBHOOK_SKIPPED = Counter(
+    "rwatch_webhook_skipped_total",
+    "Events not sent again because this process already delivered them (batch retries, redeliveries)",
+    ["sink"],
+)
+JSONL_WRITTEN_BYTES = Counter("rwatch_jsonl_written_bytes_total", "Bytes appended and fsynced by jsonl sinks", ["sink"])
+JSONL_ROTATIONS = Counter("rwatch_jsonl_rotations_total", "Files rotated by jsonl sinks at max_bytes", ["sink"])

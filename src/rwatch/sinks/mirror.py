@@ -1,0 +1,349 @@
+"""The mirror sink: every object CMDB reports, one row each, in SQLite or PostgreSQL (one Core code path).
+
+A batch is one transaction of version-fenced upserts (DESIGN.md invariant 2): a row changes only when the
+event's ``(version_s, version_i)`` is strictly newer than the stored one, so redeliveries, replays and
+batches split differently all end in the same table. A delete leaves a tombstone (``deleted``, the data as
+it was), so an older create or update arriving later cannot bring the object back. The ``rwatch_topology``
+view (see ``mirror_schema``) joins the live rows for people and for the prom_sd projection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import orjson
+from sqlalchemy import Table, event, select, text, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import (
+    ArgumentError,
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    OperationalError,
+    SQLAlchemyError,
+    StatementError,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from rwatch.config import MirrorSinkConfig, mask_url
+from rwatch.errors import ConfigError, PermanentError, SinkRejected, SinkUnavailable
+from rwatch.events import Event
+from rwatch.logs import get_logger
+from rwatch.sinks.base import TopologyRow
+from rwatch.sinks.mirror_schema import TOPOLOGY_VIEW, create_schema, objects_table, topology_view
+
+log = get_logger("rwatch.sinks.mirror")
+
+DEFAULT_TIMEOUT = 10.0
+_SCHEMA_LOCK = int.from_bytes(b"rwmirror", "big")  # PostgreSQL advisory lock key for the schema transaction
+# SQLSTATE classes that mean "this data will never be stored": data exception, integrity constraint
+# violation, program limit exceeded (e.g. a row too large). Everything else (connection, locks, admin
+# shutdown, missing table, permissions) is an operational problem a retry can outlive.
+_REJECTED_SQLSTATE = ("22", "23", "54")
+_SQLITE_MIN = (3, 24, 0)  # ON CONFLICT ... DO UPDATE (row values, for the fence, came in 3.15)
+_O = objects_table.c
+_DIALECT_INSERTS: dict[str, Callable[[Table], Any]] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+
+
+@dataclass(frozen=True, slots=True)
+class MirroredObject:
+    """One row of ``rwatch_objects``."""
+
+    key: str
+    version: tuple[int, int]
+    deleted: bool
+    data: dict[str, Any]
+    event_id: str
+    updated_at: float
+
+
+def _json_dumps(value: Any) -> str:
+    # orjson: fast, and it refuses what is not JSON (NaN becomes null, huge ints raise) instead of
+    # writing text that PostgreSQL's JSONB or SQLite's JSON functions would later choke on.
+    return orjson.dumps(value).decode()
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    for candidate in (exc.orig, getattr(exc.orig, "__cause__", None)):
+        state = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(state, str):
+            return state
+    return None
+
+
+def _rejected(exc: BaseException) -> bool:
+    """True when the database (or the driver) refuses the data itself, so retrying the batch cannot help."""
+    if isinstance(exc, DataError | IntegrityError):
+        return True
+    if isinstance(exc, DBAPIError):
+        state = _sqlstate(exc)
+        return state is not None and state[:2] in _REJECTED_SQLSTATE
+    # A value that would not serialise or bind (StatementError wraps the bind processor's error; some drivers
+    # raise OverflowError & co. unwrapped): nothing reached the database.
+    return isinstance(exc, StatementError | TypeError | ValueError | OverflowError)
+
+
+def _describe(exc: BaseException) -> str:
+    inner: BaseException = exc.orig if isinstance(exc, StatementError) and exc.orig is not None else exc
+    if inner.__cause__ is not None and type(inner).__name__ == "Error":  # SQLAlchemy's asyncpg adapter
+        inner = inner.__cause__
+    first = str(inner).strip().splitlines()
+    return f"{type(inner).__name__}: {first[0]}" if first else type(inner).__name__
+
+
+def _maybe(lock: asyncio.Lock | None) -> AbstractAsyncContextManager[Any]:
+    return lock if lock is not None else nullcontext()
+
+
+class MirrorSink:
+    """The SQL mirror. ``MirrorSink(name, settings)`` picks SQLite or PostgreSQL from ``settings.url``."""
+
+    kind: ClassVar[str] = "mirror"
+
+    def __init__(self, name: str, settings: MirrorSinkConfig, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.name = name
+        self.settings = settings
+        self.timeout = timeout  # connecting, lock waits (SQLite busy_timeout), statements (PostgreSQL)
+        self.url = _engine_url(settings.url.get_secret_value(), f"sinks.{name}.url")
+        self.backend = self.url.get_backend_name()
+        self._engine: AsyncEngine | None = None
+        self._opening = asyncio.Lock()
+        # SQLite has one writer at a time: consumers of several resources queue here rather than poll the
+        # file lock through busy_timeout's sleeps. An in-memory database is one shared connection, so there
+        # every use queues (two transactions cannot interleave on one connection).
+        self._write_lock = asyncio.Lock() if self.backend == "sqlite" else None
+        self._read_lock = self._write_lock if self.url.database in (None, "", ":memory:") else None
+        self._listeners: list[Callable[[], None]] = []
+        insert = _DIALECT_INSERTS[self.backend](objects_table)
+        newer = tuple_(_O.version_s, _O.version_i) < tuple_(insert.excluded.version_s, insert.excluded.version_i)
+        # Built once; every apply only binds values. The WHERE is the version fence: an equal or older event
+        # leaves the row as it is (row-value comparison: SQLite >= 3.15 and PostgreSQL).
+        self._upsert = insert.on_conflict_do_update(
+            index_elements=[_O.tenant, _O.resource, _O.key],
+            set_={name: insert.excluded[name] for name in
+                  ("version_s", "version_i", "deleted", "data", "event_id", "updated_at")},
+            where=newer,
+        )
+
+    def __repr__(self) -> str:
+        return f"<MirrorSink {self.name} {self.url.render_as_string(hide_password=True)}>"
+
+    async def __aenter__(self) -> MirrorSink:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """``callback()`` runs after every committed apply (prom_sd re-renders, debounced on its side)."""
+        self._listeners.append(callback)
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        async with self._opening:
+            if self._engine is not None:
+                return
+            with self._errors("open"):
+                engine = self._create_engine()
+                try:
+                    await self._create_schema(engine)
+                except BaseException:
+                    await engine.dispose()
+                    raise
+            self._engine = engine
+        log.info("sink_opened", sink=self.name, backend=self.backend,
+                 url=self.url.render_as_string(hide_password=True))
+
+    async def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.dispose()
+            log.info("sink_closed", sink=self.name, backend=self.backend)
+
+    def _create_engine(self) -> AsyncEngine:
+        if self.backend == "postgresql":
+            # No pool_pre_ping: a round trip per batch. A dead pooled connection fails one apply with
+            # SinkUnavailable (the consumer retries) and the pool discards it.
+            return create_async_engine(
+                self.url, json_serializer=_json_dumps, json_deserializer=orjson.loads,
+                connect_args={"timeout": self.timeout, "command_timeout": self.timeout,
+                              "server_settings": {"application_name": f"rwatch-{self.name}"}},
+            )
+        if sqlite3.sqlite_version_info < _SQLITE_MIN:
+            raise PermanentError(f"the mirror needs SQLite >= 3.24 (upsert), this Python has {sqlite3.sqlite_version}",
+                                 sink=self.name, backend=self.backend)
+        database = self.url.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(self.url, json_serializer=_json_dumps, json_deserializer=orjson.loads,
+                                     connect_args={"timeout": self.timeout})
+        busy_ms = int(self.timeout * 1000)
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # sqlite3's legacy mode would BEGIN only before DML: DDL would autocommit and reads would not be
+            # in the transaction. Turn it off and emit BEGIN ourselves (below).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            try:
+                cur.execute(f"PRAGMA busy_timeout = {busy_ms}")  # first, so the switch to WAL waits
+                cur.execute("PRAGMA journal_mode = WAL")
+                # FULL, not NORMAL: acks go to the broker right after apply returns, so a commit lost to
+                # power failure would be events lost for good; the mirror cannot be rebuilt from the queue.
+                cur.execute("PRAGMA synchronous = FULL")
+            finally:
+                cur.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _begin(conn: Connection) -> None:
+            # Writers take the lock up front (busy_timeout applies); a deferred transaction that read first
+            # could fail to upgrade with SQLITE_BUSY without waiting at all.
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("rwatch_write")
+                                 else "BEGIN")
+
+        return engine
+
+    async def _create_schema(self, engine: AsyncEngine) -> None:
+        # SQLite: openers racing on a brand-new file can get SQLITE_BUSY from the switch to WAL without the
+        # busy handler being consulted; retry that race, bounded by the timeout (as the cursor store does).
+        deadline = time.monotonic() + self.timeout
+        pause = 0.01
+        while True:
+            try:
+                async with engine.connect() as conn:
+                    await self._create_schema_in(await conn.execution_options(rwatch_write=True))
+                return
+            except OperationalError as exc:
+                if self.backend != "sqlite" or "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                    raise
+                await engine.dispose()
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.5)
+
+    async def _create_schema_in(self, conn: AsyncConnection) -> None:
+        async with conn.begin():
+            if self.backend == "postgresql":
+                # Racing CREATE ... IF NOT EXISTS can still collide in pg_type: serialise openers.
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+            replaced = await create_schema(conn)
+        if replaced is not None:
+            log.info("mirror_view_created", sink=self.name, view=TOPOLOGY_VIEW, replaced=replaced)
+
+    # --- applying ----------------------------------------------------------------------------------------
+
+    async def apply(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        engine = self._live("apply", events)
+        now = time.time()
+        newest: dict[tuple[str, str, str], Event] = {}
+        for ev in events:
+            ident = (ev.tenant, ev.resource, ev.key)
+            held = newest.get(ident)
+            # Only the newest version of a key can change the row (the fence makes the others no-ops), and
+            # one statement must not touch a row twice (PostgreSQL refuses that in a multi-row upsert).
+            if held is None or tuple(ev.version) > tuple(held.version):
+                newest[ident] = ev
+        # Sorted by primary key: concurrent batches lock rows in one order, so they cannot deadlock.
+        rows = [
+            {"tenant": ev.tenant, "resource": ev.resource, "key": ev.key, "version_s": ev.version[0],
+             "version_i": ev.version[1], "deleted": ev.action == "delete", "data": ev.data, "event_id": ev.id,
+             "updated_at": now}
+            for _, ev in sorted(newest.items(), key=lambda item: item[0])
+        ]
+        with self._errors("apply", events):
+            async with _maybe(self._write_lock):
+                await self._write(engine, rows)
+        for callback in self._listeners:
+            try:
+                callback()
+            except Exception as exc:  # a broken listener must not make a committed batch look failed
+                log.error("sink_listener_failed", sink=self.name, error=repr(exc))
+
+    async def _write(self, engine: AsyncEngine, rows: list[dict[str, Any]]) -> None:
+        async with engine.connect() as conn:
+            conn = await conn.execution_options(rwatch_write=True)
+            async with conn.begin():  # the whole batch or nothing
+                await conn.execute(self._upsert, rows)
+
+    # --- reading -----------------------------------------------------------------------------------------
+
+    async def topology(self, tenant: str | None = None) -> list[TopologyRow]:
+        """The ``rwatch_topology`` view: one row per live (host, module) relation."""
+        engine = self._live("topology")
+        v = topology_view.c
+        query = select(topology_view).order_by(v.tenant, v.bk_module_id, v.bk_host_id)
+        if tenant is not None:
+            query = query.where(v.tenant == tenant)
+        with self._errors("topology"):
+            async with _maybe(self._read_lock), engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        return [TopologyRow(*row) for row in rows]
+
+    async def objects(
+        self, resource: str, tenant: str = "0", *, include_deleted: bool = False
+    ) -> dict[str, MirroredObject]:
+        """key -> row for one resource of one tenant; tombstones only with ``include_deleted``."""
+        engine = self._live("objects")
+        query = select(objects_table).where(_O.tenant == tenant, _O.resource == resource)
+        if not include_deleted:
+            query = query.where(~_O.deleted)
+        with self._errors("objects"):
+            async with _maybe(self._read_lock), engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        return {
+            row.key: MirroredObject(row.key, (int(row.version_s), int(row.version_i)), bool(row.deleted),
+                                    row.data, row.event_id, float(row.updated_at))
+            for row in rows
+        }
+
+    # --- errors ------------------------------------------------------------------------------------------
+
+    def _live(self, operation: str, events: Sequence[Event] = ()) -> AsyncEngine:
+        if self._engine is None:
+            raise SinkUnavailable(f"mirror sink {self.name!r} is not open", sink=self.name,
+                                  operation=operation, backend=self.backend, events=len(events))
+        return self._engine
+
+    @contextmanager
+    def _errors(self, operation: str, batch: Sequence[Event] = ()) -> Iterator[None]:
+        """Every failure leaves as SinkUnavailable (retry the batch) or SinkRejected (the data is refused)."""
+        try:
+            yield
+        except (SQLAlchemyError, OSError, TimeoutError, TypeError, ValueError, OverflowError) as exc:
+            fields = {"sink": self.name, "operation": operation, "backend": self.backend, "events": len(batch)}
+            if operation == "apply" and _rejected(exc):
+                ids = (batch[0].id,) if len(batch) == 1 else ()
+                raise SinkRejected(f"mirror refused the batch: {_describe(exc)}", event_ids=ids, **fields) from exc
+            if not isinstance(exc, SQLAlchemyError | OSError | TimeoutError):
+                raise  # a programming error outside apply's data: not the database's doing
+            raise SinkUnavailable(f"mirror {operation} failed: {_describe(exc)}", **fields) from exc
+
+
+class MirrorUrlError(ConfigError, ValueError):
+    """The mirror URL names no backend rwatch has (``sqlite:///path`` or ``postgresql://...``)."""
+
+
+def _engine_url(url: str, key: str) -> URL:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise MirrorUrlError(f"{mask_url(url)!r} is not a URL (use sqlite:///path or postgresql://...)",
+                             key=key) from None
+    scheme, _, driver = parsed.drivername.partition("+")
+    if scheme == "sqlite" and driver in ("", "aiosqlite"):
+        return parsed.set(drivername="sqlite+aiosqlite")
+    if scheme in ("postgresql", "postgres") and driver in ("", "asyncpg"):
+        return parsed.set(drivername="postgresql+asyncpg")
+    raise MirrorUrlError(f"unsupported mirror URL scheme {parsed.drivername!r} (use sqlite:///path or "
+                         "postgresql://...)", key=key)

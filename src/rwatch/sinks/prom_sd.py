@@ -1,0 +1,308 @@
+"""prom_sd: Prometheus service discovery computed from a mirror's topology.
+
+prom_sd has no queues: its mirror calls it after every committed apply, and it re-reads the mirror's topology
+(debounced), renders one target group per (job, host), and publishes the result twice: as a file_sd file,
+replaced atomically (Prometheus re-reads it on inotify and must never see half of it), and as the http_sd
+answer of ``GET /sd`` (the same bytes, kept in memory). Identical topology gives identical bytes, and
+unchanged content is not rewritten.
+
+Mounting: ``sd_routes(sinks)`` gives ``/sd`` for the first prom_sd sink and ``/sd/<name>`` for each; pass
+the result to ``serve_http(..., routes=...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypedDict
+
+import orjson
+from aiohttp import web
+
+from rwatch.logs import get_logger
+from rwatch.metrics import PROM_SD_RENDER_ERRORS, PROM_SD_RENDERS, PROM_SD_TARGETS
+
+if TYPE_CHECKING:
+    from rwatch.config import PromJob, PromSdSinkConfig
+    from rwatch.events import Event
+    from rwatch.http import Handler
+    from rwatch.sinks.base import TopologyRow
+
+DEBOUNCE_SECONDS = 1.0
+RETRY_MAX_SECONDS = 30.0
+EMPTY = b"[]\n"
+# Prometheus runs as another user more often than not: the file must be readable by it (mkstemp makes 0600).
+FILE_MODE = 0o644
+
+
+class TopologySource(Protocol):
+    """What prom_sd needs of its mirror."""
+
+    def add_listener(self, callback: Callable[[], None]) -> None: ...
+
+    async def topology(self, tenant: str | None = None) -> list[TopologyRow]: ...
+
+
+class TargetGroup(TypedDict):
+    targets: list[str]
+    labels: dict[str, str]
+
+
+# --- rendering (pure) -----------------------------------------------------------------------------------
+
+
+class _Matcher:
+    """One of a job's biz / set / module lists: ints match ids, strings match names (or ids written as text)."""
+
+    def __init__(self, values: Sequence[str | int]) -> None:
+        self.everything = not values
+        self.ids = {v for v in values if isinstance(v, int)}
+        self.names = {v for v in values if isinstance(v, str)}
+
+    def __call__(self, ident: int | None, name: str | None) -> bool:
+        if self.everything:
+            return True
+        if ident is not None and (ident in self.ids or str(ident) in self.names):
+            return True
+        return name is not None and name in self.names
+
+
+def _first_ip(value: str | None) -> str | None:
+    """CMDB keeps several inner IPs comma-separated; the first one is the host's address."""
+    for part in (value or "").split(","):
+        ip = part.strip()
+        if ip:
+            return f"[{ip}]" if ":" in ip else ip
+    return None
+
+
+def _joined(values: Iterable[object]) -> str:
+    """Distinct non-empty values in first-seen order, joined with ','; '' when there are none."""
+    seen: dict[str, None] = {}
+    for value in values:
+        if value is not None and value != "":
+            seen.setdefault(str(value), None)
+    return ",".join(seen)
+
+
+def _first(values: Iterable[object]) -> str:
+    return next((str(v) for v in values if v is not None and v != ""), "")
+
+
+def render_groups(jobs: Sequence[PromJob], rows: Iterable[TopologyRow]) -> tuple[list[TargetGroup], int]:
+    """The target groups, ordered by job (config order) then host, and how many hosts had no inner IP.
+
+    A host in several matching modules gives one group whose biz / set / module labels join the distinct
+    values (ordered by module id), so one target is scraped once per job.
+    """
+    ordered = sorted(rows, key=lambda r: (r.bk_host_id, r.tenant, r.bk_module_id))
+    groups: list[TargetGroup] = []
+    no_ip: set[tuple[str, int]] = set()
+    for job in jobs:
+        biz, set_, module = _Matcher(job.biz), _Matcher(job.set), _Matcher(job.module)
+        hosts: dict[tuple[int, str], list[TopologyRow]] = {}
+        for row in ordered:
+            if (biz(row.bk_biz_id, row.bk_biz_name) and set_(row.bk_set_id, row.bk_set_name)
+                    and module(row.bk_module_id, row.bk_module_name)):
+                hosts.setdefault((row.bk_host_id, row.tenant), []).append(row)
+        for (host_id, tenant), host_rows in hosts.items():
+            ip = next((ip for r in host_rows if (ip := _first_ip(r.bk_host_innerip))), None)
+            if ip is None:
+                no_ip.add((tenant, host_id))
+                continue
+            labels = {
+                "job": job.name,
+                "bk_biz_id": _joined(r.bk_biz_id for r in host_rows),
+                "bk_biz_name": _joined(r.bk_biz_name for r in host_rows),
+                "bk_set_id": _joined(r.bk_set_id for r in host_rows),
+                "bk_set_name": _joined(r.bk_set_name for r in host_rows),
+                "bk_module_id": _joined(r.bk_module_id for r in host_rows),
+                "bk_module_name": _joined(r.bk_module_name for r in host_rows),
+                "bk_host_id": str(host_id),
+                "bk_host_name": _first(r.bk_host_name for r in host_rows),
+                "bk_cloud_id": _first(r.bk_cloud_id for r in host_rows),
+                "tenant": tenant,
+            }
+            groups.append({"targets": [f"{ip}:{job.port}"], "labels": labels})
+    return groups, len(no_ip)
+
+
+def encode(groups: Sequence[TargetGroup]) -> bytes:
+    """file_sd JSON, one group a line: compact, yet an operator can grep for a host."""
+    if not groups:
+        return EMPTY
+    return b"[\n" + b",\n".join(orjson.dumps(g) for g in groups) + b"\n]\n"
+
+
+def _render(jobs: Sequence[PromJob], rows: list[TopologyRow]) -> tuple[bytes, int, int]:
+    groups, no_ip = render_groups(jobs, rows)
+    return encode(groups), len(groups), no_ip
+
+
+def replace_file(path: Path, content: bytes, *, compare: bool = False) -> bool:
+    """Atomically make ``path`` hold ``content``; False when ``compare`` found it already did.
+
+    Temp file in the same directory (os.replace is atomic only within one file system), fsynced before the
+    rename and the directory fsynced after it, so a crash leaves the old file or the new one, never a mix.
+    """
+    if compare:
+        with contextlib.suppress(OSError):
+            if path.read_bytes() == content:
+                return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(content)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return True
+
+
+# --- the sink -------------------------------------------------------------------------------------------
+
+
+class PromSdSink:
+    """A Sink fed by its mirror's listener, not by queues: ``apply`` does nothing."""
+
+    def __init__(self, name: str, settings: PromSdSinkConfig, source: TopologySource, *,
+                 debounce: float = DEBOUNCE_SECONDS) -> None:
+        self.name = name
+        self._jobs = list(settings.jobs)
+        self._path = Path(settings.file) if settings.file else None
+        self._source = source
+        self._debounce = debounce
+        self._content = EMPTY
+        self._written: bytes | None = None
+        self._dirty = False
+        self._failures = 0
+        self._wake = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._rendering = asyncio.Lock()  # one render at a time: an older one must not land after a newer one
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._log = get_logger("rwatch.sinks.prom_sd", sink=name)
+        self._targets = PROM_SD_TARGETS.labels(name)
+        self._renders = PROM_SD_RENDERS.labels(name)
+        self._errors = PROM_SD_RENDER_ERRORS.labels(name)
+
+    @property
+    def content(self) -> bytes:
+        """The latest rendered file_sd JSON (``[]`` before the first render): what ``/sd`` answers."""
+        return self._content
+
+    async def open(self) -> None:
+        # Listener first: a commit during the first render marks it dirty, and the debouncer renders again.
+        self._loop = asyncio.get_running_loop()
+        self._source.add_listener(self._on_change)
+        await self.render_once()
+        self._task = asyncio.create_task(self._run(), name=f"prom_sd:{self.name}")
+
+    async def apply(self, events: Sequence[Event]) -> None:
+        """Nothing to do: prom_sd is a projection of its mirror, which calls ``_on_change`` after commits."""
+
+    async def close(self) -> None:
+        self._closing.set()
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        if self._dirty:
+            await self.render_once()
+
+    async def handle_sd(self, _: web.Request) -> web.Response:
+        """http_sd: Prometheus wants 200 and application/json with the whole list."""
+        return web.Response(body=self._content, content_type="application/json")
+
+    def _on_change(self) -> None:
+        # The mirror commits on the loop; should it ever call from a thread, hop onto the loop.
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if self._loop is None or running is self._loop:
+            self._mark_dirty()
+        else:
+            self._loop.call_soon_threadsafe(self._mark_dirty)
+
+    def _mark_dirty(self) -> None:
+        self._dirty = True
+        self._wake.set()
+
+    async def _run(self) -> None:
+        """Render on change, at most once per ``debounce``: changes during a render or the pause after it
+        only set the flag, so a burst costs a render at its start and one after its end."""
+        while True:
+            retry_in = min(RETRY_MAX_SECONDS, self._debounce * 2 ** self._failures) if self._failures else None
+            try:
+                await asyncio.wait_for(self._wake.wait(), retry_in)
+            except TimeoutError:
+                self._dirty = True  # the last render failed and nothing changed since: try it again
+            if self._closing.is_set():
+                return
+            self._wake.clear()
+            if not self._dirty:
+                continue
+            await self.render_once()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self._debounce)
+
+    async def render_once(self) -> bool:
+        """Read the topology and publish it; False (logged, counted, retried later) when that failed."""
+        async with self._rendering:
+            return await self._render_locked()
+
+    async def _render_locked(self) -> bool:
+        self._dirty = False
+        self._renders.inc()
+        try:
+            rows = await self._source.topology()
+            # Grouping and encoding 100k rows takes a while: off the loop, so /healthz keeps answering.
+            content, targets, no_ip = await asyncio.to_thread(_render, self._jobs, rows)
+        except Exception as exc:
+            return self._failed("prom_sd_topology_failed", exc)
+        self._content = content
+        self._targets.set(targets)
+        if self._path is not None and content != self._written:
+            try:
+                # After a restart compare with what is on disk: an unchanged file is not touched.
+                wrote = await asyncio.to_thread(replace_file, self._path, content, compare=self._written is None)
+            except OSError as exc:
+                return self._failed("prom_sd_write_failed", exc)
+            self._written = content
+            if wrote:
+                self._log.info("prom_sd_written", path=str(self._path), targets=targets, no_ip=no_ip,
+                               bytes=len(content))
+        self._failures = 0
+        return True
+
+    def _failed(self, what: str, exc: Exception) -> bool:
+        self._failures += 1
+        self._errors.inc()
+        self._log.error(what, error=repr(exc), failures=self._failures, path=str(self._path or ""))
+        return False
+
+
+def sd_routes(sinks: Sequence[PromSdSink]) -> list[tuple[str, Handler]]:
+    """``/sd`` for the first prom_sd sink, ``/sd/<name>`` for every one: give these to ``serve_http``."""
+    routes: list[tuple[str, Handler]] = []
+    for sink in sinks:
+        if not routes:
+            routes.append(("/sd", sink.handle_sd))
+        routes.append((f"/sd/{sink.name}", sink.handle_sd))
+    return routes
