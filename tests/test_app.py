@@ -57,11 +57,19 @@ async def test_supervise_ends_when_stopping() -> None:
     assert not called
 
 
-async def test_memory_bus_is_refused_until_the_sinks_exist() -> None:
-    cfg = load_config(None, environ={"RWATCH_BUS__KIND": "memory"})
+@pytest.mark.parametrize(("env", "role", "key"), [
+    ({"RWATCH_BUS__KIND": "memory"}, "watcher", "bus.kind"),
+    ({"RWATCH_BUS__KIND": "memory"}, "consumer", "bus.kind"),
+    ({"RWATCH_BUS__KIND": "memory", "RWATCH_SINKS__M__KIND": "mirror", "RWATCH_SINKS__M__ENABLED": "false"},
+     "all", "sinks"),
+])
+async def test_memory_bus_needs_one_process_with_sinks(env: dict[str, str], role: str, key: str,
+                                                      tmp_path: Path) -> None:
+    (tmp_path / "empty.toml").write_text("")
+    cfg = load_config(tmp_path / "empty.toml", environ=env)
     with pytest.raises(ConfigError) as info:
-        await run_async(cfg, asyncio.Event())
-    assert info.value.key == "bus.kind"
+        await run_async(cfg, asyncio.Event(), role=role)  # type: ignore[arg-type]
+    assert info.value.key == key
 
 
 async def test_healthz_and_metrics(tmp_path: Path) -> None:

@@ -3,28 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal
 
 import structlog
 
 from rwatch import __version__
 from rwatch.bus import Bus, make_bus
+from rwatch.bus.memory import MemoryBus
 from rwatch.cmdb.client import CmdbClient
 from rwatch.config import Config
 from rwatch.errors import TRANSIENT_ERRORS, ConfigError, RwatchError
+from rwatch.events import Event
 from rwatch.http import serve_http
-from rwatch.metrics import TASK_CRASHES
+from rwatch.metrics import DEAD_LETTERS, TASK_CRASHES
 from rwatch.retry import HealthyResetWait, sleep_or_stop
+from rwatch.sinks.base import Sink, make_sink
+from rwatch.sinks.consumer import Applier, ConsumerGroup
+from rwatch.sinks.prom_sd import PromSdSink, sd_routes
 from rwatch.watch.cursors import CursorStore, open_store
 from rwatch.watch.watcher import Watcher
 
-Role = Literal["watcher", "all"]
+Role = Literal["watcher", "consumer", "all"]
 log = structlog.get_logger("rwatch.app")
 _STARTUP_RETRYABLE: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, RwatchError)
 
@@ -66,29 +72,42 @@ async def supervise(name: str, start: Callable[[], Awaitable[None]], stop: async
 
 async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
                     http_port: asyncio.Future[int] | None = None) -> None:
-    """Run until ``stop`` is set, then stop cleanly: watchers finish the batch in hand and save its cursor."""
-    if config.bus.kind == "memory":
-        raise ConfigError("bus.kind = 'memory' needs the consumer role's sinks, which this version "
-                          "does not run yet; use 'amqp'", key="bus.kind")
+    """Run until ``stop`` is set, then stop cleanly: watchers finish the batch in hand and save its cursor,
+    consumers finish the batch in hand and acknowledge it."""
+    memory = config.bus.kind == "memory"
+    if memory and role != "all":
+        raise ConfigError(f"bus.kind = 'memory' runs watchers and sinks in one process; --role {role} needs "
+                          "'amqp'", key="bus.kind")
+    if memory and not config.queue_sinks:
+        raise ConfigError("bus.kind = 'memory' needs at least one enabled sink to apply events to", key="sinks")
+    watching, consuming = role in ("watcher", "all"), role in ("consumer", "all")
     started = time.monotonic()
-    resources = config.watch.enabled
+    resources = config.watch.enabled if watching else []
     log.info("startup", version=__version__, role=role, resources=resources, bus=config.bus.kind,
-             sinks=config.enabled_sinks, store=config.store.url._display(), cmdb=config.cmdb.base_url,
-             api=config.cmdb.api, pid=os.getpid())
+             sinks=config.enabled_sinks if consuming else [], store=config.store.url._display(),
+             cmdb=config.cmdb.base_url, api=config.cmdb.api, pid=os.getpid())
     store: CursorStore = open_store(config.store.url.get_secret_value())
     # Named so an operator (or a test) can tell this process's connection apart in RabbitMQ.
     name = f"rwatch {role} {socket.gethostname()}:{os.getpid()} exchange={config.bus.exchange}"
     bus: Bus = make_bus(config, stop=stop, name=name)
+    sinks = make_sinks(config) if consuming else {}
     tasks: set[asyncio.Task[None]] = set()
 
     def alive() -> bool:
         return all(not t.done() or t.cancelled() for t in tasks) or stop.is_set()
 
     try:
-        if not await _until_up("store", store.open, stop) or not await _until_up("bus", bus.start, stop):
+        for sink in sinks.values():
+            if not await _until_up(f"sink:{sink.name}", sink.open, stop):
+                return
+        if isinstance(bus, MemoryBus):
+            subscribe_sinks(bus, config, sinks, stop)
+        if watching and (not await _until_up("store", store.open, stop) or not await _until_up("bus", bus.start, stop)):
             return
         async with CmdbClient(config.cmdb) as client, asyncio.TaskGroup() as group:
-            tasks.add(group.create_task(serve_http(config.http.listen, alive, stop, http_port), name="http"))
+            prom = [s for s in sinks.values() if isinstance(s, PromSdSink)]
+            http = serve_http(config.http.listen, alive, stop, http_port, routes=sd_routes(prom))
+            tasks.add(group.create_task(http, name="http"))
             for resource in resources:
                 def start(resource: str = resource) -> Awaitable[None]:
                     return Watcher(
@@ -96,12 +115,48 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
                         tenant=config.cmdb.tenant, client=client, bus=bus, store=store, stop=stop,
                     ).run()
 
-                name = f"watch:{resource}"
-                tasks.add(group.create_task(supervise(name, start, stop), name=name))
+                task_name = f"watch:{resource}"
+                tasks.add(group.create_task(supervise(task_name, start, stop), name=task_name))
+            if consuming and not memory and config.queue_sinks:
+                consumers = ConsumerGroup(config, sinks, stop, name=name)
+                tasks.add(group.create_task(supervise("consumers", consumers.run, stop), name="consumers"))
     finally:
         await bus.close()
         await store.close()
+        for sink in reversed(list(sinks.values())):
+            with contextlib.suppress(Exception):
+                await sink.close()
         log.info("shutdown", uptime_s=round(time.monotonic() - started, 1))
+
+
+def make_sinks(config: Config) -> dict[str, Sink]:
+    """Every enabled sink, mirrors first: a prom_sd sink is built on its mirror."""
+    order = sorted(config.enabled_sinks, key=lambda n: config.sinks[n].kind == "prom_sd")
+    sinks: dict[str, Sink] = {}
+    for sink_name in order:
+        sinks[sink_name] = make_sink(sink_name, config, sinks)
+    return sinks
+
+
+def subscribe_sinks(bus: MemoryBus, config: Config, sinks: dict[str, Sink], stop: asyncio.Event) -> None:
+    """With the memory bus, a batch is durable once every sink applied it: the watcher then saves its cursor."""
+
+    for sink_name in config.queue_sinks:
+
+        async def dead_letter(event: Event, reason: str, fields: dict[str, object], sink: str = sink_name) -> None:
+            # No broker, no dead-letter queue: the refused event is logged whole, so nothing vanishes unseen.
+            DEAD_LETTERS.labels(sink, event.resource).inc()
+            log.error("event_dead_lettered", **{**fields, "sink": sink, "reason": reason, "event": event.to_dict()})
+
+        appliers = {
+            resource: Applier(sinks[sink_name], resource, stop, dead_letter)
+            for resource in config.sink_resources(sink_name)
+        }
+
+        async def handler(events: Sequence[Event], appliers: dict[str, Applier] = appliers) -> None:
+            await appliers[events[0].resource].apply(events)
+
+        bus.subscribe(sink_name, appliers, handler)
 
 
 def run(config: Config, *, role: Role = "all") -> None:

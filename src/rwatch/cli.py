@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import tomli_w
 import typer
@@ -12,6 +13,8 @@ import typer
 from rwatch import __version__
 from rwatch.config import Config, load_config
 from rwatch.errors import ConfigError
+
+T = TypeVar("T")
 
 app = typer.Typer(
     add_completion=False,
@@ -38,19 +41,22 @@ def _load(path: Path | None) -> Config:
 @app.command()
 def run(
     config: ConfigOption = None,
-    role: Annotated[str, typer.Option(help="watcher (CMDB -> bus) or all")] = "all",
+    role: Annotated[str, typer.Option(help="watcher (CMDB -> bus), consumer (bus -> sinks) or all")] = "all",
 ) -> None:
     """Run the daemon."""
     from rwatch.app import run as run_daemon
     from rwatch.logs import setup_logging
 
-    if role not in ("watcher", "all"):
-        typer.echo(f"rwatch: --role {role!r}: choose watcher or all", err=True)
+    if role not in ("watcher", "consumer", "all"):
+        typer.echo(f"rwatch: --role {role!r}: choose watcher, consumer or all", err=True)
         raise typer.Exit(2)
     cfg = _load(config)
-    setup_logging(cfg.log.level, cfg.log.format)
+    # A jsonl sink on stdout owns stdout: the logs move to stderr so the two streams never interleave.
+    events_on_stdout = any(s.kind == "jsonl" and s.enabled and getattr(s, "path", None) == "-"
+                           for s in cfg.sinks.values())
+    setup_logging(cfg.log.level, cfg.log.format, sys.stderr if events_on_stdout else None)
     try:
-        run_daemon(cfg, role="watcher" if role == "watcher" else "all")
+        run_daemon(cfg, role="watcher" if role == "watcher" else "consumer" if role == "consumer" else "all")
     except ConfigError as exc:
         typer.echo(f"rwatch: bad configuration: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -167,6 +173,56 @@ def health(
         typer.echo(f"rwatch: {url}: {exc}", err=True)
         raise typer.Exit(1) from None
     raise typer.Exit(0 if ok else 1)
+
+
+dlq_app = typer.Typer(help="Dead letters: events a sink refused for good.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+
+@dlq_app.command("list")
+def dlq_list(
+    config: ConfigOption = None,
+    sink: Annotated[str | None, typer.Option(help="only this sink")] = None,
+    limit: Annotated[int, typer.Option(help="show at most this many")] = 1000,
+) -> None:
+    """List dead letters (they stay in their queue)."""
+    import asyncio
+
+    from rwatch.sinks.dlq import list_dead
+
+    cfg = _load(config)
+    letters = _dlq_call(lambda: asyncio.run(list_dead(cfg, sink, limit)))
+    typer.echo(f"{'sink':<12} {'resource':<16} {'action':<7} {'failed at':<27} {'event id':<16} reason")
+    for d in letters:
+        typer.echo(f"{d.sink:<12} {d.resource:<16} {d.action:<7} {d.failed_at:<27} {d.event_id[:16]:<16} {d.reason}")
+    typer.echo(f"{len(letters)} dead letter(s)")
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    config: ConfigOption = None,
+    sink: Annotated[str | None, typer.Option(help="only this sink")] = None,
+    resource: Annotated[str | None, typer.Option(help="only this resource")] = None,
+) -> None:
+    """Move dead letters back to their sink's queue, to be applied again."""
+    import asyncio
+
+    from rwatch.sinks.dlq import replay
+
+    cfg = _load(config)
+    moved = _dlq_call(lambda: asyncio.run(replay(cfg, sink, resource)))
+    typer.echo(f"replayed {moved} dead letter(s)")
+
+
+def _dlq_call(call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except ValueError as exc:
+        typer.echo(f"rwatch dlq: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except (OSError, ConnectionError) as exc:
+        typer.echo(f"rwatch dlq: cannot reach the broker: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -41,6 +41,8 @@ class Setup:
     store_url: str = ""
     hold: float = 1.0
     bootstrap: str = "now"
+    bus: str = "amqp"
+    mirror_url: str = ""
     extra: str = ""
     path: Path = field(init=False)
 
@@ -75,6 +77,7 @@ lookback = "5m"
 retention = "3h"
 {"".join(tables)}
 [bus]
+kind = "{self.bus}"
 url = "{self.amqp_url}"
 exchange = "{self.exchange}"
 queue_prefix = "{self.prefix}"
@@ -82,7 +85,7 @@ queue_prefix = "{self.prefix}"
 url = "{self.store_url}"
 [sinks.{SINK}]
 kind = "mirror"
-url = "sqlite:///{self.tmp}/mirror-{self.unique}.db"
+url = "{self.mirror_url or f'sqlite:///{self.tmp}/mirror-{self.unique}.db'}"
 [http]
 listen = "127.0.0.1:0"
 [log]

@@ -1,0 +1,292 @@
+"""Consumers: queue -> batch -> Sink.apply -> ack, and the retry and isolation rules shared by both buses.
+
+``Applier`` owns what happens to a batch: transient sink failures retry it with backoff while holding it;
+a permanent refusal dead-letters exactly the refused events (finding them one by one when the sink cannot
+name them) and lets the rest apply. ``QueueConsumer`` feeds it from one ``<prefix>.<sink>.<resource>``
+queue and acknowledges the whole batch (``multiple``) only after it applied; ``ConsumerGroup`` runs every
+consumer of the process over one connection and starts them again when the connection is lost.
+
+Memory bound (invariant 5): a consumer holds at most ``bus.prefetch`` unacknowledged messages (the
+broker sends no more), so the process holds at most prefetch x queues messages, whatever the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import orjson
+import structlog
+from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage
+from pydantic import ValidationError
+
+from rwatch import metrics as m
+from rwatch.bus import Backoff
+from rwatch.bus.amqp import dead_queue_name, declare_topology, dlx_name, queue_name
+from rwatch.config import Config
+from rwatch.errors import TRANSIENT_ERRORS, PermanentError, RwatchError, SinkRejected, Stopping
+from rwatch.events import Event
+from rwatch.retry import HealthyResetWait, sleep_or_stop
+from rwatch.sinks.base import Sink
+
+log = structlog.get_logger("rwatch.consume")
+
+_BROKER_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, aio_pika.exceptions.AMQPError)
+DeadLetter = Callable[[Event, str, dict[str, Any]], Awaitable[None]]
+
+
+class Applier:
+    """Applies batches of one resource to one sink until each event is applied or dead-lettered."""
+
+    def __init__(self, sink: Sink, resource: str, stop: asyncio.Event, dead_letter: DeadLetter) -> None:
+        self.sink = sink
+        self.resource = resource
+        self.stop = stop
+        self.dead_letter = dead_letter
+        self.backoff = HealthyResetWait(initial=0.2, maximum=30.0)
+        self.log = log.bind(sink=sink.name, resource=resource)
+
+    async def apply(self, events: Sequence[Event]) -> None:
+        """Return once every event is applied or dead-lettered; ``Stopping`` if asked to stop first."""
+        if not events:
+            return
+        started = time.perf_counter()
+        try:
+            await self._retrying(events)
+        except SinkRejected as exc:
+            if exc.event_ids:
+                refused = set(exc.event_ids)
+                for event in events:
+                    if event.id in refused:
+                        await self.dead_letter(event, exc.message, exc.fields())
+                self._count(e for e in events if e.id not in refused)
+            else:
+                await self._one_by_one(events)
+            return
+        m.APPLY_SECONDS.labels(self.sink.name).observe(time.perf_counter() - started)
+        self._count(events)
+
+    async def _retrying(self, events: Sequence[Event]) -> None:
+        while True:
+            try:
+                await self.sink.apply(events)
+                return
+            except SinkRejected:
+                raise
+            except PermanentError as exc:
+                raise SinkRejected(exc.message, **exc.extra) from exc
+            except TRANSIENT_ERRORS as exc:
+                delay = self.backoff.next_delay()
+                m.APPLY_RETRIES.labels(self.sink.name).inc()
+                fields = exc.fields() if isinstance(exc, RwatchError) else {"error": repr(exc)}
+                self.log.warning("sink_apply_failed", **{**fields, "events": len(events),
+                                                          "retry_in": round(delay, 2)})
+                if await sleep_or_stop(delay, self.stop):
+                    raise Stopping("stopping while the sink is failing") from exc
+
+    async def _one_by_one(self, events: Sequence[Event]) -> None:
+        """The sink refused the batch without saying which event: apply each alone to find out."""
+        applied = []
+        for event in events:
+            try:
+                await self._retrying([event])
+            except SinkRejected as exc:
+                await self.dead_letter(event, exc.message, exc.fields())
+                continue
+            applied.append(event)
+        self._count(applied)
+
+    def _count(self, events: Any) -> None:
+        counts: dict[str, int] = {}
+        for event in events:
+            counts[event.action] = counts.get(event.action, 0) + 1
+        for action, n in counts.items():
+            m.EVENTS_APPLIED.labels(self.sink.name, self.resource, action).inc(n)
+
+
+class QueueConsumer:
+    """One ``<prefix>.<sink>.<resource>`` queue: batches of up to ``batch_max`` events or ``batch_wait``."""
+
+    def __init__(self, config: Config, sink: Sink, resource: str, stop: asyncio.Event) -> None:
+        settings = config.sinks[sink.name]
+        self.config = config
+        self.sink = sink
+        self.resource = resource
+        self.stop = stop
+        self.queue = queue_name(config, sink.name, resource)
+        self.batch_max: int = getattr(settings, "batch_max", 500)
+        self.batch_wait: float = getattr(settings, "batch_wait", 0.05)
+        self.log = log.bind(sink=sink.name, resource=resource)
+        self._dlx: AbstractExchange | None = None
+        self._applier = Applier(sink, resource, stop, self._dead_letter)
+
+    async def run(self, connection: AbstractConnection) -> None:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            await channel.set_qos(prefetch_count=self.config.bus.prefetch)
+            self._dlx = await channel.get_exchange(dlx_name(self.config), ensure=False)
+            queue = await channel.get_queue(self.queue, ensure=False)
+            # Bounded by prefetch: the broker sends no more than that many unacknowledged messages.
+            inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+            await queue.consume(inbox.put, no_ack=False)
+            while not self.stop.is_set():
+                batch = await self._collect(inbox)
+                if batch:
+                    await self._handle(batch)
+        except Stopping:
+            pass
+        finally:
+            # Unacknowledged messages go back to the queue with the channel: nothing is lost, at most replayed.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), 5)
+
+    async def _collect(self, inbox: asyncio.Queue[AbstractIncomingMessage]) -> list[AbstractIncomingMessage]:
+        getter = asyncio.ensure_future(inbox.get())
+        stopper = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if not getter.done():
+            getter.cancel()
+            return []
+        batch = [getter.result()]
+        deadline = time.monotonic() + self.batch_wait
+        while len(batch) < self.batch_max:
+            if not inbox.empty():
+                batch.append(inbox.get_nowait())
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(inbox.get(), left))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _handle(self, batch: list[AbstractIncomingMessage]) -> None:
+        events: list[Event] = []
+        for message in batch:
+            event = await self._decode(message)
+            if event is not None:
+                events.append(event)
+        await self._applier.apply(events)
+        # One acknowledgement for the whole batch, after it applied: a crash before it replays the batch.
+        await batch[-1].ack(multiple=True)
+
+    async def _decode(self, message: AbstractIncomingMessage) -> Event | None:
+        try:
+            event = Event.from_json(message.body)
+        except ValidationError as exc:
+            reason = f"not a valid rwatch event: {exc.errors()[0]['msg']}"
+            await self._publish_dead(message.body, dict(message.headers or {}), reason, {})
+            return None
+        if event.resource != self.resource:
+            await self._publish_dead(message.body, dict(message.headers or {}),
+                                     f"event of {event.resource!r} in the {self.resource!r} queue", {})
+            return None
+        return event
+
+    async def _dead_letter(self, event: Event, reason: str, fields: dict[str, Any]) -> None:
+        headers = {"x-event-id": event.id, "x-resource": event.resource, "x-action": event.action}
+        await self._publish_dead(event.to_json(), headers, reason, fields)
+
+    async def _publish_dead(self, body: bytes, headers: dict[str, Any], reason: str,
+                            fields: dict[str, Any]) -> None:
+        """Into ``<prefix>.<sink>.dead`` with the reason in a header; confirmed before the batch is acked."""
+        assert self._dlx is not None
+        m.DEAD_LETTERS.labels(self.sink.name, self.resource).inc()
+        self.log.error("event_dead_lettered", reason=reason, event_id=headers.get("x-event-id"),
+                       error_type=fields.get("error_type"))
+        message = aio_pika.Message(
+            body, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers={**headers, "x-rwatch-reason": reason[:1000], "x-rwatch-sink": self.sink.name,
+                     "x-rwatch-queue": self.queue,
+                     "x-rwatch-failed-at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                     "x-rwatch-error": orjson.dumps(fields, default=str).decode()[:2000]},
+        )
+        await self._dlx.publish(message, routing_key=dead_queue_name(self.config, self.sink.name),
+                                mandatory=True, timeout=self.config.bus.publish_timeout)
+
+
+class ConsumerGroup:
+    """Every consumer of this process on one connection; a lost connection restarts them all."""
+
+    def __init__(self, config: Config, sinks: dict[str, Sink], stop: asyncio.Event, name: str = "rwatch") -> None:
+        self.config = config
+        self.stop = stop
+        self.name = name
+        self.consumers = [
+            QueueConsumer(config, sinks[sink], resource, stop)
+            for sink in config.queue_sinks for resource in config.sink_resources(sink)
+        ]
+        self.connected = False
+
+    async def run(self) -> None:
+        backoff = Backoff(self.stop)
+        while not self.stop.is_set():
+            lost = asyncio.Event()
+            try:
+                connection = await aio_pika.connect(self.config.bus.url.get_secret_value(),
+                                                    client_properties={"connection_name": self.name})
+            except _BROKER_ERRORS as exc:
+                log.warning("consumer_connect_failed", error=repr(exc), attempt=backoff.attempt + 1)
+                try:
+                    await backoff.pause()
+                except Stopping:
+                    return
+                continue
+            connection.close_callbacks.add(lambda *_, lost=lost: lost.set())
+            try:
+                async with connection.channel() as channel:
+                    await declare_topology(channel, self.config)
+                backoff.reset()
+                self.connected = True
+                m.CONSUMER_CONNECTED.set(1)
+                log.info("consumers_started", queues=[c.queue for c in self.consumers])
+                await self._run_until_lost(connection, lost)
+            except _BROKER_ERRORS as exc:
+                log.warning("consumer_connection_lost", error=repr(exc))
+            finally:
+                self.connected = False
+                m.CONSUMER_CONNECTED.set(0)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(connection.close(), 5)
+            if not self.stop.is_set():
+                try:
+                    await backoff.pause()
+                except Stopping:
+                    return
+
+    async def _run_until_lost(self, connection: AbstractConnection, lost: asyncio.Event) -> None:
+        tasks = [asyncio.create_task(c.run(connection), name=f"consume:{c.queue}") for c in self.consumers]
+        watcher = asyncio.create_task(_first(self.stop, lost))
+        try:
+            done, _ = await asyncio.wait({*tasks, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not watcher and not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            if self.stop.is_set():
+                # Let every consumer finish the batch in hand and acknowledge it.
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            watcher.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, watcher, return_exceptions=True)
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
