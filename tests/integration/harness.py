@@ -43,6 +43,7 @@ class Setup:
     bootstrap: str = "now"
     bus: str = "amqp"
     mirror_url: str = ""
+    prefetch: int = 256
     extra: str = ""
     path: Path = field(init=False)
 
@@ -59,8 +60,8 @@ class Setup:
     def prefix(self) -> str:
         return f"rw-{self.unique}"
 
-    def queue(self, resource: str) -> str:
-        return f"{self.prefix}.{SINK}.{resource}"
+    def queue(self, resource: str, sink: str = SINK) -> str:
+        return f"{self.prefix}.{sink}.{resource}"
 
     def write(self) -> None:
         tables = []
@@ -81,6 +82,7 @@ kind = "{self.bus}"
 url = "{self.amqp_url}"
 exchange = "{self.exchange}"
 queue_prefix = "{self.prefix}"
+prefetch = {self.prefetch}
 [store]
 url = "{self.store_url}"
 [sinks.{SINK}]
@@ -170,12 +172,14 @@ class QueueReader:
 
 
 async def delete_topology(setup: Setup) -> None:
+    config = setup.config()
     conn = await aio_pika.connect(setup.amqp_url)
     try:
         channel = await conn.channel()
-        for res in setup.resources:
-            await channel.queue_delete(setup.queue(res))
-        await channel.queue_delete(f"{setup.prefix}.{SINK}.dead")
+        for sink in config.queue_sinks:
+            for res in config.sink_resources(sink):
+                await channel.queue_delete(setup.queue(res, sink))
+            await channel.queue_delete(f"{setup.prefix}.{sink}.dead")
         await channel.exchange_delete(setup.exchange)
         await channel.exchange_delete(f"{setup.prefix}.dlx")
     finally:
@@ -196,11 +200,12 @@ async def reading(setup: Setup) -> AsyncIterator[QueueReader]:
 class Daemon:
     """``rwatch run --role watcher`` as a child process, the way an operator runs it."""
 
-    def __init__(self, setup: Setup, env: dict[str, str] | None = None) -> None:
+    def __init__(self, setup: Setup, env: dict[str, str] | None = None, role: str = "watcher") -> None:
         self.setup = setup
         self.env = env or {}
+        self.role = role
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log = setup.tmp / f"rwatch-{setup.unique}.log"
+        self.log = setup.tmp / f"rwatch-{setup.unique}-{role}.log"
 
     def start(self, env: dict[str, str] | None = None) -> None:
         # Only this start's fail points apply; nothing leaks in from the test runner's environment.
@@ -209,7 +214,7 @@ class Daemon:
         full.update(env or {})
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rwatch", "run", "--role", "watcher", "--config", str(self.setup.path)],
+                [sys.executable, "-m", "rwatch", "run", "--role", self.role, "--config", str(self.setup.path)],
                 stdout=out, stderr=subprocess.STDOUT, env=full,
             )
 
@@ -341,3 +346,74 @@ async def close_connections(match: Callable[[str], bool]) -> int:
             await rabbitmqctl("-q", "close_connection", pid, "rwatch test: connection dropped on purpose")
             closed += 1
     return closed
+
+
+# --- a webhook receiver, as a downstream team would write one ----------------------------------------------
+
+
+class Receiver:
+    """Verifies each delivery's signature (standardwebhooks), dedupes by webhook-id, keeps per object the
+    newest version: the "effect" of the stream. ``refuse`` picks a status for an event; ``gate`` stalls."""
+
+    SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+    def __init__(self) -> None:
+        from standardwebhooks import Webhook
+
+        self.webhook = Webhook(self.SECRET)
+        self.deliveries: list[str] = []  # webhook-id of every accepted request, duplicates included
+        self.state: dict[tuple[str, str], tuple[list[int], bool, Any]] = {}
+        self.refuse: Callable[[dict[str, Any]], int | None] = lambda event: None
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.changed = asyncio.Event()
+        self.url = ""
+        self._runner: Any = None
+
+    async def __aenter__(self) -> Receiver:
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_post("/hook", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/hook"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.gate.set()
+        await self._runner.cleanup()
+
+    async def _handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        body = await request.read()
+        event = self.webhook.verify(body, dict(request.headers))  # raises on a bad signature: a 500 here
+        await self.gate.wait()
+        status = self.refuse(event)
+        if status is not None:
+            return web.Response(status=status, text="refused by the test")
+        self.deliveries.append(request.headers["webhook-id"])
+        key = (event["resource"], event["key"])
+        held = self.state.get(key)
+        if held is None or event["version"] > held[0]:  # version-fenced, as the README asks receivers to be
+            self.state[key] = (event["version"], event["action"] == "delete", event["data"])
+        self.changed.set()
+        return web.Response(status=204)
+
+    def live(self, resource: str) -> dict[str, Any]:
+        return {k: data for (res, k), (_, deleted, data) in self.state.items() if res == resource and not deleted}
+
+    async def wait(self, done: Callable[[], bool], timeout: float = 60) -> None:
+        async with asyncio.timeout(timeout):
+            while not done():
+                self.changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.changed.wait(), 1.0)
+
+    def sink_toml(self, name: str = "hook", **extra: Any) -> str:
+        lines = [f"[sinks.{name}]", 'kind = "webhook"', f'url = "{self.url}"', f'secret = "{self.SECRET}"']
+        lines += [f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in extra.items()]
+        return "\n".join(lines) + "\n"
