@@ -11,6 +11,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -76,6 +77,17 @@ def pg_url(pg_server_url: str, unique: str) -> Iterator[str]:
         yield parts._replace(path=f"/{name}").geturl()
     finally:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database on each SQL backend rwatch has: a SQLite file in a directory that does not exist yet (opening
+    must create it), then a fresh PostgreSQL database."""
+    # A sync fixture: pg_url runs its own event loop to create the database.
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/db/rwatch.db"
+    url: str = request.getfixturevalue("pg_url")
+    return url
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The mirror sink. One contract suite runs on both backends (the ``mirror_url`` fixture is parametrised over a
+"""The mirror sink. One contract suite runs on both backends (the ``db_url`` fixture is parametrised over a
 SQLite file and a fresh PostgreSQL database); backend-only behaviour (SQLite locking and pragmas,
 PostgreSQL connections dropping) follows it."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-import socket
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
@@ -25,26 +24,16 @@ from rwatch.events import Action, Event
 from rwatch.sinks.base import Sink, TopologyRow
 from rwatch.sinks.mirror import MirroredObject, MirrorSink
 from rwatch.sinks.mirror_schema import TOPOLOGY_VIEW
-
-BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+from tests.sql_helpers import assert_sqlite_pragmas, unreachable_pg_url
 
 
 def settings_for(url: str) -> MirrorSinkConfig:
     return MirrorSinkConfig(kind="mirror", url=SecretUrl(url))
 
 
-@pytest.fixture(params=BACKENDS)
-def mirror_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    # A sync fixture: pg_url runs its own event loop to create the database.
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/mirror/rwatch.db"  # the directory does not exist yet: open() makes it
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
 @pytest.fixture
-async def mirror(mirror_url: str) -> AsyncIterator[MirrorSink]:
-    async with MirrorSink("mirror", settings_for(mirror_url)) as opened:
+async def mirror(db_url: str) -> AsyncIterator[MirrorSink]:
+    async with MirrorSink("mirror", settings_for(db_url)) as opened:
         yield opened
 
 
@@ -262,8 +251,8 @@ async def test_postgres_refuses_nul_characters_for_good(pg_url: str) -> None:
                 await mirror.apply([event])
 
 
-async def test_a_closed_or_unopened_sink_is_unavailable(mirror_url: str) -> None:
-    mirror = MirrorSink("mirror", settings_for(mirror_url))
+async def test_a_closed_or_unopened_sink_is_unavailable(db_url: str) -> None:
+    mirror = MirrorSink("mirror", settings_for(db_url))
     for call in (mirror.apply([host(1, 1)]), mirror.topology(), mirror.objects("host")):
         with pytest.raises(SinkUnavailable, match="not open"):
             await call
@@ -276,10 +265,7 @@ async def test_a_closed_or_unopened_sink_is_unavailable(mirror_url: str) -> None
 
 
 async def test_an_unreachable_postgres_is_unavailable() -> None:
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mirror = MirrorSink("mirror", settings_for(f"postgresql://postgres@127.0.0.1:{port}/test"), timeout=5)
+    mirror = MirrorSink("mirror", settings_for(unreachable_pg_url()), timeout=5)
     with pytest.raises(SinkUnavailable) as caught:
         await mirror.open()
     assert isinstance(caught.value, TransientError)
@@ -386,21 +372,21 @@ async def test_the_view_is_the_join_of_the_live_rows(mirror: MirrorSink, seed: i
     assert await mirror.topology() == expected
 
 
-async def test_open_replaces_a_view_whose_definition_changed(mirror_url: str) -> None:
-    async with MirrorSink("mirror", settings_for(mirror_url)) as mirror:
+async def test_open_replaces_a_view_whose_definition_changed(db_url: str) -> None:
+    async with MirrorSink("mirror", settings_for(db_url)) as mirror:
         await mirror.apply([relation(1, 10, 100, 1000, 5)])
         engine = mirror._engine
         assert engine is not None
         async with engine.begin() as conn:  # an older rwatch's view
             await conn.exec_driver_sql(f"DROP VIEW {TOPOLOGY_VIEW}")
             await conn.exec_driver_sql(f"CREATE VIEW {TOPOLOGY_VIEW} AS SELECT tenant FROM rwatch_objects")
-    async with MirrorSink("mirror", settings_for(mirror_url)) as reopened:
+    async with MirrorSink("mirror", settings_for(db_url)) as reopened:
         assert [r.bk_host_id for r in await reopened.topology()] == [1]
         assert len(await reopened.objects("host_relation")) == 1  # the data survived
 
 
-async def test_concurrent_opens_of_one_database(mirror_url: str) -> None:
-    sinks = [MirrorSink(f"m{i}", settings_for(mirror_url)) for i in range(4)]
+async def test_concurrent_opens_of_one_database(db_url: str) -> None:
+    sinks = [MirrorSink(f"m{i}", settings_for(db_url)) for i in range(4)]
     try:
         await asyncio.gather(*(s.open() for s in sinks))
         await asyncio.gather(*(s.apply([host(i, 1)]) for i, s in enumerate(sinks)))
@@ -474,13 +460,8 @@ async def test_any_delivery_of_a_stream_ends_in_the_same_table(mirror: MirrorSin
 
 async def test_sqlite_runs_wal_and_full_sync_on_every_connection(tmp_path: Path) -> None:
     async with MirrorSink("mirror", settings_for(f"sqlite:///{tmp_path}/m.db"), timeout=3) as mirror:
-        engine = mirror._engine
-        assert engine is not None
-        async with engine.connect() as one, engine.connect() as two:  # two pooled connections
-            for conn in (one, two):
-                assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
-                assert (await conn.exec_driver_sql("PRAGMA synchronous")).scalar() == 2  # FULL
-                assert (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar() == 3000
+        assert mirror._engine is not None
+        await assert_sqlite_pragmas(mirror._engine, 3000)
 
 
 async def test_sqlite_in_memory_works_for_demos() -> None:

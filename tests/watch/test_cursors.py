@@ -8,7 +8,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import sqlite3
 import sys
 import textwrap
@@ -29,22 +28,12 @@ from rwatch.watch.cursors import (
     StoreUrlError,
     open_store,
 )
-
-BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-
-
-@pytest.fixture(params=BACKENDS)
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    # A sync fixture: pg_url runs its own event loop to create the database.
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/state/rwatch.db"  # the directory does not exist yet: open() makes it
-    url: str = request.getfixturevalue("pg_url")
-    return url
+from tests.sql_helpers import assert_sqlite_pragmas, unreachable_pg_url
 
 
 @pytest.fixture
-async def store(store_url: str) -> AsyncIterator[SqlCursorStore]:
-    async with open_store(store_url) as opened:
+async def store(db_url: str) -> AsyncIterator[SqlCursorStore]:
+    async with open_store(db_url) as opened:
         yield opened
 
 
@@ -163,8 +152,8 @@ async def test_a_gap_cannot_end_before_it_starts(store: CursorStore) -> None:
     assert await store.gaps(open_only=False) == []
 
 
-async def test_open_is_idempotent_and_stores_can_share_a_url(store_url: str) -> None:
-    stores = [open_store(store_url) for _ in range(4)]
+async def test_open_is_idempotent_and_stores_can_share_a_url(db_url: str) -> None:
+    stores = [open_store(db_url) for _ in range(4)]
     try:
         # Racing openers on an empty database, and one store opened twice at once.
         await asyncio.gather(*(s.open() for s in stores), stores[0].open())
@@ -177,11 +166,11 @@ async def test_open_is_idempotent_and_stores_can_share_a_url(store_url: str) -> 
         await asyncio.gather(*(s.close() for s in stores))
 
 
-async def test_saved_positions_survive_close_and_reopen(store_url: str) -> None:
-    async with open_store(store_url) as first:
+async def test_saved_positions_survive_close_and_reopen(db_url: str) -> None:
+    async with open_store(db_url) as first:
         await first.save(state(n=7))
         gap = await first.add_gap("0", "host", 1.0, 2.0, "bootstrap")
-    async with open_store(store_url) as second:
+    async with open_store(db_url) as second:
         assert await second.load("0", "host") == state(n=7)
         assert await second.gaps() == [gap]
 
@@ -197,8 +186,8 @@ async def test_ping(store: CursorStore) -> None:
     await store.ping()
 
 
-async def test_a_closed_store_raises_store_error(store_url: str) -> None:
-    store = open_store(store_url)
+async def test_a_closed_store_raises_store_error(db_url: str) -> None:
+    store = open_store(db_url)
     with pytest.raises(StoreError):
         await store.load("0", "host")  # never opened
     await store.open()
@@ -248,11 +237,11 @@ SAVER = textwrap.dedent("""
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
-async def test_kill_9_never_loses_an_acknowledged_save(store_url: str, seed: int) -> None:
+async def test_kill_9_never_loses_an_acknowledged_save(db_url: str, seed: int) -> None:
     rng = random.Random(seed)
     target = rng.randint(1, 300)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SAVER, store_url,
+        sys.executable, "-c", SAVER, db_url,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -276,7 +265,7 @@ async def test_kill_9_never_loses_an_acknowledged_save(store_url: str, seed: int
     assert proc.returncode == -signal.SIGKILL
     printed = max([printed, *(int(x.split()[1]) for x in rest.splitlines() if x.startswith(b"saved "))])
 
-    async with open_store(store_url) as store:
+    async with open_store(db_url) as store:
         saved = await store.load("0", "host")
     assert saved is not None
     assert saved.version is not None
@@ -322,10 +311,7 @@ def test_the_password_never_shows() -> None:
 
 
 async def test_an_unreachable_postgres_raises_store_error() -> None:
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    store = open_store(f"postgresql://postgres@127.0.0.1:{port}/test", timeout=5)
+    store = open_store(unreachable_pg_url(), timeout=5)
     with pytest.raises(StoreError) as caught:
         await store.open()
     assert caught.value.fields()["operation"] == "open"
@@ -366,13 +352,8 @@ async def test_sqlite_file_that_cannot_be_opened_raises_store_error(tmp_path: Pa
 
 async def test_sqlite_runs_wal_and_full_sync_on_every_connection(tmp_path: Path) -> None:
     async with open_store(f"sqlite:///{tmp_path}/s.db", timeout=3) as store:
-        engine = store._engine
-        assert engine is not None
-        async with engine.connect() as one, engine.connect() as two:  # two pooled connections
-            for conn in (one, two):
-                assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
-                assert (await conn.exec_driver_sql("PRAGMA synchronous")).scalar() == 2  # FULL
-                assert (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar() == 3000
+        assert store._engine is not None
+        await assert_sqlite_pragmas(store._engine, 3000)
 
 
 async def test_sqlite_in_memory_works_for_demos() -> None:

@@ -15,26 +15,18 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import orjson
-from sqlalchemy import Table, event, select, text, tuple_
+from sqlalchemy import Table, event, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import (
-    ArgumentError,
-    DataError,
-    DBAPIError,
-    IntegrityError,
-    OperationalError,
-    SQLAlchemyError,
-    StatementError,
-)
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rwatch.config import MirrorSinkConfig, mask_url
-from rwatch.errors import ConfigError, PermanentError, SinkRejected, SinkUnavailable
+from rwatch import sql
+from rwatch.config import MirrorSinkConfig
+from rwatch.errors import PermanentError, SinkRejected, SinkUnavailable
 from rwatch.events import Event
 from rwatch.logs import get_logger
 from rwatch.sinks.base import TopologyRow
@@ -43,7 +35,7 @@ from rwatch.sinks.mirror_schema import TOPOLOGY_VIEW, create_schema, objects_tab
 log = get_logger("rwatch.sinks.mirror")
 
 DEFAULT_TIMEOUT = 10.0
-_SCHEMA_LOCK = int.from_bytes(b"rwmirror", "big")  # PostgreSQL advisory lock key for the schema transaction
+_SCHEMA_LOCK = b"rwmirror"  # PostgreSQL advisory lock for the schema transaction
 # SQLSTATE classes that mean "this data will never be stored": data exception, integrity constraint
 # violation, program limit exceeded (e.g. a row too large). Everything else (connection, locks, admin
 # shutdown, missing table, permissions) is an operational problem a retry can outlive.
@@ -91,14 +83,6 @@ def _rejected(exc: BaseException) -> bool:
     return isinstance(exc, StatementError | TypeError | ValueError | OverflowError)
 
 
-def _describe(exc: BaseException) -> str:
-    inner: BaseException = exc.orig if isinstance(exc, StatementError) and exc.orig is not None else exc
-    if inner.__cause__ is not None and type(inner).__name__ == "Error":  # SQLAlchemy's asyncpg adapter
-        inner = inner.__cause__
-    first = str(inner).strip().splitlines()
-    return f"{type(inner).__name__}: {first[0]}" if first else type(inner).__name__
-
-
 def _maybe(lock: asyncio.Lock | None) -> AbstractAsyncContextManager[Any]:
     return lock if lock is not None else nullcontext()
 
@@ -112,7 +96,8 @@ class MirrorSink:
         self.name = name
         self.settings = settings
         self.timeout = timeout  # connecting, lock waits (SQLite busy_timeout), statements (PostgreSQL)
-        self.url = _engine_url(settings.url.get_secret_value(), f"sinks.{name}.url")
+        self.url = sql.async_url(settings.url.get_secret_value(), key=f"sinks.{name}.url", what="mirror",
+                                 error=MirrorUrlError)
         self.backend = self.url.get_backend_name()
         self._engine: AsyncEngine | None = None
         self._opening = asyncio.Lock()
@@ -154,13 +139,7 @@ class MirrorSink:
             if self._engine is not None:
                 return
             with self._errors("open"):
-                engine = self._create_engine()
-                try:
-                    await self._create_schema(engine)
-                except BaseException:
-                    await engine.dispose()
-                    raise
-            self._engine = engine
+                self._engine = await sql.first_connect(self._create_engine(), self._create_schema, timeout=self.timeout)
         log.info("sink_opened", sink=self.name, backend=self.backend,
                  url=self.url.render_as_string(hide_password=True))
 
@@ -171,38 +150,21 @@ class MirrorSink:
             log.info("sink_closed", sink=self.name, backend=self.backend)
 
     def _create_engine(self) -> AsyncEngine:
+        json = {"json_serializer": _json_dumps, "json_deserializer": orjson.loads}
         if self.backend == "postgresql":
-            # No pool_pre_ping: a round trip per batch. A dead pooled connection fails one apply with
-            # SinkUnavailable (the consumer retries) and the pool discards it.
-            return create_async_engine(
-                self.url, json_serializer=_json_dumps, json_deserializer=orjson.loads,
-                connect_args={"timeout": self.timeout, "command_timeout": self.timeout,
-                              "server_settings": {"application_name": f"rwatch-{self.name}"}},
-            )
+            return sql.postgres_engine(self.url, timeout=self.timeout, application_name=f"rwatch-{self.name}", **json)
         if sqlite3.sqlite_version_info < _SQLITE_MIN:
             raise PermanentError(f"the mirror needs SQLite >= 3.24 (upsert), this Python has {sqlite3.sqlite_version}",
                                  sink=self.name, backend=self.backend)
-        database = self.url.database
-        if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(self.url, json_serializer=_json_dumps, json_deserializer=orjson.loads,
-                                     connect_args={"timeout": self.timeout})
-        busy_ms = int(self.timeout * 1000)
+        # FULL sync, not NORMAL: acks go to the broker right after apply returns, so a commit lost to power
+        # failure would be events lost for good; the mirror cannot be rebuilt from the queue.
+        engine = sql.sqlite_engine(self.url, timeout=self.timeout, **json)
 
         @event.listens_for(engine.sync_engine, "connect")
-        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        def _explicit_transactions(dbapi_conn: Any, _record: Any) -> None:
             # sqlite3's legacy mode would BEGIN only before DML: DDL would autocommit and reads would not be
             # in the transaction. Turn it off and emit BEGIN ourselves (below).
             dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            try:
-                cur.execute(f"PRAGMA busy_timeout = {busy_ms}")  # first, so the switch to WAL waits
-                cur.execute("PRAGMA journal_mode = WAL")
-                # FULL, not NORMAL: acks go to the broker right after apply returns, so a commit lost to
-                # power failure would be events lost for good; the mirror cannot be rebuilt from the queue.
-                cur.execute("PRAGMA synchronous = FULL")
-            finally:
-                cur.close()
 
         @event.listens_for(engine.sync_engine, "begin")
         def _begin(conn: Connection) -> None:
@@ -214,28 +176,11 @@ class MirrorSink:
         return engine
 
     async def _create_schema(self, engine: AsyncEngine) -> None:
-        # SQLite: openers racing on a brand-new file can get SQLITE_BUSY from the switch to WAL without the
-        # busy handler being consulted; retry that race, bounded by the timeout (as the cursor store does).
-        deadline = time.monotonic() + self.timeout
-        pause = 0.01
-        while True:
-            try:
-                async with engine.connect() as conn:
-                    await self._create_schema_in(await conn.execution_options(rwatch_write=True))
-                return
-            except OperationalError as exc:
-                if self.backend != "sqlite" or "locked" not in str(exc) or time.monotonic() + pause > deadline:
-                    raise
-                await engine.dispose()
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.5)
-
-    async def _create_schema_in(self, conn: AsyncConnection) -> None:
-        async with conn.begin():
-            if self.backend == "postgresql":
-                # Racing CREATE ... IF NOT EXISTS can still collide in pg_type: serialise openers.
-                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
-            replaced = await create_schema(conn)
+        async with engine.connect() as conn:
+            conn = await conn.execution_options(rwatch_write=True)
+            async with conn.begin():
+                await sql.schema_lock(conn, _SCHEMA_LOCK)  # PostgreSQL: serialise racing openers
+                replaced = await create_schema(conn)
         if replaced is not None:
             log.info("mirror_view_created", sink=self.name, view=TOPOLOGY_VIEW, replaced=replaced)
 
@@ -324,26 +269,11 @@ class MirrorSink:
             fields = {"sink": self.name, "operation": operation, "backend": self.backend, "events": len(batch)}
             if operation == "apply" and _rejected(exc):
                 ids = (batch[0].id,) if len(batch) == 1 else ()
-                raise SinkRejected(f"mirror refused the batch: {_describe(exc)}", event_ids=ids, **fields) from exc
+                raise SinkRejected(f"mirror refused the batch: {sql.describe(exc)}", event_ids=ids, **fields) from exc
             if not isinstance(exc, SQLAlchemyError | OSError | TimeoutError):
                 raise  # a programming error outside apply's data: not the database's doing
-            raise SinkUnavailable(f"mirror {operation} failed: {_describe(exc)}", **fields) from exc
+            raise SinkUnavailable(f"mirror {operation} failed: {sql.describe(exc)}", **fields) from exc
 
 
-class MirrorUrlError(ConfigError, ValueError):
+class MirrorUrlError(sql.DatabaseUrlError):
     """The mirror URL names no backend rwatch has (``sqlite:///path`` or ``postgresql://...``)."""
-
-
-def _engine_url(url: str, key: str) -> URL:
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise MirrorUrlError(f"{mask_url(url)!r} is not a URL (use sqlite:///path or postgresql://...)",
-                             key=key) from None
-    scheme, _, driver = parsed.drivername.partition("+")
-    if scheme == "sqlite" and driver in ("", "aiosqlite"):
-        return parsed.set(drivername="sqlite+aiosqlite")
-    if scheme in ("postgresql", "postgres") and driver in ("", "asyncpg"):
-        return parsed.set(drivername="postgresql+asyncpg")
-    raise MirrorUrlError(f"unsupported mirror URL scheme {parsed.drivername!r} (use sqlite:///path or "
-                         "postgresql://...)", key=key)

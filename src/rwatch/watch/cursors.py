@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from sqlalchemy import (
@@ -25,25 +24,24 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
-    event,
     select,
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.schema import CreateIndex, CreateTable
 
+from rwatch import sql
 from rwatch.cmdb.protocol import NO_EVENT_CURSOR, decode_cursor
-from rwatch.config import mask_url
-from rwatch.errors import ConfigError, PermanentError, StoreError
+from rwatch.errors import PermanentError, StoreError
 from rwatch.logs import get_logger
 
 log = get_logger("rwatch.cursors")
 
 DEFAULT_TIMEOUT = 10.0
-_SCHEMA_LOCK = int.from_bytes(b"rwatch", "big")  # PostgreSQL advisory lock key for creating the tables
+_SCHEMA_LOCK = b"rwatch"  # PostgreSQL advisory lock for creating the tables
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,12 +163,6 @@ def _row_gap(row: Any) -> Gap:
                row.filled_at)
 
 
-def _describe(exc: BaseException) -> str:
-    inner = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    first = str(inner).strip().splitlines()
-    return f"{type(inner).__name__}: {first[0]}" if first else type(inner).__name__
-
-
 # --- the store -------------------------------------------------------------------------------------------
 
 
@@ -212,7 +204,7 @@ class SqlCursorStore:
     def _create_engine(self) -> AsyncEngine:
         raise NotImplementedError
 
-    async def _first_connect(self, engine: AsyncEngine) -> None:
+    async def _setup(self, engine: AsyncEngine) -> None:
         async with engine.connect() as conn:
             await self._create_schema(conn)
 
@@ -230,13 +222,7 @@ class SqlCursorStore:
             if self._engine is not None:
                 return
             with self._errors("open"):
-                engine = self._create_engine()
-                try:
-                    await self._first_connect(engine)
-                except BaseException:
-                    await engine.dispose()
-                    raise
-            self._engine = engine
+                self._engine = await sql.first_connect(self._create_engine(), self._setup, timeout=self.timeout)
         log.info("store_opened", backend=self.backend, url=self.url.render_as_string(hide_password=True))
 
     async def close(self) -> None:
@@ -253,7 +239,7 @@ class SqlCursorStore:
             yield
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
             raise StoreError(
-                f"cursor store {operation} failed: {_describe(exc)}",
+                f"cursor store {operation} failed: {sql.describe(exc)}",
                 operation=operation, backend=self.backend, tenant=tenant, resource=resource,
             ) from exc
 
@@ -367,79 +353,36 @@ class SqliteCursorStore(SqlCursorStore):
 
     @property
     def path(self) -> str | None:
-        database = self.url.database
-        return None if not database or database == ":memory:" else database
+        return sql.sqlite_path(self.url)
 
     def _create_engine(self) -> AsyncEngine:
-        if self.path is not None:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        busy_ms = int(self.timeout * 1000)
-        engine = create_async_engine(self.url, isolation_level="AUTOCOMMIT",
-                                     connect_args={"timeout": self.timeout})
+        return sql.sqlite_engine(self.url, timeout=self.timeout, isolation_level="AUTOCOMMIT",
+                             on_not_wal=self._not_wal)
 
-        @event.listens_for(engine.sync_engine, "connect")
-        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            try:
-                # busy_timeout first, so the switch to WAL waits for another process instead of failing.
-                cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
-                cur.execute("PRAGMA journal_mode = WAL")
-                mode = cur.fetchone()[0]
-                cur.execute("PRAGMA synchronous = FULL")
-            finally:
-                cur.close()
-            if mode != "wal" and self.path is not None:
-                log.warning("store_not_wal", journal_mode=mode, path=self.path)
-
-        return engine
-
-
-    async def _first_connect(self, engine: AsyncEngine) -> None:
-        # Openers racing on a brand-new file can get SQLITE_BUSY from the switch to WAL without the busy
-        # handler being consulted (seen ~1 in 12 with four openers): retry that race, bounded by timeout.
-        deadline = time.monotonic() + self.timeout
-        pause = 0.01
-        while True:
-            try:
-                await super()._first_connect(engine)
-                return
-            except OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() + pause > deadline:
-                    raise
-                await engine.dispose()  # pooled connections may carry the failed set-up
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.5)
+    def _not_wal(self, mode: str) -> None:
+        log.warning("store_not_wal", journal_mode=mode, path=self.path)
 
 
 class PostgresCursorStore(SqlCursorStore):
     backend = "postgresql"
 
     def _create_engine(self) -> AsyncEngine:
-        # No pool_pre_ping: it would add a round trip to every save. A dead pooled connection fails one call
-        # with StoreError (which the caller retries) and is discarded by the pool.
-        return create_async_engine(
-            self.url,
-            isolation_level="AUTOCOMMIT",
-            connect_args={
-                "timeout": self.timeout,
-                "command_timeout": self.timeout,
-                "server_settings": {"application_name": "rwatch"},
-            },
-        )
+        return sql.postgres_engine(self.url, timeout=self.timeout, application_name="rwatch",
+                               isolation_level="AUTOCOMMIT")
 
     async def _create_schema(self, conn: AsyncConnection) -> None:
         # Racing CREATE TABLE IF NOT EXISTS can still collide in pg_type ("duplicate key"), so openers take a
         # transaction-scoped advisory lock and create everything in one transaction.
         await conn.execution_options(isolation_level="READ COMMITTED")
         async with conn.begin():
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+            await sql.schema_lock(conn, _SCHEMA_LOCK)
             await super()._create_schema(conn)
 
 
 # --- opening by URL ---------------------------------------------------------------------------------------
 
 
-class StoreUrlError(ConfigError, ValueError):
+class StoreUrlError(sql.DatabaseUrlError):
     """The store URL names no backend rwatch has (``sqlite:///path`` or ``postgresql://...``)."""
 
 
@@ -447,17 +390,6 @@ def open_store(url: str, *, timeout: float = DEFAULT_TIMEOUT) -> SqlCursorStore:
     """The store for a URL, not yet opened: ``sqlite:///relative.db``, ``sqlite:////abs/path.db``,
     ``postgresql://user@host/db`` (or ``postgres://``). ``timeout`` bounds connecting, lock waits
     (SQLite busy_timeout) and statements (PostgreSQL)."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise StoreUrlError(f"{mask_url(url)!r} is not a URL (use sqlite:///path or postgresql://...)",
-                            key="store.url") from None
-    scheme, _, driver = parsed.drivername.partition("+")
-    if scheme == "sqlite" and driver in ("", "aiosqlite"):
-        return SqliteCursorStore(parsed.set(drivername="sqlite+aiosqlite"), timeout=timeout)
-    if scheme in ("postgresql", "postgres") and driver in ("", "asyncpg"):
-        return PostgresCursorStore(parsed.set(drivername="postgresql+asyncpg"), timeout=timeout)
-    raise StoreUrlError(
-        f"unsupported store URL scheme {parsed.drivername!r} (use sqlite:///path or postgresql://...)",
-        key="store.url",
-    )
+    parsed = sql.async_url(url, key="store.url", what="store", error=StoreUrlError)
+    kind = SqliteCursorStore if parsed.get_backend_name() == "sqlite" else PostgresCursorStore
+    return kind(parsed, timeout=timeout)

@@ -1,0 +1,131 @@
+"""The database plumbing the cursor store and the SQL mirror share: URLs, engines, opening, errors.
+
+Both speak SQLAlchemy Core on async drivers only (``sqlite+aiosqlite``, ``postgresql+asyncpg``). What is
+theirs stays with them: schemas, queries, transaction style (the store autocommits single statements, the
+mirror runs explicit transactions) and how a database error is classified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError, StatementError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from rwatch.config import mask_url
+from rwatch.errors import ConfigError
+
+_USE = "use sqlite:///path or postgresql://..."
+
+
+class DatabaseUrlError(ConfigError, ValueError):
+    """A database URL names no backend rwatch has (``sqlite:///path`` or ``postgresql://...``)."""
+
+
+def async_url(url: str, *, key: str, what: str = "database",
+              error: type[DatabaseUrlError] = DatabaseUrlError) -> URL:
+    """``url`` with its async driver: ``sqlite[+aiosqlite]`` or ``postgres[ql][+asyncpg]``, else ``error`` (a
+    ConfigError for ``key``; ``what`` names the URL in the message, which never shows a password)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise error(f"{mask_url(url)!r} is not a URL ({_USE})", key=key) from None
+    scheme, _, driver = parsed.drivername.partition("+")
+    if scheme == "sqlite" and driver in ("", "aiosqlite"):
+        return parsed.set(drivername="sqlite+aiosqlite")
+    if scheme in ("postgresql", "postgres") and driver in ("", "asyncpg"):
+        return parsed.set(drivername="postgresql+asyncpg")
+    raise error(f"unsupported {what} URL scheme {parsed.drivername!r} ({_USE})", key=key)
+
+
+def sqlite_path(url: URL) -> str | None:
+    """The file a SQLite URL names; None for an in-memory database."""
+    database = url.database
+    return None if not database or database == ":memory:" else database
+
+
+def sqlite_engine(url: URL, *, timeout: float, on_not_wal: Callable[[str], None] | None = None,
+                  **kwargs: Any) -> AsyncEngine:
+    """A SQLite engine whose every connection waits ``timeout`` for locks and runs WAL + synchronous=FULL
+    (a returned commit survives kill -9 and power loss). The file's directory is created. ``on_not_wal``
+    gets the journal mode a file database ended up in when it is not WAL; ``kwargs`` go to the engine."""
+    path = sqlite_path(url)
+    if path is not None and not path.startswith("file:"):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(url, connect_args={"timeout": timeout}, **kwargs)
+    busy_ms = int(timeout * 1000)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        try:
+            # busy_timeout first, so the switch to WAL waits for another process instead of failing.
+            cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            cur.execute("PRAGMA journal_mode = WAL")
+            mode = cur.fetchone()[0]
+            cur.execute("PRAGMA synchronous = FULL")
+        finally:
+            cur.close()
+        if mode != "wal" and path is not None and on_not_wal is not None:
+            on_not_wal(mode)
+
+    return engine
+
+
+def postgres_engine(url: URL, *, timeout: float, application_name: str, **kwargs: Any) -> AsyncEngine:
+    """A PostgreSQL engine: ``timeout`` bounds connecting and every statement. No pool_pre_ping (a round trip
+    per use): a dead pooled connection fails one call, which the caller retries, and the pool drops it."""
+    return create_async_engine(
+        url,
+        connect_args={"timeout": timeout, "command_timeout": timeout,
+                      "server_settings": {"application_name": application_name}},
+        **kwargs,
+    )
+
+
+async def first_connect(engine: AsyncEngine, setup: Callable[[AsyncEngine], Awaitable[None]], *,
+                        timeout: float) -> AsyncEngine:
+    """Run ``setup(engine)`` (create the schema), disposing of the engine if it fails for good.
+
+    SQLite openers racing on a brand-new file can get SQLITE_BUSY from the switch to WAL without the busy
+    handler being consulted (seen ~1 in 12 with four openers): that race is retried with a doubling pause,
+    for ``timeout`` at most."""
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    try:
+        while True:
+            try:
+                await setup(engine)
+                return engine
+            except OperationalError as exc:
+                if (engine.dialect.name != "sqlite" or "locked" not in str(exc)
+                        or time.monotonic() + pause > deadline):
+                    raise
+                await engine.dispose()  # pooled connections may carry the failed set-up
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.5)
+    except BaseException:
+        await engine.dispose()
+        raise
+
+
+async def schema_lock(conn: AsyncConnection, name: bytes) -> None:
+    """On PostgreSQL, take the transaction-scoped advisory lock ``name`` (at most 8 bytes) in the caller's
+    transaction: racing CREATE ... IF NOT EXISTS can still collide in pg_type. Nothing on SQLite."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": int.from_bytes(name, "big")})
+
+
+def describe(exc: BaseException) -> str:
+    """A database error in one line: the driver's exception, not SQLAlchemy's wrapper, and its first line."""
+    inner: BaseException = exc.orig if isinstance(exc, StatementError) and exc.orig is not None else exc
+    if inner.__cause__ is not None and type(inner).__name__ == "Error":  # SQLAlchemy's asyncpg adapter
+        inner = inner.__cause__
+    first = str(inner).strip().splitlines()
+    return f"{type(inner).__name__}: {first[0]}" if first else type(inner).__name__
