@@ -115,7 +115,7 @@ class CmdbConfig(_Section):
     tenant: str = "0"
     timeout: Duration = Field(default=35.0, description="per request; must exceed the 20 s hold-open")
     verify_tls: bool = True
-    rate_limit: float = Field(default=50.0, ge=0, description="requests per second, all resources; 0 = off")
+    rate_limit: float = Field(default=90.0, ge=0, description="requests per second, all resources; 0 = off")
 
     @field_validator("base_url")
     @classmethod
@@ -280,7 +280,8 @@ class _QueueSink(_SinkBase):
 
     resources: list[str] | None = Field(default=None, description="default: every enabled resource")
     batch_max: int = Field(default=500, ge=1, description="events applied together at most")
-    batch_wait: Duration = Field(default=0.05, description="how long a partial batch waits for more")
+    batch_wait: Duration = Field(default=0.05,
+                                 description="at most how long a batch waits for more, while they keep arriving")
 
     @field_validator("resources")
     @classmethod

@@ -132,6 +132,33 @@ async def test_batches_in_order_and_acknowledged_after_apply(config: Config) -> 
     assert await queue_depth(config, queue_name(config, "rec", "host")) == 0
 
 
+async def test_a_lone_event_is_applied_without_waiting_batch_wait(amqp_url: str, unique: str) -> None:
+    config = make_config(amqp_url, f"{unique}-lone", batch_wait=5.0)
+    sink = RecordingSink()
+    try:
+        async with consuming(config, sink):
+            await asyncio.sleep(0.5)  # connected, consuming, idle
+            started = asyncio.get_running_loop().time()
+            await publish(config, [event(1)])
+            await sink.wait(lambda: len(sink.applied) == 1, timeout=10)
+            # The batch does not wait out batch_wait when nothing more arrives.
+            assert asyncio.get_running_loop().time() - started < 2.5
+            # A burst delivered together still goes in large batches, bounded by batch_max and the prefetch.
+            await publish(config, [event(i) for i in range(2, 202)])
+            await sink.wait(lambda: len(sink.applied) == 201)
+        assert all(len(b) <= 50 for b in sink.batches)
+        assert len(sink.batches) < 100
+    finally:
+        conn = await aio_pika.connect(amqp_url)
+        async with conn:
+            channel = await conn.channel()
+            for res in ("host", "process"):
+                await channel.queue_delete(queue_name(config, "rec", res))
+            await channel.queue_delete(dead_queue_name(config, "rec"))
+            await channel.exchange_delete(config.bus.exchange)
+            await channel.exchange_delete(dlx_name(config))
+
+
 async def test_transient_failures_hold_the_batch_until_it_applies(config: Config) -> None:
     sink = RecordingSink()
     failures = iter(range(3))

@@ -38,6 +38,9 @@ log = structlog.get_logger("rwatch.consume")
 
 _BROKER_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, aio_pika.exceptions.AMQPError)
 DeadLetter = Callable[[Event, str, dict[str, Any]], Awaitable[None]]
+# Deliveries of a burst (a watcher's batch, a backlog) follow each other well within this; a longer quiet gap
+# means the stream paused, and waiting on would only delay the events in hand.
+_ARRIVAL_GAP = 0.001
 
 
 class Applier:
@@ -110,7 +113,11 @@ class Applier:
 
 
 class QueueConsumer:
-    """One ``<prefix>.<sink>.<resource>`` queue: batches of up to ``batch_max`` events or ``batch_wait``."""
+    """One ``<prefix>.<sink>.<resource>`` queue: batches of what has been delivered, up to ``batch_max`` events.
+
+    A batch takes every message already delivered, then waits for more for at most ``batch_wait`` and only while
+    they keep arriving, so a lone change is applied at once and a backlog goes in large batches.
+    """
 
     def __init__(self, config: Config, sink: Sink, resource: str, stop: asyncio.Event) -> None:
         settings = config.sinks[sink.name]
@@ -121,6 +128,10 @@ class QueueConsumer:
         self.queue = queue_name(config, sink.name, resource)
         self.batch_max: int = getattr(settings, "batch_max", 500)
         self.batch_wait: float = getattr(settings, "batch_wait", 0.05)
+        # The broker sends at most prefetch unacknowledged messages, and a batch is acknowledged only after it
+        # applied: a batch holding the whole window can grow no more, and stalls the broker while it applies.
+        self.batch_limit = min(self.batch_max, config.bus.prefetch)
+        self.linger_limit = min(self.batch_max, max(1, config.bus.prefetch // 2))
         self.log = log.bind(sink=sink.name, resource=resource)
         self._dlx: AbstractExchange | None = None
         self._applier = Applier(sink, resource, stop, self._dead_letter)
@@ -156,19 +167,26 @@ class QueueConsumer:
             getter.cancel()
             return []
         batch = [getter.result()]
+        self._take_ready(inbox, batch)
+        # Then wait for more only while more keep arriving (a quiet gap of _ARRIVAL_GAP ends the wait: a lone
+        # change is applied at once), for at most batch_wait, and only while the batch leaves the broker room in
+        # the prefetch window to deliver the next one meanwhile.
         deadline = time.monotonic() + self.batch_wait
-        while len(batch) < self.batch_max:
-            if not inbox.empty():
-                batch.append(inbox.get_nowait())
-                continue
+        while len(batch) < self.linger_limit:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             try:
-                batch.append(await asyncio.wait_for(inbox.get(), left))
+                batch.append(await asyncio.wait_for(inbox.get(), min(left, _ARRIVAL_GAP)))
             except TimeoutError:
                 break
+            self._take_ready(inbox, batch)
         return batch
+
+    def _take_ready(self, inbox: asyncio.Queue[AbstractIncomingMessage], batch: list[AbstractIncomingMessage]) -> None:
+        """Add what has already been delivered, up to the batch limit."""
+        while len(batch) < self.batch_limit and not inbox.empty():
+            batch.append(inbox.get_nowait())
 
     async def _handle(self, batch: list[AbstractIncomingMessage]) -> None:
         events: list[Event] = []
