@@ -412,6 +412,109 @@ async def test_broker_closing_the_connection_mid_stream_loses_nothing(
     print(f"connection closed mid-stream: {len(published)} events, {duplicates} duplicates delivered")
 
 
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl to close a connection")
+async def test_a_publish_stuck_in_the_client_fails_as_soon_as_the_connection_closes(
+    cleanup: list[str], amqp_url: str, unique: str, channel: AbstractChannel
+) -> None:
+    """A publish waiting inside aiormq's basic_publish when the connection goes is failed and re-published
+    at once, not after publish_timeout.
+
+    Deterministic form of the race behind the occasional 30 s stall: the broker closed the connection while
+    the connection's bounded write queue was full, so one publish sat in ``write_queue.put`` (its writer
+    dead) holding the channel lock and every other one waited for that lock. aiormq only rejects the
+    futures it tracks, so nothing woke them until their publish timeout. Holding the channel lock here
+    puts the publishes in exactly that state.
+    """
+    name = f"rwatch-test-{unique}"
+    config = make_config(amqp_url, unique, sinks={"mirror": ["host"]}, publish_window=64, publish_timeout=60)
+    bus = AmqpBus(config, connection_name=name)
+    await bus.start()
+    timeouts = metric("rwatch_publish_retries_total", reason="timeout")
+    reconnects = metric("rwatch_bus_reconnects_total")
+    batch = [event("host", i) for i in range(200)]
+    link = bus._link
+    assert link is not None
+    task: asyncio.Task[None] | None = None
+    try:
+        async with link.raw.lock:  # as the publish stuck on the full write queue holds it
+            task = asyncio.create_task(bus.publish(batch))
+            # Until the window is full of stuck publishes (no event tells; the per-test timeout bounds it).
+            while len(link.inflight) < config.bus.publish_window:  # noqa: ASYNC110
+                await asyncio.sleep(0.001)
+            assert await close_connections(lambda n: n == name) == 1
+            # Without the fix this waits for publish_timeout; the bound is a fraction of it, not a speed claim.
+            done, _ = await asyncio.wait([task], timeout=config.bus.publish_timeout / 4)
+            assert done, "a publish stuck in the client library waited for its publish timeout"
+            await task
+    finally:
+        if task is not None:
+            task.cancel()
+        await bus.close()
+    assert metric("rwatch_publish_retries_total", reason="timeout") == timeouts
+    assert metric("rwatch_bus_reconnects_total") - reconnects >= 1
+    queue = await channel.get_queue(f"t-{unique}.mirror.host")
+    got = await collect(queue, lambda m: {x.headers["x-event-id"] for x in m} == {e.id for e in batch})
+    assert len(got) == len(batch)  # the stuck publishes never reached the broker: nothing twice
+
+
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl to close a connection")
+async def test_repeated_broker_closes_mid_stream_never_wait_for_the_publish_timeout(
+    cleanup: list[str], amqp_url: str, unique: str, channel: AbstractChannel
+) -> None:
+    """Every recovery from a broker-side close is prompt: no publish gives up by timing out."""
+    name = f"rwatch-test-{unique}"
+    config = make_config(amqp_url, unique, sinks={"mirror": ["host"]}, publish_window=64, publish_timeout=60)
+    bus = AmqpBus(config, connection_name=name)
+    await bus.start()
+    timeouts = metric("rwatch_publish_retries_total", reason="timeout")
+    reconnects = metric("rwatch_bus_reconnects_total")
+    budget = config.bus.publish_timeout / 4
+    published: list[str] = []
+    batches = 0
+    progress = asyncio.Event()
+
+    async def stream() -> None:
+        nonlocal batches
+        while True:
+            batch = [event("host", batches * 250 + j) for j in range(250)]
+            await bus.publish(batch)
+            published.extend(e.id for e in batch)
+            batches += 1
+            progress.set()
+
+    async def batches_done(n: int) -> None:
+        while batches < n:
+            progress.clear()
+            await progress.wait()
+
+    task = asyncio.create_task(stream())
+    recoveries: list[float] = []
+    try:
+        for _ in range(5):
+            await asyncio.wait_for(batches_done(batches + 1), budget)  # the stream is under way
+            assert await close_connections(lambda n: n == name) == 1
+            closed_at, after = asyncio.get_running_loop().time(), batches
+            # The batch in flight at the close and the next one, both complete on a new connection.
+            await asyncio.wait_for(batches_done(after + 2), budget)
+            recoveries.append(asyncio.get_running_loop().time() - closed_at)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Stopping):
+            await task
+        await bus.close()
+    assert metric("rwatch_publish_retries_total", reason="timeout") == timeouts
+    assert metric("rwatch_bus_reconnects_total") - reconnects >= 5
+    missing = set(published)
+
+    def all_delivered(messages: list[AbstractIncomingMessage]) -> bool:
+        if messages:
+            missing.discard(str(messages[-1].headers["x-event-id"]))
+        return not missing
+
+    await collect(await channel.get_queue(f"t-{unique}.mirror.host"), all_delivered)
+    print(f"recoveries after a broker close: {[round(r, 2) for r in recoveries]} s")
+
+
 class CuttableProxy:
     """A TCP proxy to the broker whose connections a test can cut abruptly (no AMQP close, just EOF)."""
 

@@ -158,6 +158,33 @@ class _Round:
         self.failed = False
 
 
+class _Link:
+    """One connection, its channel, and the publishes in flight on that channel.
+
+    ``abort`` fails every publish in flight on the link at once; it runs when the channel closes (the
+    broker or the network closed it, or we dropped it). aiormq only rejects the futures it tracks (the
+    confirmations): a publish still waiting inside ``basic_publish`` for the channel lock, or for room in
+    the connection's bounded write queue whose writer died with the socket, is never woken and would
+    wait for its ``publish_timeout``, holding window slots and stalling every publish behind it.
+    """
+
+    __slots__ = ("channel", "connection", "inflight", "raw")
+
+    def __init__(self, connection: AbstractConnection, channel: AbstractChannel, raw: aiormq.Channel) -> None:
+        self.connection = connection
+        self.channel = channel
+        self.raw = raw
+        self.inflight: set[asyncio.Task[None]] = set()
+
+    @property
+    def usable(self) -> bool:
+        return not self.connection.is_closed and not self.channel.is_closed and not self.raw.is_closed
+
+    def abort(self, *_: Any) -> None:
+        for task in list(self.inflight):
+            task.cancel("rwatch: connection or channel lost")
+
+
 def _reason(exc: BaseException) -> str | None:
     """The retry reason (a metric label), or None for an exception that is a bug, not broker trouble."""
     if isinstance(exc, PublishError | MessageReturned):
@@ -170,7 +197,8 @@ def _reason(exc: BaseException) -> str | None:
         return "connection"
     if isinstance(exc, asyncio.CancelledError):
         # Only a publish cancelled from outside the round gets here (cancelling publish() itself raises
-        # out of gather): the client library gave up on it, e.g. while tearing down a channel.
+        # out of gather): ``_Link.abort`` cancelled it because its channel or connection closed, or the
+        # client library gave up on it while tearing down a channel.
         return "connection"
     return None
 
@@ -196,17 +224,15 @@ class AmqpBus:
         # At most publish_window unconfirmed publishes in flight, across all concurrent publish calls.
         self._window = asyncio.Semaphore(config.bus.publish_window)
         self._connect_lock = asyncio.Lock()
-        self._connection: AbstractConnection | None = None
-        self._channel: AbstractChannel | None = None
-        self._raw: aiormq.Channel | None = None  # the channel under aio-pika's, for publishing
+        self._link: _Link | None = None  # the connection and channel (and aio-pika's channel's aiormq one)
         self._exchange_name = config.bus.exchange
         self._ever_connected = False
         self._log = get_logger("rwatch.bus", exchange=config.bus.exchange)
 
     @property
     def connected(self) -> bool:
-        conn, channel = self._connection, self._channel
-        return conn is not None and channel is not None and not conn.is_closed and not channel.is_closed
+        link = self._link
+        return link is not None and link.usable
 
     async def start(self) -> None:
         """Connect and declare the topology, retrying while the broker is unreachable (until stop)."""
@@ -215,12 +241,12 @@ class AmqpBus:
     async def close(self) -> None:
         """Close the connection. A publish still retrying ends with ``Stopping``."""
         self._closed.set()
-        conn = self._connection
-        self._connection = self._channel = self._raw = None
+        link, self._link = self._link, None
         BUS_CONNECTED.set(0)
-        if conn is not None:
+        if link is not None:
+            link.abort()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 5)
+                await asyncio.wait_for(link.connection.close(), 5)
 
     # -- publishing ----------------------------------------------------------------------------------------
 
@@ -237,8 +263,8 @@ class AmqpBus:
         pending = list(range(len(events)))
         backoff = Backoff(self._stop, self._closed)
         while True:
-            channel, conn = await self._ready()
-            results = await self._publish_round(channel, self._exchange_name, events, bodies, headers, stamps,
+            link = await self._ready()
+            results = await self._publish_round(link, self._exchange_name, events, bodies, headers, stamps,
                                                 pending)
             failed: list[int] = []
             confirmed: list[int] = []
@@ -270,7 +296,7 @@ class AmqpBus:
             for reason, count in reasons.items():
                 PUBLISH_RETRIES.labels(reason).inc(count)
             if "connection" in reasons or "timeout" in reasons:
-                await self._drop(conn, "publish_failed")
+                await self._drop(link, "publish_failed")
             delay = backoff.next_delay()
             self._log.warning("publish_retry", pending=len(pending), reasons=dict(reasons),
                               attempt=backoff.attempt, delay=round(delay, 3), stopping=backoff.stopping)
@@ -278,7 +304,7 @@ class AmqpBus:
 
     async def _publish_round(
         self,
-        channel: aiormq.Channel,
+        link: _Link,
         exchange: str,
         events: Sequence[Event],
         bodies: list[bytes],
@@ -289,11 +315,22 @@ class AmqpBus:
         """Publish ``pending`` in order through the window; one result per launched event (None = confirmed).
 
         Once anything fails, the rest are held back (fewer results than ``pending``) so that the retry
-        goes out first, in order.
+        goes out first, in order. Every publish is registered on ``link`` so that losing the channel fails
+        it at once (``_Link.abort``) instead of after ``publish_timeout``.
         """
         window = self._window
         state = _Round()
         tasks: list[asyncio.Task[None]] = []
+        channel, inflight = link.raw, link.inflight
+
+        def settled(task: asyncio.Task[None]) -> None:
+            # A done callback, not a finally in _send: it also runs for a task cancelled before it started
+            # (by abort or by a cancelled publish), which would otherwise keep its window slot forever.
+            inflight.discard(task)
+            if task.cancelled() or task.exception() is not None:
+                state.failed = True
+            window.release()
+
         try:
             for i in pending:
                 await window.acquire()
@@ -308,8 +345,11 @@ class AmqpBus:
                     message_id=uuid.uuid4().hex,
                     timestamp=stamps[i],
                 )
-                send = self._send(channel, exchange, bodies[i], properties, events[i].routing_key, state)
-                tasks.append(asyncio.create_task(send))
+                send = self._send(channel, exchange, bodies[i], properties, events[i].routing_key)
+                task = asyncio.create_task(send)
+                inflight.add(task)
+                task.add_done_callback(settled)
+                tasks.append(task)
             return await asyncio.gather(*tasks, return_exceptions=True)
         except BaseException:
             for task in tasks:
@@ -317,43 +357,37 @@ class AmqpBus:
             raise
 
     async def _send(self, channel: aiormq.Channel, exchange: str, body: bytes,
-                    properties: aiormq.spec.Basic.Properties, routing_key: str, state: _Round) -> None:
-        try:
-            if channel.is_closed:
-                raise ChannelInvalidStateError("channel closed")
-            # aiormq's basic_publish straight, as aio-pika's Exchange.publish does, minus the per-message
-            # Message object and the wait for the socket write (wait=False): the broker's confirm is what
-            # we wait for. This is most of the client-side cost per message.
-            result = await channel.basic_publish(body, exchange=exchange, routing_key=routing_key,
-                                                 properties=properties, mandatory=True, timeout=self._timeout,
-                                                 wait=False)
-        except BaseException:
-            state.failed = True
-            raise
-        finally:
-            self._window.release()
+                    properties: aiormq.spec.Basic.Properties, routing_key: str) -> None:
+        """One confirmed publish; the round's ``settled`` callback frees its window slot and records failure."""
+        if channel.is_closed:
+            raise ChannelInvalidStateError("channel closed")
+        # aiormq's basic_publish straight, as aio-pika's Exchange.publish does, minus the per-message
+        # Message object and the wait for the socket write (wait=False): the broker's confirm is what
+        # we wait for. This is most of the client-side cost per message.
+        result = await channel.basic_publish(body, exchange=exchange, routing_key=routing_key,
+                                             properties=properties, mandatory=True, timeout=self._timeout,
+                                             wait=False)
         if type(result) is not _ACK:
             # With on_return_raises a return raises PublishError; this guards the other path (a returned
             # DeliveredMessage as the result): it is never durable.
-            state.failed = True
             raise MessageReturned("the broker returned the message", routing_key=routing_key)
 
     # -- connection ----------------------------------------------------------------------------------------
 
-    async def _ready(self) -> tuple[aiormq.Channel, AbstractConnection]:
-        """The current channel and connection, connecting (with backoff, until stop) when there is none."""
-        raw, conn = self._raw, self._connection
-        if raw is not None and conn is not None and self.connected:
-            return raw, conn
+    async def _ready(self) -> _Link:
+        """The current link, connecting (with backoff, until stop) when there is none."""
+        link = self._link
+        if link is not None and link.usable:
+            return link
         async with self._connect_lock:
             backoff = Backoff(self._stop, self._closed)
             while True:
                 if self._closed.is_set():
                     raise Stopping("bus closed")
-                raw, conn = self._raw, self._connection
-                if raw is not None and conn is not None and self.connected:
-                    return raw, conn
-                await self._drop(conn, "channel_closed")  # a half-dead connection: channel gone, socket open
+                link = self._link
+                if link is not None and link.usable:
+                    return link
+                await self._drop(link, "channel_closed")  # a half-dead connection: channel gone, socket open
                 try:
                     await self._connect()
                 except TopologyConflict:
@@ -382,8 +416,12 @@ class AmqpBus:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), 5)
             raise
+        link = _Link(conn, channel, raw)
+        # The aiormq channel's closing future completes whenever the channel goes, with its connection
+        # too (the connection rejects its channels' futures), so this one hook covers every way to lose it.
+        raw.closing.add_done_callback(link.abort)
         conn.close_callbacks.add(self._on_connection_closed)
-        self._connection, self._channel, self._raw = conn, channel, raw
+        self._link = link
         BUS_CONNECTED.set(1)
         if self._ever_connected:
             BUS_RECONNECTS.inc()
@@ -391,19 +429,23 @@ class AmqpBus:
                        sinks=self._config.queue_sinks)
         self._ever_connected = True
 
-    async def _drop(self, conn: AbstractConnection | None, reason: str) -> None:
-        """Forget ``conn`` (if it is still the current one) and close it; the next publish reconnects."""
-        if conn is None or conn is not self._connection:
+    async def _drop(self, link: _Link | None, reason: str) -> None:
+        """Forget ``link`` (if it is still the current one) and close it; the next publish reconnects."""
+        if link is None or link is not self._link:
             return
-        self._connection = self._channel = self._raw = None
+        self._link = None
         BUS_CONNECTED.set(0)
+        conn = link.connection
         if not conn.is_closed:  # else the close callback has already logged it
             self._log.warning("bus_connection_lost", reason=reason)
+        # Publishes of other rounds still in flight on it fail now, not when the close handshake is done.
+        link.abort()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(conn.close(), 5)
 
     def _on_connection_closed(self, sender: Any, exc: BaseException | None = None, *_: Any) -> None:
-        if sender is not self._connection or self._closed.is_set():
+        link = self._link
+        if link is None or sender is not link.connection or self._closed.is_set():
             return
         # The broker or the network closed it; the next publish (or the current one's retry) reconnects.
         BUS_CONNECTED.set(0)
