@@ -133,3 +133,12 @@ async def test_sim_command_serves_and_stops_on_sigterm() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+def test_dlq_commands_exit_1_naming_the_broker_problem() -> None:
+    proc = subprocess.run([sys.executable, "-m", "rwatch", "dlq", "list"], capture_output=True, text=True, timeout=60,
+                          env={"RWATCH_BUS__URL": "amqp://guest:guest@127.0.0.1:1/", "PATH": ""})
+    assert proc.returncode == 1 and "cannot reach the broker" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "rwatch", "dlq", "replay", "--sink", "nope"], capture_output=True,
+                          text=True, timeout=60, env={"PATH": ""})
+    assert proc.returncode == 2 and "'nope' is not an enabled sink" in proc.stderr

@@ -12,7 +12,7 @@ import typer
 
 from rwatch import __version__
 from rwatch.config import Config, load_config
-from rwatch.errors import ConfigError
+from rwatch.errors import ConfigError, RwatchError
 
 T = TypeVar("T")
 
@@ -222,6 +222,9 @@ def _dlq_call(call: Callable[[], T]) -> T:
         raise typer.Exit(2) from None
     except (OSError, ConnectionError) as exc:
         typer.echo(f"rwatch dlq: cannot reach the broker: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except RwatchError as exc:  # e.g. the broker's queues disagree with the configuration
+        typer.echo(f"rwatch dlq: {exc}", err=True)
         raise typer.Exit(1) from None
 
 
