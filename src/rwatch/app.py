@@ -28,7 +28,7 @@ from rwatch.sinks.base import Sink, make_sink
 from rwatch.sinks.consumer import Applier, ConsumerGroup
 from rwatch.sinks.prom_sd import PromSdSink, sd_routes
 from rwatch.watch.cursors import CursorStore, open_store
-from rwatch.watch.watcher import Watcher
+from rwatch.watch.watcher import Watcher, default_owner
 
 Role = Literal["watcher", "consumer", "all"]
 log = structlog.get_logger("rwatch.app")
@@ -84,12 +84,14 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
     started = time.monotonic()
     resources = config.watch.enabled if watching else []
     log.info("startup", version=__version__, role=role, resources=resources, bus=config.bus.kind,
+             lease_ttl=config.watch.lease_ttl,
              sinks=config.enabled_sinks if consuming else [], store=config.store.url._display(),
              cmdb=config.cmdb.base_url, api=config.cmdb.api, pid=os.getpid())
     store: CursorStore = open_store(config.store.url.get_secret_value())
     # Named so an operator (or a test) can tell this process's connection apart in RabbitMQ.
     name = f"rwatch {role} {socket.gethostname()}:{os.getpid()} exchange={config.bus.exchange}"
     bus: Bus = make_bus(config, stop=stop, name=name)
+    owner = default_owner()  # one HA lease owner for every watcher of this process
     sinks = make_sinks(config) if consuming else {}
     tasks: set[asyncio.Task[None]] = set()
 
@@ -113,6 +115,7 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
                     return Watcher(
                         resource, settings=config.watch.resources[resource], watch=config.watch,
                         tenant=config.cmdb.tenant, client=client, bus=bus, store=store, stop=stop,
+                        owner=owner, lease_ttl=config.watch.lease_ttl,
                     ).run()
 
                 task_name = f"watch:{resource}"

@@ -176,6 +176,7 @@ class WatchConfig(_Section):
     bootstrap: Literal["resync", "now"] = "now"
     lookback: Duration = 300.0
     retention: Duration = Field(default=3 * 3600.0, description="plan for 3 h (the docs); the code keeps 6 h")
+    lease_ttl: Duration = Field(default=10.0, ge=1.0, description="HA lease per resource; renewed every ttl/3")
     resources: dict[str, ResourceConfig] = Field(default_factory=dict)
 
     @model_validator(mode="before")

@@ -109,6 +109,11 @@ class StoreError(TransientError):
     """The cursor store could not be read or written."""
 
 
+class LeaseLost(PermanentError):
+    """The watcher's lease on a resource was taken over (its fence is stale): it must stop following the
+    resource at once and save nothing; the cursor was not written."""
+
+
 class Stopping(RwatchError):
     """Raised inside retries when shutdown was requested, so loops unwind instead of retrying."""
 

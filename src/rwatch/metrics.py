@@ -58,6 +58,9 @@ PUBLISH_RETRIES = Counter(
     "rwatch_publish_retries_total", "Publishes retried after a nack, return, timeout or lost connection",
     ["reason"],
 )
+LEASE_HELD = Gauge("rwatch_lease_held", "1 while this process holds the resource's HA lease", ["resource"])
+LEASE_LOSSES = Counter("rwatch_lease_losses_total", "HA leases lost while following (taken_over, not_renewed, "
+                       "fence_refused)", ["resource", "reason"])
 BUS_CONNECTED = Gauge("rwatch_bus_connected", "1 while the bus is connected and its topology declared")
 BUS_RECONNECTS = Counter("rwatch_bus_reconnects_total", "Connections to the broker re-established")
 TASK_CRASHES = Counter(

@@ -279,11 +279,13 @@ class Parts:
     store: CursorStore
     stop: asyncio.Event
 
-    def watcher(self, resource: str, *, fast_backoff: bool = True) -> Watcher:
+    def watcher(self, resource: str, *, fast_backoff: bool = True, store: CursorStore | None = None,
+                owner: str | None = None, lease_ttl: float | None = None) -> Watcher:
         return Watcher(
             resource, settings=self.config.watch.resources[resource], watch=self.config.watch, tenant="0",
-            client=self.client, bus=self.bus, store=self.store, stop=self.stop,
+            client=self.client, bus=self.bus, store=store or self.store, stop=self.stop,
             backoff=HealthyResetWait(initial=0.05, maximum=0.2) if fast_backoff else None,
+            owner=owner, lease_ttl=lease_ttl,
         )
 
 

@@ -4,6 +4,16 @@ SQLite (the embedded default) and PostgreSQL share one SQLAlchemy Core code path
 the upsert's dialect and the schema lock differ. Every call is a single statement in autocommit mode, so
 ``save`` costs one statement and one commit (one round trip on PostgreSQL) and is durable once it returns.
 Every database failure surfaces as ``StoreError`` (transient: the caller backs off and retries).
+
+Leases (high availability): several ``rwatch run`` processes share one store; a resource is followed by
+the owner of its row in ``rwatch_leases``. ``acquire`` takes or renews it (one atomic upsert), every
+take-over bumps the row's ``fence``, and a fenced ``save`` writes only while the lease row still carries the
+writer's fence, so a paused old leader cannot move a cursor after losing its lease. Expiry is wall-clock
+time (``time.time()``) of the callers, not the database's: the holder writes ``expires_at = its now + ttl``
+and another replica takes over once ``its now >= expires_at``. The holder itself stops ttl/3 before
+expiry by its own monotonic clock, so the replicas' clocks must agree to well within ttl/3 (3.3 s with
+the default 10 s). Skew beyond that can let a standby start polling while the old holder still does
+(two long-polls, duplicates); the fence still keeps cursor saves single-writer whatever the clocks say.
 """
 
 from __future__ import annotations
@@ -24,6 +34,9 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
+    and_,
+    case,
+    or_,
     select,
     text,
 )
@@ -35,7 +48,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from rwatch import sql
 from rwatch.cmdb.protocol import NO_EVENT_CURSOR, decode_cursor
-from rwatch.errors import PermanentError, StoreError
+from rwatch.errors import LeaseLost, PermanentError, StoreError
 from rwatch.logs import get_logger
 
 log = get_logger("rwatch.cursors")
@@ -68,6 +81,15 @@ class CursorState:
 
 
 @dataclass(frozen=True, slots=True)
+class Lease:
+    tenant: str
+    resource: str
+    owner: str
+    fence: int
+    expires_at: float  # Unix seconds (the acquirer's clock)
+
+
+@dataclass(frozen=True, slots=True)
 class Gap:
     id: int
     tenant: str
@@ -87,8 +109,22 @@ class CursorStore(Protocol):
 
     async def load(self, tenant: str, resource: str) -> CursorState | None: ...
 
-    async def save(self, state: CursorState) -> None:
-        """Durable once it returns (SQLite: WAL + synchronous=FULL survives kill -9 and power loss)."""
+    async def save(self, state: CursorState, *, fence: int | None = None) -> None:
+        """Durable once it returns (SQLite: WAL + synchronous=FULL survives kill -9 and power loss).
+
+        With ``fence``, the cursor is written only while the lease of (tenant, resource) holds that fence,
+        atomically with the check; otherwise nothing is written and ``LeaseLost`` is raised."""
+
+    async def acquire(self, tenant: str, resource: str, owner: str, ttl: float, *,
+                      now: float | None = None) -> int | None:
+        """Take the lease if it is free, expired or already ``owner``'s, until ``now + ttl``; the fence held,
+        or None while another owner's lease lives. Renewing a live lease keeps its fence; any other take
+        (another owner, or after expiry) increments it (the first is 1)."""
+
+    async def release(self, tenant: str, resource: str, owner: str) -> None:
+        """Expire ``owner``'s lease now, so a standby takes over at once (nothing if it is not ours)."""
+
+    async def leases(self, tenant: str | None = None) -> list[Lease]: ...
 
     async def delete(self, tenant: str, resource: str) -> None:
         """Forget the position (cursor reset); the resource's gaps stay."""
@@ -122,9 +158,18 @@ cursors_table = Table(
     Column("version_i", BigInteger),
     Column("event_time", Double),
     Column("saved_at", Double, nullable=False),
-    # Reserved for HA fencing (a later issue): the upsert will only win when its fence is not older than the
-    # row's. Created now, always NULL, so existing databases need no migration when fencing arrives.
+    # The lease fence the cursor was saved under (HA); NULL for an unfenced save.
     Column("fence", BigInteger),
+)
+
+leases_table = Table(
+    "rwatch_leases",
+    metadata,
+    Column("tenant", Text, primary_key=True),
+    Column("resource", Text, primary_key=True),
+    Column("owner", Text, nullable=False),
+    Column("fence", BigInteger, nullable=False),
+    Column("expires_at", Double, nullable=False),
 )
 
 gaps_table = Table(
@@ -149,6 +194,28 @@ _DIALECT_INSERTS: dict[str, Callable[[Table], Any]] = {
 }
 _C = cursors_table.c
 _G = gaps_table.c
+_L = leases_table.c
+
+# The fenced save, one statement on both backends: the row to write comes out of the lease check, so a stale
+# fence inserts and updates nothing (RETURNING then yields no row). PostgreSQL locks the lease row FOR SHARE
+# until the statement commits: a concurrent take-over waits for it, or this save sees the new fence. SQLite
+# takes its write lock before the statement reads anything, so check and write are one step there too.
+# ``WHERE true``: SQLite needs it to parse ON CONFLICT after INSERT ... SELECT.
+_FENCED_SAVE = """
+WITH lease AS (
+    SELECT fence FROM rwatch_leases
+    WHERE tenant = :tenant AND resource = :resource AND fence = CAST(:fence AS BIGINT){lock}
+)
+INSERT INTO rwatch_cursors (tenant, resource, cursor, version_s, version_i, event_time, saved_at, fence)
+SELECT CAST(:tenant AS TEXT), CAST(:resource AS TEXT), CAST(:cursor AS TEXT), CAST(:version_s AS BIGINT),
+       CAST(:version_i AS BIGINT), CAST(:event_time AS DOUBLE PRECISION), CAST(:saved_at AS DOUBLE PRECISION),
+       lease.fence
+FROM lease WHERE true
+ON CONFLICT (tenant, resource) DO UPDATE SET
+    cursor = excluded.cursor, version_s = excluded.version_s, version_i = excluded.version_i,
+    event_time = excluded.event_time, saved_at = excluded.saved_at, fence = excluded.fence
+RETURNING 1
+"""
 
 
 def _row_state(row: Any) -> CursorState:
@@ -177,7 +244,7 @@ class SqlCursorStore:
         self._engine: AsyncEngine | None = None
         self._opening = asyncio.Lock()
         insert = _DIALECT_INSERTS[self.backend](cursors_table)
-        # Built once; every save only binds values. A later fencing issue adds ``where=`` here.
+        # Built once; every save only binds values.
         self._upsert = insert.on_conflict_do_update(
             index_elements=[_C.tenant, _C.resource],
             set_={
@@ -186,8 +253,10 @@ class SqlCursorStore:
                 "version_i": insert.excluded.version_i,
                 "event_time": insert.excluded.event_time,
                 "saved_at": insert.excluded.saved_at,
+                "fence": insert.excluded.fence,
             },
         )
+        self._fenced_save = text(_FENCED_SAVE.format(lock=" FOR SHARE" if self.backend == "postgresql" else ""))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url.render_as_string(hide_password=True)}>"
@@ -261,17 +330,73 @@ class SqlCursorStore:
                 row = result.first()
         return None if row is None else _row_state(row)
 
-    async def save(self, state: CursorState) -> None:
+    async def save(self, state: CursorState, *, fence: int | None = None) -> None:
         engine = self._live("save", state.tenant, state.resource)
         version_s, version_i = state.version if state.version is not None else (None, None)
+        values = {
+            "tenant": state.tenant, "resource": state.resource, "cursor": state.cursor,
+            "version_s": version_s, "version_i": version_i, "event_time": state.event_time,
+            "saved_at": state.saved_at, "fence": fence,
+        }
         with self._errors("save", state.tenant, state.resource):
             # One statement in autocommit: the commit is the statement, nothing else crosses the wire.
             async with engine.connect() as conn:
-                await conn.execute(self._upsert, {
-                    "tenant": state.tenant, "resource": state.resource, "cursor": state.cursor,
-                    "version_s": version_s, "version_i": version_i, "event_time": state.event_time,
-                    "saved_at": state.saved_at,
-                })
+                if fence is None:
+                    await conn.execute(self._upsert, values)
+                    return
+                written = (await conn.execute(self._fenced_save, values)).first()
+        if written is None:
+            raise LeaseLost("the lease was taken over: cursor not saved", tenant=state.tenant,
+                            resource=state.resource, fence=fence)
+
+    # leases
+
+    async def acquire(self, tenant: str, resource: str, owner: str, ttl: float, *,
+                      now: float | None = None) -> int | None:
+        if ttl <= 0:
+            raise ValueError(f"a lease needs a positive ttl, not {ttl}")
+        engine = self._live("acquire", tenant, resource)
+        now = time.time() if now is None else now
+        insert = _DIALECT_INSERTS[self.backend](leases_table).values(
+            tenant=tenant, resource=resource, owner=owner, fence=1, expires_at=now + ttl)
+        mine = _L.owner == insert.excluded.owner
+        live = _L.expires_at > now
+        # One upsert: concurrent acquirers serialise on the row (PostgreSQL re-checks WHERE on the newest
+        # version; SQLite has one writer), so exactly one of them gets a fence.
+        stmt = insert.on_conflict_do_update(
+            index_elements=[_L.tenant, _L.resource],
+            set_={
+                "owner": insert.excluded.owner,
+                "expires_at": insert.excluded.expires_at,
+                "fence": case((and_(mine, live), _L.fence), else_=_L.fence + 1),
+            },
+            where=or_(mine, ~live),
+        ).returning(_L.fence)
+        with self._errors("acquire", tenant, resource):
+            async with engine.connect() as conn:
+                row = (await conn.execute(stmt)).first()
+        return None if row is None else int(row[0])
+
+    async def release(self, tenant: str, resource: str, owner: str) -> None:
+        engine = self._live("release", tenant, resource)
+        with self._errors("release", tenant, resource):
+            async with engine.connect() as conn:
+                # Expired, not deleted: the fence must keep growing, or an old leader's fence could match again.
+                await conn.execute(
+                    leases_table.update()
+                    .where(_L.tenant == tenant, _L.resource == resource, _L.owner == owner)
+                    .values(expires_at=0.0)
+                )
+
+    async def leases(self, tenant: str | None = None) -> list[Lease]:
+        engine = self._live("leases", tenant)
+        query = select(leases_table).order_by(_L.tenant, _L.resource)
+        if tenant is not None:
+            query = query.where(_L.tenant == tenant)
+        with self._errors("leases", tenant):
+            async with engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        return [Lease(r.tenant, r.resource, r.owner, int(r.fence), float(r.expires_at)) for r in rows]
 
     async def delete(self, tenant: str, resource: str) -> None:
         engine = self._live("delete", tenant, resource)

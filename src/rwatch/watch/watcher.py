@@ -3,11 +3,20 @@
 Two stages joined by a one-slot queue: ``fetch`` long-polls and normalizes, ``deliver`` publishes and
 then saves the cursor. The next poll overlaps the previous publish, yet a cursor is saved only after its
 batch *and every batch before it* is durable (invariant 1), because ``deliver`` takes batches in order.
+
+High availability: the pipeline runs only while this watcher holds the resource's lease in the store (a
+*term*). A keeper task renews it every ``lease_ttl``/3; when the lease is taken over, or cannot be renewed
+before its expiry minus that margin, the term is cancelled at once (in-flight long-poll abandoned, queued
+batches dropped, nothing saved) and the watcher queues for the lease again. Every save carries the term's
+fence, so a save the store sees after a take-over is refused (``LeaseLost``), which also ends the term.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,6 +34,7 @@ from rwatch.errors import (
     TRANSIENT_ERRORS,
     CmdbRateLimited,
     CursorExpired,
+    LeaseLost,
     PermanentError,
     RwatchError,
     StartOutOfWindow,
@@ -41,6 +51,11 @@ PAGE_SIZE = 200  # the server's eventStep: a full page means more is waiting
 RESUME_MARGIN = 60.0
 
 T = TypeVar("T")
+
+
+def default_owner() -> str:
+    """A lease owner id unique to this process: ``host:pid:random`` (the random part survives pid reuse)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 class _Repoll(Exception):
@@ -84,6 +99,8 @@ class Watcher:
         stop: asyncio.Event,
         clock: Callable[[], float] = time.time,
         backoff: HealthyResetWait | None = None,
+        owner: str | None = None,
+        lease_ttl: float | None = None,
     ) -> None:
         self.resource = resource
         self.settings = settings
@@ -102,11 +119,138 @@ class Watcher:
         self._seq = 0  # orders events whose cursor does not decode
         self._occurred: tuple[int, str] = (-1, "")  # the last event second and its ISO form
         self._outcomes = m.WATCH_REQUESTS
+        self.owner = owner or default_owner()
+        self.lease_ttl = lease_ttl if lease_ttl is not None else watch.lease_ttl
+        self.fence: int | None = None  # the lease fence of the current term; None outside a term
+        # What ends waits inside the pipeline: ``stop`` itself outside a term, a per-term event set by
+        # ``stop`` or by losing the lease during one.
+        self._halt = stop
+        self._acquired_at = 0.0  # monotonic time the last successful acquire was sent
+        # Monotonic time after which the pipeline must not start a poll or a publish: the lease's expiry
+        # minus the safety margin, as the keeper last established it. Infinite outside a term.
+        self._lease_deadline = float("inf")
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Follow the resource until ``stop`` is set. Never raises for CMDB, broker or store trouble."""
+        """Follow the resource while holding its lease, until ``stop`` is set. Never raises for CMDB, broker
+        or store trouble, nor for a lost lease (it queues for the lease again)."""
+        try:
+            while not self.stop.is_set():
+                fence = await self._acquire_lease()
+                lost = False
+                try:
+                    lost = await self._term(fence)
+                finally:
+                    self.fence = None
+                    self._halt = self.stop
+                    self._lease_deadline = float("inf")
+                    if not lost:
+                        await self._release_lease()
+        except Stopping:
+            return
+
+    async def _acquire_lease(self) -> int:
+        """The lease's fence, once held; waits while another owner holds it. Raises Stopping."""
+        waiting = False
+        pause = self.lease_ttl / 3
+
+        async def attempt() -> int | None:
+            self._acquired_at = time.monotonic()
+            return await self.store.acquire(self.tenant, self.resource, self.owner, self.lease_ttl)
+
+        while True:
+            fence = await self._retry_store(attempt)
+            if fence is not None:
+                self.log.info("lease_acquired", owner=self.owner, fence=fence, ttl=self.lease_ttl)
+                m.LEASE_HELD.labels(self.resource).set(1)
+                return fence
+            if not waiting:
+                waiting = True
+                self.log.info("lease_waiting", owner=self.owner, retry_every=round(pause, 2))
+            if await sleep_or_stop(pause, self.stop):
+                raise Stopping("stopping")
+
+    async def _release_lease(self) -> None:
+        m.LEASE_HELD.labels(self.resource).set(0)
+        try:
+            async with asyncio.timeout(self.lease_ttl / 3):
+                await self.store.release(self.tenant, self.resource, self.owner)
+        except (StoreError, TimeoutError) as exc:
+            # It expires on its own within lease_ttl: a standby only waits a little longer.
+            self.log.warning("lease_release_failed", error=repr(exc))
+            return
+        self.log.info("lease_released", owner=self.owner)
+
+    async def _term(self, fence: int) -> bool:
+        """Follow the resource under ``fence`` until ``stop`` (False) or until the lease is lost (True)."""
+        self.fence = fence
+        self._lease_deadline = self._acquired_at + self.lease_ttl * 2 / 3
+        halt = self._halt = asyncio.Event()
+        follow = asyncio.create_task(self._follow(), name=f"follow:{self.resource}")
+        keeper = asyncio.create_task(self._keep_lease(fence), name=f"lease:{self.resource}")
+        mirror = asyncio.create_task(self.stop.wait())
+        mirror.add_done_callback(lambda _: halt.set())
+        try:
+            await asyncio.wait({follow, keeper}, return_when=asyncio.FIRST_COMPLETED)
+            if not follow.done():
+                # The keeper returns only when the lease is gone: stop this instant, publish and save nothing.
+                halt.set()
+                follow.cancel()
+                await asyncio.gather(follow, return_exceptions=True)
+                return True
+            try:
+                follow.result()
+            except LeaseLost as exc:
+                self._lease_lost("fence_refused", **exc.fields())
+                return True
+            if self.stop.is_set():
+                return False
+            # The pipeline found the lease past its deadline before the keeper did (the process was paused).
+            if not keeper.done():
+                self._lease_lost("expired_locally")
+            return True
+        finally:
+            for task in (follow, keeper, mirror):
+                task.cancel()
+            await asyncio.gather(follow, keeper, mirror, return_exceptions=True)
+
+    def _lease_lost(self, reason: str, **fields: object) -> None:
+        m.LEASE_HELD.labels(self.resource).set(0)
+        m.LEASE_LOSSES.labels(self.resource, reason).inc()
+        self.log.error("lease_lost", **{**fields, "reason": reason, "owner": self.owner, "fence": self.fence})
+
+    async def _keep_lease(self, fence: int) -> None:
+        """Renew every ttl/3; return once the lease is lost: taken over, or not renewed in time (by its
+        expiry minus ttl/3, counted from when the last successful renewal was *sent*)."""
+        ttl = self.lease_ttl
+        margin = ttl / 3
+        valid_until = self._acquired_at + ttl
+        while True:
+            await asyncio.sleep(max(0.0, valid_until - ttl - time.monotonic() + margin))
+            while True:
+                left = valid_until - margin - time.monotonic()
+                if left <= 0:
+                    self._lease_lost("not_renewed", valid_for=round(valid_until - time.monotonic(), 2))
+                    return
+                sent = time.monotonic()
+                try:
+                    async with asyncio.timeout(left):
+                        got = await self.store.acquire(self.tenant, self.resource, self.owner, ttl)
+                except (StoreError, TimeoutError) as exc:
+                    fields = exc.fields() if isinstance(exc, StoreError) else {"error": "timeout"}
+                    self.log.warning("lease_renew_failed", **{**fields, "left": round(left, 2)})
+                    await asyncio.sleep(min(margin / 4, max(0.0, valid_until - margin - time.monotonic())))
+                    continue
+                if got != fence:
+                    self._lease_lost("taken_over", new_fence=got)
+                    return
+                valid_until = sent + ttl
+                self._lease_deadline = valid_until - margin
+                break
+
+    async def _follow(self) -> None:
+        """One term: load the position the previous holder saved, then run the pipeline."""
         try:
             self.saved = await self._retry_store(lambda: self.store.load(self.tenant, self.resource))
             self._saved_changed.set()
@@ -137,13 +281,13 @@ class Watcher:
     # --- stage 1: long-poll and normalize --------------------------------------------------------------
 
     async def fetch(self, queue: asyncio.Queue[Batch]) -> None:
-        while not self.stop.is_set():
+        while not self._halt.is_set():
             reply = await self.poll_once()
             if reply is None:
                 return
             batch = self.normalize(reply)
             await queue.put(batch)
-            if len(reply.events) < PAGE_SIZE and await sleep_or_stop(self.settings.interval, self.stop):
+            if len(reply.events) < PAGE_SIZE and await sleep_or_stop(self.settings.interval, self._halt):
                 return
 
     async def poll_once(self) -> p.WatchReply | None:
@@ -163,16 +307,23 @@ class Watcher:
             return None
         return None  # pragma: no cover - AsyncRetrying either returns or raises
 
-    async def _call(self) -> p.WatchReply:
-        if self.stop.is_set():
+    def _check_lease(self) -> None:
+        """Raise Stopping (and halt the term) when the lease may have run out: after a pause of the whole
+        process, the pipeline can wake before the keeper, and must not poll or publish on a dead lease."""
+        if time.monotonic() >= self._lease_deadline:
+            self._halt.set()
+        if self._halt.is_set():
             raise Stopping("stopping")
+
+    async def _call(self) -> p.WatchReply:
+        self._check_lease()
         pos = self.position
         started = time.monotonic()
         poll = asyncio.ensure_future(self.client.watch(
             self.resource, fields=self.settings.fields, event_types=self.settings.event_types,
             cursor=pos.cursor, start_from=pos.start_from, sub_resource=self.settings.sub_resource,
         ))
-        stopper = asyncio.ensure_future(self.stop.wait())
+        stopper = asyncio.ensure_future(self._halt.wait())
         try:
             await asyncio.wait({poll, stopper}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -201,7 +352,7 @@ class Watcher:
         return 0.0 if isinstance(exc, _Repoll) else self.backoff.next_delay()
 
     async def _sleep(self, seconds: float) -> None:
-        if await sleep_or_stop(seconds, self.stop):
+        if await sleep_or_stop(seconds, self._halt):
             raise Stopping("stopping")
 
     def _before_sleep(self, state: RetryCallState) -> None:
@@ -337,6 +488,9 @@ class Watcher:
     async def publish_batch(self, batch: Batch) -> bool:
         if not batch.events:
             return True
+        if time.monotonic() >= self._lease_deadline:
+            self._halt.set()  # the lease may be gone: leave the batch to the next holder
+            return False
         try:
             await self.bus.publish(batch.events)  # the bus counts what it confirmed, and how long it took
         except Stopping:
@@ -347,7 +501,7 @@ class Watcher:
     async def save_cursor(self, state: CursorState) -> bool:
         """Saved only after the batch is durable: a crash before this line replays, never skips."""
         try:
-            await self._retry_store(lambda: self.store.save(state))
+            await self._retry_store(lambda: self.store.save(state, fence=self.fence))
         except Stopping:
             return False
         self.saved = state
@@ -373,7 +527,7 @@ class Watcher:
             except StoreError as exc:
                 delay = wait.next_delay()
                 self.log.error("store_failed", **{**exc.fields(), "retry_in": round(delay, 2)})
-                if await sleep_or_stop(delay, self.stop):
+                if await sleep_or_stop(delay, self._halt):
                     raise Stopping("stopping") from exc
 
 
