@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 WATCH_REQUESTS = Counter(
     "rwatch_watch_requests_total",
@@ -42,9 +47,6 @@ CURSOR_EXPIRED = Counter(
 CURSOR_GAPS = Counter("rwatch_cursor_gaps_total", "Intervals of history lost and recorded as gaps", ["resource"])
 CURSOR_GAP_SECONDS = Counter(
     "rwatch_cursor_gap_seconds_total", "Length of the recorded gaps", ["resource"]
-)
-CURSOR_AGE = Gauge(
-    "rwatch_cursor_age_seconds", "Age of the newest saved cursor's event time", ["resource"]
 )
 LAST_POLL = Gauge(
     "rwatch_watch_last_success_timestamp_seconds", "When the last watch call succeeded", ["resource"]
@@ -105,3 +107,54 @@ WEBHOOK_SKIPPED = Counter(
 )
 JSONL_WRITTEN_BYTES = Counter("rwatch_jsonl_written_bytes_total", "Bytes appended and fsynced by jsonl sinks", ["sink"])
 JSONL_ROTATIONS = Counter("rwatch_jsonl_rotations_total", "Files rotated by jsonl sinks at max_bytes", ["sink"])
+
+
+@dataclass(frozen=True, slots=True)
+class WatchHealth:
+    resource: str
+    lag: float  # seconds since the watcher last knew it was at the head of the stream
+    cursor_age: float | None  # seconds since the saved cursor's event
+    retention_alarm: bool  # lag past two thirds of watch.retention: history will be lost if it goes on
+
+
+class _Watched(Protocol):
+    def health(self) -> WatchHealth: ...
+
+
+class WatchCollector:
+    """Lag, cursor age and the retention alarm of the watchers this process runs (leaseholders only),
+    computed when scraped so they keep growing while a watcher is stuck."""
+
+    def __init__(self) -> None:
+        self._watchers: set[_Watched] = set()
+
+    def add(self, watcher: _Watched) -> None:
+        self._watchers.add(watcher)
+
+    def discard(self, watcher: _Watched) -> None:
+        self._watchers.discard(watcher)
+
+    def healths(self) -> list[WatchHealth]:
+        return sorted((w.health() for w in list(self._watchers)), key=lambda h: h.resource)
+
+    def collect(self) -> Iterator[Metric]:
+        lag = GaugeMetricFamily("rwatch_watch_lag_seconds",
+                                "Seconds since the watcher last knew it was at the head of the stream",
+                                labels=["resource"])
+        age = GaugeMetricFamily("rwatch_cursor_age_seconds", "Seconds since the saved cursor's event",
+                                labels=["resource"])
+        alarm = GaugeMetricFamily("rwatch_retention_alarm",
+                                  "1 once lag passed two thirds of watch.retention", labels=["resource"])
+        for h in self.healths():
+            lag.add_metric([h.resource], h.lag)
+            if h.cursor_age is not None:
+                age.add_metric([h.resource], h.cursor_age)
+            alarm.add_metric([h.resource], 1.0 if h.retention_alarm else 0.0)
+        yield from (lag, age, alarm)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+WATCHERS = WatchCollector()
+REGISTRY.register(WATCHERS)

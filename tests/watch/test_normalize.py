@@ -96,3 +96,32 @@ def test_undecodable_cursor_falls_back_to_receive_time_in_order() -> None:
     assert sample("rwatch_cursor_decode_failures_total", resource="plat") == before + 2
     # The position still advances; with no decodable time, the last known event time is kept.
     assert batch.state is not None and batch.state.cursor == "opaque-2" and batch.state.version is None
+
+
+def test_lag_and_the_retention_alarm() -> None:
+    now = [1_700_000_000.0]
+    cfg = load_config(None, environ={"RWATCH_WATCH__RETENTION": "3h"})
+    nothing: Any = None
+    w = Watcher("host", settings=cfg.watch.resources["host"], watch=cfg.watch, tenant="0", client=nothing,
+                bus=nothing, store=nothing, stop=asyncio.Event(), clock=lambda: now[0])
+    c = cursor(1_700_000_000 - 600, 1)
+    w.saved = CursorState("0", "host", c, (1_700_000_000 - 600, 1), 1_700_000_000 - 600.0, 1_700_000_000.0)
+    w.caught_up_at = now[0]
+    assert w.health().lag == 0.0 and w.health().cursor_age == 600.0 and not w.health().retention_alarm
+    # The watcher cannot reach the head (CMDB down, or a backlog it cannot drain): lag grows...
+    now[0] += 2 * 3600
+    assert w.health().lag == 7200.0 and not w.health().retention_alarm
+    # ...and past two thirds of retention the alarm is up, before history is lost.
+    now[0] += 1
+    assert w.health().retention_alarm
+    # The collector exposes it (for the resources this process holds).
+    from rwatch.metrics import WATCHERS
+
+    WATCHERS.add(w)
+    try:
+        assert sample("rwatch_retention_alarm", resource="host") == 1.0
+        assert sample("rwatch_watch_lag_seconds", resource="host") == 7201.0
+        assert sample("rwatch_cursor_age_seconds", resource="host") == 7801.0
+    finally:
+        WATCHERS.discard(w)
+    assert REGISTRY.get_sample_value("rwatch_retention_alarm", {"resource": "host"}) is None

@@ -43,6 +43,7 @@ from rwatch.errors import (
 )
 from rwatch.events import Action, Event, iso_utc, watch_event_id
 from rwatch.failpoints import failpoint
+from rwatch.metrics import WATCHERS, WatchHealth
 from rwatch.retry import HealthyResetWait, sleep_or_stop
 from rwatch.watch.cursors import CursorState, CursorStore
 
@@ -115,6 +116,7 @@ class Watcher:
         self.log = structlog.get_logger("rwatch.watch").bind(resource=resource)
         self.position = Position()
         self.saved: CursorState | None = None
+        self.caught_up_at = self.clock()
         self._saved_changed = asyncio.Event()
         self._seq = 0  # orders events whose cursor does not decode
         self._occurred: tuple[int, str] = (-1, "")  # the last event second and its ISO form
@@ -254,9 +256,18 @@ class Watcher:
         try:
             self.saved = await self._retry_store(lambda: self.store.load(self.tenant, self.resource))
             self._saved_changed.set()
+            # Where the last holder stood when it last saved is the head we can vouch for.
+            self.caught_up_at = self.saved.saved_at if self.saved is not None else self.clock()
             self.position = await self._initial_position(self.saved)
         except Stopping:
             return
+        WATCHERS.add(self)
+        try:
+            await self._pipeline()
+        finally:
+            WATCHERS.discard(self)
+
+    async def _pipeline(self) -> None:
         queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=1)
         fetcher = asyncio.create_task(self.fetch(queue), name=f"fetch:{self.resource}")
         try:
@@ -286,6 +297,8 @@ class Watcher:
             if reply is None:
                 return
             batch = self.normalize(reply)
+            if len(reply.events) < PAGE_SIZE:
+                self.caught_up_at = self.clock()  # a page that is not full: nothing more is waiting
             await queue.put(batch)
             if len(reply.events) < PAGE_SIZE and await sleep_or_stop(self.settings.interval, self._halt):
                 return
@@ -507,10 +520,17 @@ class Watcher:
         self.saved = state
         self._saved_changed.set()
         m.CURSOR_SAVES.labels(self.resource).inc()
-        if state.event_time is not None:
-            m.CURSOR_AGE.labels(self.resource).set(max(0.0, self.clock() - state.event_time))
         failpoint("watch.after_save")
         return True
+
+    def health(self) -> WatchHealth:
+        """Lag (seconds since this watcher last knew it was at the head of the stream), cursor age, and
+        whether the lag passed two thirds of ``retention``: history is lost when it reaches all of it."""
+        now = self.clock()
+        lag = max(0.0, now - self.caught_up_at)
+        event_time = self.saved.event_time if self.saved is not None else None
+        age = max(0.0, now - event_time) if event_time is not None else None
+        return WatchHealth(self.resource, lag, age, lag > self.watch.retention * 2 / 3)
 
     async def wait_saved(self, done: Callable[[CursorState], bool]) -> CursorState:
         """Until a saved position satisfies ``done`` (for callers that must know what is durable)."""
