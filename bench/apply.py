@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import json
 import os
 import platform
 import sqlite3
@@ -46,10 +45,9 @@ import aio_pika
 from rwatch.bus.amqp import dead_queue_name, declare_topology, dlx_name, queue_arguments, queue_name
 from rwatch.config import Config
 from rwatch.events import Event, iso_utc, watch_event_id
-from rwatch.logs import setup_logging
 from rwatch.sinks.consumer import ConsumerGroup
 from rwatch.sinks.mirror import MirrorSink
-from watch_publish import GC, URL, busy_fraction, machine_jiffies, quiesce, revision
+from watch_publish import GC, URL, busy_fraction, machine_jiffies, quiesce, run_bench
 
 RESULTS = Path(__file__).resolve().parent / "results" / "apply.json"
 SINK = "mirror"
@@ -394,10 +392,4 @@ def parse_args() -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    setup_logging("warning", "console", stream=sys.stderr)
-    outcome = {"revision": revision(), **asyncio.run(main(arguments))}
-    arguments.out.parent.mkdir(parents=True, exist_ok=True)
-    arguments.out.write_text(json.dumps(outcome, indent=2) + "\n")
-    print(report(outcome))
-    print(f"wrote {arguments.out}", file=sys.stderr)
+    run_bench(parse_args, main, report)

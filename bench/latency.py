@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import platform
 import sqlite3
@@ -48,8 +47,7 @@ import orjson
 from rwatch.bus.amqp import dead_queue_name, dlx_name, queue_name
 from rwatch.cmdb import protocol as p
 from rwatch.config import DEFAULT_FIELDS, Config
-from rwatch.logs import setup_logging
-from watch_publish import URL, Child, busy_fraction, revision, spawn, start_sim
+from watch_publish import URL, Child, busy_fraction, run_bench, spawn, start_sim
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latency.json"
 SINK = "mirror"
@@ -405,10 +403,4 @@ def parse_args() -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    setup_logging("warning", "console", stream=sys.stderr)
-    outcome = {"revision": revision(), **asyncio.run(main(arguments))}
-    arguments.out.parent.mkdir(parents=True, exist_ok=True)
-    arguments.out.write_text(json.dumps(outcome, indent=2) + "\n")
-    print(report(outcome))
-    print(f"wrote {arguments.out}", file=sys.stderr)
+    run_bench(parse_args, main, report)

@@ -42,7 +42,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -819,7 +819,12 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-if __name__ == "__main__":
+def run_bench(
+    parse_args: Callable[[], argparse.Namespace],
+    main: Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]],
+    report: Callable[[dict[str, Any]], str],
+) -> None:
+    """The command every benchmark is: run it, write the JSON (with the git revision), print the table."""
     arguments = parse_args()
     setup_logging("warning", "console", stream=sys.stderr)
     outcome = {"revision": revision(), **asyncio.run(main(arguments))}
@@ -827,3 +832,7 @@ if __name__ == "__main__":
     arguments.out.write_text(json.dumps(outcome, indent=2) + "\n")
     print(report(outcome))
     print(f"wrote {arguments.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_bench(parse_args, main, report)
