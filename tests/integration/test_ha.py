@@ -19,7 +19,7 @@ from rwatch import metrics as m
 from rwatch.errors import StoreError
 from rwatch.sim.server import SimOptions, Simulator
 from rwatch.watch.cursors import CursorState, PostgresCursorStore, SqlCursorStore, open_store
-from tests.integration.harness import Daemon, MakeSetup, reading, running, watcher_parts
+from tests.integration.harness import Daemon, MakeSetup, Setup, reading, running, watcher_parts
 from tests.integration.test_watch_e2e import wait_long_polling
 from tests.integration.test_watch_process import RESOURCES, audit, settle
 
@@ -59,16 +59,22 @@ async def cursor_rows(store: SqlCursorStore) -> dict[str, tuple[str, int | None]
     return {r.resource: (r.cursor, r.fence) for r in rows}
 
 
-async def test_standby_takes_over_within_15_s_of_the_leaders_death_and_loses_nothing(
-    sim: Simulator, setups: MakeSetup, pg_url: str
-) -> None:
-    setup = setups(sim.url, RESOURCES, store_url=pg_url)
-    leader, standby = Daemon(setup), Daemon(setup)
+async def leader_and_standby(sim: Simulator, setup: Setup, env: dict[str, str] | None = None) -> tuple[Daemon, Daemon]:
+    """Two `rwatch run` processes on one store: the first long-polling every resource, the second queued."""
+    leader, standby = Daemon(setup, env=env), Daemon(setup, env=env)
     standby.log = setup.tmp / f"rwatch-{setup.unique}-standby.log"
     leader.start()
     await wait_long_polling(sim, RESOURCES)
     standby.start()
     await wait_logged(standby, "lease_waiting", len(RESOURCES))
+    return leader, standby
+
+
+async def test_standby_takes_over_within_15_s_of_the_leaders_death_and_loses_nothing(
+    sim: Simulator, setups: MakeSetup, pg_url: str
+) -> None:
+    setup = setups(sim.url, RESOURCES, store_url=pg_url)
+    leader, standby = await leader_and_standby(sim, setup)
     async with open_store(pg_url) as store, reading(setup) as reader:
         leases = await store.leases()
         assert sorted(lease.resource for lease in leases) == sorted(RESOURCES)
@@ -129,12 +135,7 @@ async def test_a_clean_stop_hands_the_leases_over_at_once(
     sim: Simulator, setups: MakeSetup, pg_url: str
 ) -> None:
     setup = setups(sim.url, RESOURCES, store_url=pg_url)
-    leader, standby = Daemon(setup), Daemon(setup)
-    standby.log = setup.tmp / f"rwatch-{setup.unique}-standby.log"
-    leader.start()
-    await wait_long_polling(sim, RESOURCES)
-    standby.start()
-    await wait_logged(standby, "lease_waiting", len(RESOURCES))
+    leader, standby = await leader_and_standby(sim, setup)
     async with reading(setup) as reader:
         sim.stats.reset()
         sim.load.start(rate=300, seed=6)
@@ -162,12 +163,7 @@ async def test_a_paused_leader_wakes_up_without_polling_or_saving_after_the_take
     open another long-poll nor move a cursor; it queues for the leases instead."""
     ttl = {"RWATCH_WATCH__LEASE_TTL": "3s"}
     setup = setups(sim.url, RESOURCES, store_url=pg_url)
-    leader, standby = Daemon(setup, env=ttl), Daemon(setup, env=ttl)
-    standby.log = setup.tmp / f"rwatch-{setup.unique}-standby.log"
-    leader.start()
-    await wait_long_polling(sim, RESOURCES)
-    standby.start()
-    await wait_logged(standby, "lease_waiting", len(RESOURCES))
+    leader, standby = await leader_and_standby(sim, setup, env=ttl)
     async with open_store(pg_url) as store, reading(setup) as reader:
         assert isinstance(store, SqlCursorStore)
         (old_owner,) = {lease.owner for lease in await store.leases()}
