@@ -47,7 +47,7 @@ from rwatch.config import Config
 from rwatch.events import Event, iso_utc, watch_event_id
 from rwatch.sinks.consumer import ConsumerGroup
 from rwatch.sinks.mirror import MirrorSink
-from watch_publish import GC, URL, busy_fraction, machine_jiffies, quiesce, run_bench
+from watch_publish import GC, URL, busy_fraction, machine_jiffies, quiesce, ratio, run_bench
 
 RESULTS = Path(__file__).resolve().parent / "results" / "apply.json"
 SINK = "mirror"
@@ -271,10 +271,6 @@ async def baseline_drain(config: Config, n: int) -> Run:
 # --- main ------------------------------------------------------------------------------------------------
 
 
-def _ratio(a: float, b: float) -> float:
-    return round(a / b, 3) if b else float("nan")
-
-
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     began = time.perf_counter()
     tag = uuid.uuid4().hex[:8]
@@ -317,8 +313,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 live.remove(config)
                 w, b = runs["rwatch"], runs["baseline"]
                 rounds.append({"order": list(order), "preload_s": round(loaded, 1), "rwatch": w.to_json(),
-                               "baseline": b.to_json(), "ratio": _ratio(w.rate, b.rate),
-                               "cpu_ratio": _ratio(w.cpu / w.events, b.cpu / b.events)})
+                               "baseline": b.to_json(), "ratio": ratio(w.rate, b.rate),
+                               "cpu_ratio": ratio(w.cpu / w.events, b.cpu / b.events)})
                 print(f"round {r}: rwatch {w.rate:.0f}/s (mean batch {statistics.fmean(w.batches):.0f}, "
                       f"{w.cpu / w.seconds:.2f} cores), baseline {b.rate:.0f}/s ({b.cpu / b.seconds:.2f} cores), "
                       f"ratio {w.rate / b.rate:.2f} (pre-load {loaded:.1f} s)", file=sys.stderr)
@@ -345,7 +341,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 await quiesce()
                 result.setdefault("extra", []).append({
                     "batch_wait": wait, **run.to_json(),
-                    "ratio": _ratio(run.rate, result["drain"]["median_baseline_events_per_s"])})
+                    "ratio": ratio(run.rate, result["drain"]["median_baseline_events_per_s"])})
                 print(f"batch_wait {wait}: rwatch {run.rate:.0f}/s", file=sys.stderr)
         finally:
             for config in list(live):

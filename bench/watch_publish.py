@@ -620,7 +620,7 @@ async def idle_cost(tmp: Path, http: aiohttp.ClientSession, seconds: float, tag:
 # --- main ------------------------------------------------------------------------------------------------
 
 
-def _ratio(a: float, b: float) -> float:
+def ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("nan")
 
 
@@ -678,8 +678,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                         await done(config)
                     w, b = runs["watcher"], runs["baseline"]
                     rounds.append({"order": list(order), "watcher": w.to_json(), "baseline": b.to_json(),
-                                   "ratio": _ratio(w.rate, b.rate),
-                                   "cpu_ratio": _ratio(w.cpu_us_per_event, b.cpu_us_per_event)})
+                                   "ratio": ratio(w.rate, b.rate),
+                                   "cpu_ratio": ratio(w.cpu_us_per_event, b.cpu_us_per_event)})
                     print(f"round {r}: watcher {w.rate:.0f}/s ({w.cpu / w.seconds:.2f} cores, machine "
                           f"{w.machine:.0%} busy), baseline {b.rate:.0f}/s ({b.cpu / b.seconds:.2f} cores, machine "
                           f"{b.machine:.0%} busy), ratio {w.rate / b.rate:.2f}", file=sys.stderr)
@@ -704,7 +704,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     await done(config)
                     result["drain"]["default_rate_limit"] = {
                         **limited.to_json(), "rate_limit": DEFAULT_RATE_LIMIT,
-                        "ratio": _ratio(limited.rate, result["drain"]["median_baseline_events_per_s"])}
+                        "ratio": ratio(limited.rate, result["drain"]["median_baseline_events_per_s"])}
                 if args.gc_freeze:
                     # What gc.freeze() after start-up gives (rwatch run does it): the import-time heap
                     # (~100k objects) leaves the full collections that the drain's allocations keep triggering.
@@ -717,8 +717,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     await done(config)
                     result["drain"]["gc_freeze"] = {
                         **frozen.to_json(),
-                        "vs_median_watcher": _ratio(frozen.rate, result["drain"]["median_watcher_events_per_s"]),
-                        "ratio": _ratio(frozen.rate, result["drain"]["median_baseline_events_per_s"])}
+                        "vs_median_watcher": ratio(frozen.rate, result["drain"]["median_watcher_events_per_s"]),
+                        "ratio": ratio(frozen.rate, result["drain"]["median_baseline_events_per_s"])}
                 if not args.no_profile:
                     config = fresh("profile")
                     profiled = await profile_drain(config, backlog, args.events, sim, tmp, args.top)
