@@ -8,9 +8,11 @@ import json
 import pytest
 
 from rwatch.cmdb.protocol import CODE_PAGE_LIMIT
+from rwatch.sim.query import match_condition
 
 GW = "/api/bk-cmdb/prod"
 ESB = "/api/c/compapi/v2/cc/{}/"
+CREDS = {"bk_app_code": "a", "bk_app_secret": "b", "bk_username": "admin"}
 
 
 async def call(http, sim, path, body=None, prefix=GW, **kwargs):
@@ -209,3 +211,115 @@ async def test_list_auth_and_bad_input(make_sim, http):
         headers=headers,
     )
     assert reply["result"] is False  # an unsupported operator is refused, never ignored
+
+
+@pytest.mark.parametrize(
+    ("cond", "expected"),
+    [
+        ({"n": {"$gt": 4}}, True),
+        ({"n": {"$gt": 5}}, False),
+        ({"n": {"$gte": 5}}, True),
+        ({"n": {"$gte": 6}}, False),
+        ({"n": {"$lt": 6}}, True),
+        ({"n": {"$lt": 5}}, False),
+        ({"n": {"$lte": 5}}, True),
+        ({"n": {"$lte": 4}}, False),
+        ({"n": {"$gt": 1, "$lt": 9}}, True),
+        ({"n": {"$gt": 1, "$lt": 5}}, False),
+        ({"s": {"$gt": "a"}}, True),
+        ({"n": {"$gt": "a"}}, False),  # another type never matches (and never raises)
+        ({"none": {"$lt": 99}}, False),  # null never matches a comparison
+        ({"missing": {"$gt": -1}}, False),
+        ({"missing": {"$gte": 0}}, False),
+        ({"missing": {"$lt": 99}}, False),
+        ({"missing": {"$lte": 99}}, False),
+    ],
+)
+def test_condition_comparison_operators(cond, expected):
+    assert match_condition(cond, {"n": 5, "s": "b", "none": None}) is expected
+
+
+async def test_condition_comparison_through_the_api(sim, http):
+    for i in range(3):
+        sim.state.create("plat", {"bk_cloud_name": f"c{i}"})
+    body = {"condition": {"bk_cloud_id": {"$gt": 0, "$lte": 2}}}
+    data = await ok(http, sim, "/api/v3/findmany/cloudarea", body)
+    assert [p["bk_cloud_id"] for p in data["info"]] == [1, 2]
+    assert data["count"] == 2
+
+
+async def keyset(http, sim, path, id_field, limit, *, legacy):
+    """Page through an API by the last id seen, as the resync does: always start 0, sorted by the id."""
+    ids, last = [], -1
+    for _ in range(1000):
+        if legacy:
+            flt = {"condition": {id_field: {"$gt": last}}}
+        else:
+            rule = {"field": id_field, "operator": "greater", "value": last}
+            flt = {"host_property_filter": {"condition": "AND", "rules": [rule]}, "fields": [id_field]}
+        data = await ok(http, sim, path, {**flt, "page": {"start": 0, "limit": limit, "sort": id_field}})
+        page = [d[id_field] for d in data["info"]]
+        assert len(page) <= limit
+        if not page:
+            return ids
+        assert page == sorted(page) and page[0] > last
+        ids += page
+        last = page[-1]
+    raise AssertionError("keyset paging never ended")
+
+
+async def test_keyset_paging_returns_everything_once(sim, http):
+    for i in range(23):
+        sim.state.create("module", {"bk_set_id": 2 + i % 2, "bk_module_name": f"m{i}"})
+        sim.state.create("plat", {"bk_cloud_name": f"c{i}"})
+    sim.load.run(500)
+    modules = await keyset(http, sim, "/api/v3/module/search/0/2/0", "bk_module_id", 4, legacy=True)
+    want = sorted(m["bk_module_id"] for m in sim.state.objects("module").values() if m["bk_biz_id"] == 2)
+    assert len(want) > 20
+    assert modules == want  # sorted, so every module exactly once
+    plats = await keyset(http, sim, "/api/v3/findmany/cloudarea", "bk_cloud_id", 5, legacy=True)
+    assert plats == sorted(p["bk_cloud_id"] for p in sim.state.objects("plat").values())
+    hosts = await keyset(http, sim, "/api/v3/hosts/list_hosts_without_app", "bk_host_id", 7, legacy=False)
+    assert hosts == sorted(h["bk_host_id"] for h in sim.state.objects("host").values())
+
+
+async def test_find_host_biz_relations(sim, http):
+    sim.load.run(300)
+    hosts = sorted(int(k) for k in sim.state.objects("host"))
+    set_id = sim.state.create("set", {"bk_biz_id": 3})["bk_set_id"]
+    two = [sim.state.create("module", {"bk_set_id": set_id})["bk_module_id"] for _ in range(2)]
+    sim.state.move_host(hosts[1], list(reversed(two)))  # one host in two modules, the larger id first
+    asked = [hosts[-1], hosts[1], hosts[0], 10**9, hosts[1]]  # unordered, a duplicate, an unknown host
+    relations = sim.state.objects("host_relation").values()
+    want = sorted(
+        (r for r in relations if r["bk_host_id"] in asked), key=lambda r: (r["bk_host_id"], r["bk_module_id"])
+    )
+    assert len(want) >= 4
+    path = "/api/v3/hosts/modules/read"
+    assert await ok(http, sim, path, {"bk_host_id": asked}) == want
+    data = await ok(http, sim, path, {"bk_host_id": asked, "bk_biz_id": 3})
+    assert data == [r for r in want if r["bk_biz_id"] == 3]
+    assert [r["bk_module_id"] for r in data if r["bk_host_id"] == hosts[1]] == sorted(two)
+    assert await ok(http, sim, path, {"bk_host_id": [10**9]}) == []
+    # direct path and ESB name
+    assert await ok(http, sim, path, {"bk_host_id": asked}, prefix="") == want
+    body = {**CREDS, "bk_host_id": asked}
+    assert await ok(http, sim, "", body, ESB.format("find_host_biz_relations")) == want
+    assert sim.stats.lists["find_host_biz_relations"] == 5
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"bk_host_id": []}, {"bk_host_id": 5}, {"bk_host_id": ["x"]}, {"bk_host_id": [1], "bk_biz_id": "y"}],
+)
+async def test_find_host_biz_relations_needs_host_ids(sim, http, body):
+    reply = await call(http, sim, "/api/v3/hosts/modules/read", body)
+    assert (reply["result"], reply["code"]) == (False, 1199006)
+
+
+async def test_find_host_biz_relations_takes_at_most_500_hosts(sim, http):
+    reply = await call(http, sim, "/api/v3/hosts/modules/read", {"bk_host_id": list(range(1, 502))})
+    assert (reply["result"], reply["code"]) == (False, 1199006)
+    assert "bk_host_id" in reply["message"] and "500" in reply["message"]
+    data = await ok(http, sim, "/api/v3/hosts/modules/read", {"bk_host_id": list(range(1, 501))})
+    assert {r["bk_host_id"] for r in data} == {int(k) for k in sim.state.objects("host")}
