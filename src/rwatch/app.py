@@ -20,7 +20,7 @@ from rwatch.bus.memory import MemoryBus
 from rwatch.cmdb.client import CmdbClient
 from rwatch.config import Config
 from rwatch.errors import TRANSIENT_ERRORS, ConfigError, RwatchError
-from rwatch.events import Event
+from rwatch.events import Message
 from rwatch.http import serve_http
 from rwatch.metrics import DEAD_LETTERS, TASK_CRASHES
 from rwatch.retry import HealthyResetWait, sleep_or_stop
@@ -28,6 +28,7 @@ from rwatch.sinks.base import Sink, make_sink
 from rwatch.sinks.consumer import Applier, ConsumerGroup
 from rwatch.sinks.prom_sd import PromSdSink, sd_routes
 from rwatch.watch.cursors import CursorStore, open_store
+from rwatch.watch.resync import Resyncer
 from rwatch.watch.watcher import Watcher, default_owner
 
 Role = Literal["watcher", "consumer", "all"]
@@ -110,12 +111,13 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
             prom = [s for s in sinks.values() if isinstance(s, PromSdSink)]
             http = serve_http(config.http.listen, alive, stop, http_port, routes=sd_routes(prom))
             tasks.add(group.create_task(http, name="http"))
+            resyncer = Resyncer(config, client, bus, stop)  # one: its concurrency bound is for all resources
             for resource in resources:
                 def start(resource: str = resource) -> Awaitable[None]:
                     return Watcher(
                         resource, settings=config.watch.resources[resource], watch=config.watch,
                         tenant=config.cmdb.tenant, client=client, bus=bus, store=store, stop=stop,
-                        owner=owner, lease_ttl=config.watch.lease_ttl,
+                        owner=owner, lease_ttl=config.watch.lease_ttl, resyncer=resyncer,
                     ).run()
 
                 task_name = f"watch:{resource}"
@@ -146,7 +148,7 @@ def subscribe_sinks(bus: MemoryBus, config: Config, sinks: dict[str, Sink], stop
 
     for sink_name in config.queue_sinks:
 
-        async def dead_letter(event: Event, reason: str, fields: dict[str, object], sink: str = sink_name) -> None:
+        async def dead_letter(event: Message, reason: str, fields: dict[str, object], sink: str = sink_name) -> None:
             # No broker, no dead-letter queue: the refused event is logged whole, so nothing vanishes unseen.
             DEAD_LETTERS.labels(sink, event.resource).inc()
             log.error("event_dead_lettered", **{**fields, "sink": sink, "reason": reason, "event": event.to_dict()})
@@ -156,7 +158,7 @@ def subscribe_sinks(bus: MemoryBus, config: Config, sinks: dict[str, Sink], stop
             for resource in config.sink_resources(sink_name)
         }
 
-        async def handler(events: Sequence[Event], appliers: dict[str, Applier] = appliers) -> None:
+        async def handler(events: Sequence[Message], appliers: dict[str, Applier] = appliers) -> None:
             await appliers[events[0].resource].apply(events)
 
         bus.subscribe(sink_name, appliers, handler)

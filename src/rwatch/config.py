@@ -34,6 +34,7 @@ from rwatch.cmdb.protocol import (
     FIELDS_REQUIRED,
     KEY_FIELDS,
     RESOURCES,
+    SCOPE_FIELDS,
     SUB_RESOURCE_ALLOWED,
 )
 from rwatch.errors import ConfigError
@@ -177,6 +178,8 @@ class WatchConfig(_Section):
     lookback: Duration = 300.0
     retention: Duration = Field(default=3 * 3600.0, description="plan for 3 h (the docs); the code keeps 6 h")
     lease_ttl: Duration = Field(default=10.0, ge=1.0, description="HA lease per resource; renewed every ttl/3")
+    resync_every: Duration = Field(default=0.0, ge=0, description="periodic resync of every resource; 0 = off")
+    resync_concurrency: int = Field(default=4, ge=1, le=64, description="list requests in flight per resync")
     resources: dict[str, ResourceConfig] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -211,7 +214,8 @@ class WatchConfig(_Section):
                 continue
             # The key is built from these; asking for them costs nothing and saves every event.
             if res.fields:
-                res.fields = res.fields + [f for f in KEY_FIELDS[name] if f not in res.fields]
+                wanted = (*KEY_FIELDS[name], *SCOPE_FIELDS.get(name, ()))
+                res.fields = res.fields + [f for f in wanted if f not in res.fields]
         if self.lookback >= self.retention:
             raise ValueError("lookback must be shorter than retention")
         return self

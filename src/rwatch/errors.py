@@ -45,6 +45,10 @@ class PermanentError(RwatchError):
     """Retrying the same thing will not help; someone has to change something."""
 
 
+class ResyncUnsupported(PermanentError):
+    """No list API covers every object of the resource, so it cannot be resynced (its gaps stay open)."""
+
+
 class CmdbError(RwatchError):
     """CMDB answered ``result: false``; ``code`` is its error code."""
 

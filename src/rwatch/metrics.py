@@ -63,6 +63,19 @@ PUBLISH_RETRIES = Counter(
 LEASE_HELD = Gauge("rwatch_lease_held", "1 while this process holds the resource's HA lease", ["resource"])
 LEASE_LOSSES = Counter("rwatch_lease_losses_total", "HA leases lost while following (taken_over, not_renewed, "
                        "fence_refused)", ["resource", "reason"])
+RESYNCS = Counter("rwatch_resyncs_total", "Resyncs by trigger (bootstrap, gap, periodic, manual, repair) and "
+                  "outcome (ok, failed, stopped, unsupported)", ["resource", "trigger", "outcome"])
+RESYNC_SECONDS = Histogram("rwatch_resync_seconds", "Duration of successful resyncs", ["resource"],
+                           buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
+RESYNC_OBJECTS = Counter("rwatch_resync_objects_total", "Objects published by resyncs", ["resource"])
+RESYNC_REQUESTS = Counter("rwatch_resync_list_requests_total", "List API requests made by resyncs", ["api"])
+RESYNC_SWEPT = Counter("rwatch_resync_swept_total", "Objects a sink ended as deleted because a resync's "
+                       "snapshot no longer had them", ["sink", "resource"])
+GAPS_OPEN = Gauge("rwatch_cursor_gaps_open", "Recorded gaps of history not yet filled by a resync", ["resource"])
+GAPS_FILLED = Counter("rwatch_cursor_gaps_filled_total", "Gaps of history filled by a resync", ["resource"])
+VERIFY_DRIFT = Gauge("rwatch_verify_drift_objects", "Objects that differed between the mirror and CMDB at the "
+                     "last verify (missing, extra or changed)", ["sink", "resource"])
+VERIFY_LAST_RUN = Gauge("rwatch_verify_last_run_timestamp_seconds", "When the last verify finished", ["sink"])
 BUS_CONNECTED = Gauge("rwatch_bus_connected", "1 while the bus is connected and its topology declared")
 BUS_RECONNECTS = Counter("rwatch_bus_reconnects_total", "Connections to the broker re-established")
 TASK_CRASHES = Counter(

@@ -13,13 +13,14 @@ from typing import Any
 
 import aio_pika
 import pytest
+from prometheus_client import REGISTRY
 
 from rwatch.bus.amqp import AmqpBus, dead_queue_name, dlx_name, queue_name
 from rwatch.config import Config
-from rwatch.errors import SinkRejected, SinkUnavailable
-from rwatch.events import Event, iso_utc, watch_event_id
+from rwatch.errors import PermanentError, SinkRejected, SinkUnavailable, Stopping
+from rwatch.events import Event, Message, ResyncMark, iso_utc, resync_event_id, watch_event_id
 from rwatch.sinks import consumer as consumer_module
-from rwatch.sinks.consumer import ConsumerGroup
+from rwatch.sinks.consumer import Applier, ConsumerGroup
 from rwatch.sinks.dlq import list_dead, replay
 
 pytestmark = pytest.mark.amqp
@@ -48,6 +49,8 @@ class RecordingSink:
         self.name = "rec"
         self.batches: list[list[Event]] = []
         self.refuse: Callable[[Sequence[Event]], None] = lambda events: None
+        self.on_sweep: Callable[[ResyncMark], int] = lambda mark: 0  # the number swept, or raises
+        self.calls: list[tuple[str, list[str]]] = []  # ("apply", ids) and ("sweep", [mark id]), in order
         self.changed = asyncio.Event()
 
     async def open(self) -> None: ...
@@ -55,9 +58,17 @@ class RecordingSink:
     async def close(self) -> None: ...
 
     async def apply(self, events: Sequence[Event]) -> None:
+        assert all(isinstance(e, Event) for e in events), "a mark must never reach apply"
         self.refuse(events)
         self.batches.append(list(events))
+        self.calls.append(("apply", [e.id for e in events]))
         self.changed.set()
+
+    async def sweep(self, mark: ResyncMark) -> int:
+        swept = self.on_sweep(mark)
+        self.calls.append(("sweep", [mark.id]))
+        self.changed.set()
+        return swept
 
     @property
     def applied(self) -> list[Event]:
@@ -242,3 +253,177 @@ async def test_stop_while_the_sink_fails_leaves_the_batch_in_the_queue(config: C
     sink.refuse = lambda events: None
     async with consuming(config, sink):
         await sink.wait(lambda: len(sink.applied) >= 10)
+
+
+# --- resync marks: the Applier splits batches at them -------------------------------------------------------
+
+
+def mark(resource: str = "host", resync_id: str = "r1", i: int = 500) -> ResyncMark:
+    version = (1_700_000_000 + i, 0)
+    return ResyncMark(id=resync_event_id(resource, f"mark:{resync_id}", version), resource=resource, version=version,
+                      resync_id=resync_id, listed=3, started_at=iso_utc(1_700_000_000),
+                      observed_at=iso_utc(1_700_000_000 + i))
+
+
+class DeadLetters:
+    def __init__(self) -> None:
+        self.letters: list[tuple[Message, str, dict[str, Any]]] = []
+
+    async def __call__(self, message: Message, reason: str, fields: dict[str, Any]) -> None:
+        self.letters.append((message, reason, fields))
+
+
+def swept_total(resource: str = "host", sink: str = "rec") -> float:
+    return REGISTRY.get_sample_value("rwatch_resync_swept_total", {"sink": sink, "resource": resource}) or 0.0
+
+
+def ids(*messages: Message) -> list[str]:
+    return [m.id for m in messages]
+
+
+async def test_a_mark_splits_the_batch_in_order() -> None:
+    sink, dead = RecordingSink(), DeadLetters()
+    applier = Applier(sink, "host", asyncio.Event(), dead)  # type: ignore[arg-type]
+    e1, e2, end, e3 = event(1), event(2), mark(), event(3)
+    await applier.apply([e1, e2, end, e3])
+    assert sink.calls == [("apply", ids(e1, e2)), ("sweep", [end.id]), ("apply", ids(e3))]
+    assert dead.letters == []
+
+
+async def test_marks_at_the_edges_and_together_apply_no_empty_batch() -> None:
+    sink = RecordingSink()
+    applier = Applier(sink, "host", asyncio.Event(), DeadLetters())  # type: ignore[arg-type]
+    first, second = mark(resync_id="a"), mark(resync_id="b")
+    await applier.apply([first])
+    assert sink.calls == [("sweep", [first.id])]
+    sink.calls.clear()
+    await applier.apply([first, second, event(1), second])
+    assert sink.calls == [("sweep", [first.id]), ("sweep", [second.id]), ("apply", ids(event(1))),
+                          ("sweep", [second.id])]
+    sink.calls.clear()
+    await applier.apply([])
+    assert sink.calls == []
+
+
+async def test_the_swept_count_is_counted_per_sink_and_resource() -> None:
+    sink = RecordingSink()
+    sink.on_sweep = lambda m: 7 if m.resync_id == "r1" else 0
+    applier = Applier(sink, "host", asyncio.Event(), DeadLetters())  # type: ignore[arg-type]
+    before, other = swept_total(), swept_total("module")
+    await applier.apply([event(1), mark(), event(2)])
+    assert swept_total() == before + 7
+    await applier.apply([mark(resync_id="r2")])  # nothing swept: nothing counted
+    assert swept_total() == before + 7
+    assert swept_total("module") == other
+
+
+async def test_a_sweep_failing_transiently_is_retried_before_the_events_after_it() -> None:
+    sink, dead = RecordingSink(), DeadLetters()
+    attempts: list[str] = []
+
+    def flaky(m: ResyncMark) -> int:
+        attempts.append(m.id)
+        if len(attempts) == 1:
+            raise SinkUnavailable("database restarting", sink="rec")
+        return 4
+
+    sink.on_sweep = flaky
+    applier = Applier(sink, "host", asyncio.Event(), dead)  # type: ignore[arg-type]
+    before = swept_total()
+    retries = REGISTRY.get_sample_value("rwatch_apply_retries_total", {"sink": "rec"}) or 0.0
+    e1, end, e2 = event(1), mark(), event(2)
+    async with asyncio.timeout(10):  # the fast_backoff fixture keeps the pause short
+        await applier.apply([e1, end, e2])
+    assert attempts == [end.id, end.id]
+    assert sink.calls == [("apply", ids(e1)), ("sweep", [end.id]), ("apply", ids(e2))]
+    assert dead.letters == []
+    assert swept_total() == before + 4  # counted once, for the attempt that swept
+    assert (REGISTRY.get_sample_value("rwatch_apply_retries_total", {"sink": "rec"}) or 0.0) == retries + 1
+
+
+@pytest.mark.parametrize("error", [SinkRejected("mark refused", event_ids=("x",), status=422),
+                                   PermanentError("cannot sweep this", why="test")],
+                         ids=["rejected", "permanent"])
+async def test_a_refused_sweep_dead_letters_the_mark_and_the_rest_applies(error: Exception) -> None:
+    sink, dead = RecordingSink(), DeadLetters()
+
+    def refuse(m: ResyncMark) -> int:
+        raise error
+
+    sink.on_sweep = refuse
+    applier = Applier(sink, "host", asyncio.Event(), dead)  # type: ignore[arg-type]
+    before = swept_total()
+    e1, end, e2, e3 = event(1), mark(), event(2), event(3)
+    await applier.apply([e1, end, e2, e3])
+    assert sink.calls == [("apply", ids(e1)), ("apply", ids(e2, e3))]
+    [(message, reason, fields)] = dead.letters
+    assert message is end
+    assert reason == str(error)
+    assert fields["error"] == str(error)
+    assert swept_total() == before
+
+
+async def test_events_refused_before_a_mark_do_not_stop_the_sweep() -> None:
+    sink, dead = RecordingSink(), DeadLetters()
+    poison = event(2)
+
+    def picky(events: Sequence[Event]) -> None:
+        bad = tuple(e.id for e in events if e.id == poison.id)
+        if bad:
+            raise SinkRejected("400", event_ids=bad)
+
+    sink.refuse = picky
+    applier = Applier(sink, "host", asyncio.Event(), dead)  # type: ignore[arg-type]
+    end = mark()
+    await applier.apply([event(1), poison, end, event(3)])
+    assert [m for m, _, _ in dead.letters] == [poison]
+    assert sink.calls[-2:] == [("sweep", [end.id]), ("apply", ids(event(3)))]
+
+
+async def test_stop_while_the_sweep_fails_raises_stopping_and_applies_nothing_after() -> None:
+    sink, stop = RecordingSink(), asyncio.Event()
+
+    def down(m: ResyncMark) -> int:
+        stop.set()
+        raise SinkUnavailable("down")
+
+    sink.on_sweep = down
+    applier = Applier(sink, "host", stop, DeadLetters())  # type: ignore[arg-type]
+    with pytest.raises(Stopping):
+        await applier.apply([event(1), mark(), event(2)])
+    assert sink.calls == [("apply", ids(event(1)))]
+
+
+async def test_a_mark_through_the_broker_is_swept_in_its_place(config: Config) -> None:
+    sink = RecordingSink()
+    sink.on_sweep = lambda m: 2
+    before = swept_total()
+    events = [event(i) for i in range(10)]
+    end = mark()
+    await publish(config, [*events[:6], end, *events[6:]])
+    async with consuming(config, sink):
+        await sink.wait(lambda: len(sink.applied) >= 10)
+    flat = [(kind, i) for kind, batch in sink.calls for i in batch]
+    assert flat == [("apply", e.id) for e in events[:6]] + [("sweep", end.id)] + [("apply", e.id) for e in events[6:]]
+    assert swept_total() == before + 2
+    assert await queue_depth(config, queue_name(config, "rec", "host")) == 0
+
+
+async def test_a_refused_mark_goes_to_the_dead_letter_queue_and_replays(config: Config) -> None:
+    sink = RecordingSink()
+    end = mark()
+
+    def refuse(m: ResyncMark) -> int:
+        raise SinkRejected("mark refused", event_ids=(m.id,), status=422)
+
+    sink.on_sweep = refuse
+    await publish(config, [event(1), end, event(2)])
+    async with consuming(config, sink):
+        await sink.wait(lambda: len(sink.applied) >= 2)
+        dead = await list_dead(config, "rec")
+        assert [(d.event_id, d.resource, d.action, d.reason) for d in dead] == [(end.id, "host", "resync",
+                                                                                "mark refused")]
+        sink.on_sweep = lambda m: 1
+        assert await replay(config, sink="rec") == 1
+        await sink.wait(lambda: ("sweep", [end.id]) in sink.calls)
+    assert await list_dead(config) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from rwatch.config import JsonlSinkConfig
 from rwatch.errors import SinkUnavailable
-from rwatch.events import Event, iso_utc, watch_event_id
+from rwatch.events import Event, ResyncMark, iso_utc, parse_message, resync_event_id, watch_event_id
 from rwatch.sinks.jsonl import JsonlSink
 
 
@@ -144,6 +145,58 @@ async def test_concurrent_applies_keep_batches_whole(tmp_path: Path, make_sink: 
     assert len(lines) == 100
     written = [[e.id for e in lines[i:i + 5]] for i in range(0, 100, 5)]  # whole batches, in some order
     assert sorted(written) == sorted([e.id for e in b] for b in batches)
+
+
+# --- resync marks ----------------------------------------------------------------------------------------
+
+
+def mark(resource: str = "host", scope: dict[str, list[Any]] | None = None) -> ResyncMark:
+    version = (1_700_000_500, 2)
+    return ResyncMark(id=resync_event_id(resource, "mark:r1", version), resource=resource, version=version,
+                      resync_id="r1", scope=scope, listed=3, started_at=iso_utc(1_700_000_400),
+                      observed_at=iso_utc(1_700_000_500))
+
+
+async def test_sweep_writes_the_mark_as_a_line_of_its_own(tmp_path: Path, make_sink: MakeSink) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = await make_sink(path)
+    end = mark(scope={"bk_biz_id": [1, 2]})
+    await sink.apply(batch(1))
+    assert await sink.sweep(end) == 0  # the reader of the file sweeps, not the sink
+    await sink.apply(batch(2))
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == 5 and path.read_bytes().endswith(b"\n")
+    assert lines[2] == end.to_json()
+    doc = json.loads(lines[2])
+    assert doc["type"] == "resync_end" and doc["id"] == end.id and doc["version"] == [1_700_000_500, 2]
+    assert doc["scope"] == {"bk_biz_id": [1, 2]} and doc["resource"] == "host"
+    assert [parse_message(line) for line in lines] == [*batch(1), end, *batch(2)]
+
+
+async def test_a_redelivered_mark_is_written_again(tmp_path: Path, make_sink: MakeSink) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = await make_sink(path)
+    assert await sink.sweep(mark()) == 0
+    assert await sink.sweep(mark()) == 0  # at-least-once, like events: readers dedupe by id
+    assert [parse_message(line) for line in path.read_bytes().splitlines()] == [mark(), mark()]
+
+
+async def test_sweep_to_stdout(capsys: pytest.CaptureFixture[str], make_sink: MakeSink) -> None:
+    sink = await make_sink("-")
+    assert await sink.sweep(mark()) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    assert json.loads(line)["type"] == "resync_end" and parse_message(line) == mark()
+
+
+async def test_a_failed_sweep_write_is_transient(tmp_path: Path) -> None:
+    path = tmp_path / "missing-dir" / "events.jsonl"
+    sink = JsonlSink("lines", JsonlSinkConfig(kind="jsonl", path=str(path)))
+    with pytest.raises(SinkUnavailable):
+        await sink.sweep(mark())
+    path.parent.mkdir()
+    assert await sink.sweep(mark()) == 0
+    await sink.close()
+    assert [parse_message(line) for line in path.read_bytes().splitlines()] == [mark()]
 
 
 # --- stdout ----------------------------------------------------------------------------------------------

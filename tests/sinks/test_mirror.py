@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from rwatch.config import MirrorSinkConfig, SecretUrl
 from rwatch.errors import ConfigError, SinkRejected, SinkUnavailable, TransientError
-from rwatch.events import Action, Event
+from rwatch.events import Action, Event, ResyncMark, resync_event_id
 from rwatch.sinks.base import Sink, TopologyRow
 from rwatch.sinks.mirror import MirroredObject, MirrorSink
 from rwatch.sinks.mirror_schema import TOPOLOGY_VIEW
@@ -289,6 +289,142 @@ async def test_postgres_connections_dropped_under_the_sink(pg_url: str) -> None:
         except SinkUnavailable:
             await mirror.apply([host(1, 2, "update")])
         assert (await mirror.objects("host"))["1"].version == (2, 0)
+
+
+# --- sweep: what a resync's snapshot no longer had ends as a delete ------------------------------------------
+
+
+def mark(resource: str, version: tuple[int, int] | int, scope: dict[str, list[Any]] | None = None,
+         tenant: str = "0", resync_id: str = "r1") -> ResyncMark:
+    version = (version, 0) if isinstance(version, int) else version
+    return ResyncMark(id=resync_event_id(resource, f"mark:{resync_id}", version), resource=resource, tenant=tenant,
+                      version=version, resync_id=resync_id, scope=scope, listed=0,
+                      started_at="2024-11-19T00:00:00Z", observed_at="2024-11-19T00:00:02Z")
+
+
+async def test_sweep_tombstones_older_rows_and_keeps_newer_and_equal(mirror: MirrorSink) -> None:
+    old, equal, newer = host(1, 10), host(2, 20), host(3, 30, bk_host_name="live-after-head")
+    await mirror.apply([old, equal, newer])
+    end = mark("host", 20)
+    assert await mirror.sweep(end) == 1
+    assert state(await mirror.objects("host", include_deleted=True)) == {
+        # The tombstone keeps the document, at the mark's version and with the mark's id.
+        "1": ((20, 0), True, old.data, end.id),
+        "2": ((20, 0), False, equal.data, equal.id),
+        "3": ((30, 0), False, newer.data, newer.id),
+    }
+
+
+async def test_sweep_compares_the_increment_too(mirror: MirrorSink) -> None:
+    await mirror.apply([ev("biz", "1", "create", (100, 1)), ev("biz", "2", "create", (100, 2)),
+                        ev("biz", "3", "create", (100, 3)), ev("biz", "4", "create", (99, 9))])
+    assert await mirror.sweep(mark("biz", (100, 2))) == 2
+    assert {k: (o.version, o.deleted) for k, o in (await mirror.objects("biz", include_deleted=True)).items()} == {
+        "1": ((100, 2), True), "2": ((100, 2), False), "3": ((100, 3), False), "4": ((100, 2), True)}
+
+
+async def test_sweep_honours_the_scope(mirror: MirrorSink) -> None:
+    rows = [relation(1, 10, 100, 1, 5), relation(2, 20, 200, 2, 5), relation(3, 30, 300, 1, 5),
+            ev("host_relation", "9:90", "create", 5, {"bk_host_id": 9})]  # no bk_biz_id: not in any listed biz
+    await mirror.apply(rows)
+    end = mark("host_relation", 10, scope={"bk_biz_id": [1]})
+    assert await mirror.sweep(end) == 2
+    got = await mirror.objects("host_relation", include_deleted=True)
+    assert {k: o.deleted for k, o in got.items()} == {"1:10": True, "2:20": False, "3:30": True, "9:90": False}
+    assert got["2:20"].version == (5, 0) and got["9:90"].version == (5, 0)
+    # Several fields: every one must match.
+    both = mark("host_relation", 10, scope={"bk_biz_id": [2, 3], "bk_set_id": [200]}, resync_id="r2")
+    await mirror.apply([relation(4, 40, 400, 2, 5)])
+    assert await mirror.sweep(both) == 1
+    assert (await mirror.objects("host_relation"))["4:40"].deleted is False
+    assert "2:20" not in await mirror.objects("host_relation")
+    # An empty value list covers nothing.
+    assert await mirror.sweep(mark("host_relation", 10, scope={"bk_biz_id": []}, resync_id="r3")) == 0
+
+
+async def test_sweep_leaves_other_resources_tenants_and_tombstones_alone(mirror: MirrorSink) -> None:
+    deleted = host(3, 8, "delete")
+    others = [named("module", 1, 5), named("set", 1, 5), host(1, 5, tenant="t2")]
+    await mirror.apply([host(1, 5), host(2, 6), deleted, *others])
+    before_others = {(r, t): state(await mirror.objects(r, t, include_deleted=True))
+                     for r, t in (("module", "0"), ("set", "0"), ("host", "t2"))}
+    assert await mirror.sweep(mark("host", 50)) == 2
+    after_others = {(r, t): state(await mirror.objects(r, t, include_deleted=True))
+                    for r, t in (("module", "0"), ("set", "0"), ("host", "t2"))}
+    assert after_others == before_others
+    # The tombstone already there keeps its version and id: it is not swept again.
+    assert state(await mirror.objects("host", include_deleted=True))["3"] == ((8, 0), True, deleted.data, deleted.id)
+    assert await mirror.objects("host") == {}
+    # The other tenant is swept by its own mark only.
+    assert await mirror.sweep(mark("host", 50, tenant="t2")) == 1
+    assert await mirror.objects("host", "t2") == {}
+
+
+async def test_a_second_sweep_sweeps_nothing(mirror: MirrorSink) -> None:
+    await mirror.apply([host(1, 5), host(2, 6), host(3, 60)])
+    end = mark("host", 50)
+    assert await mirror.sweep(end) == 2
+    first = state(await mirror.objects("host", include_deleted=True))
+    assert await mirror.sweep(end) == 0  # a redelivered mark
+    assert state(await mirror.objects("host", include_deleted=True)) == first
+    assert await mirror.sweep(mark("host", 40, resync_id="older")) == 0  # an older resync's mark, late
+    assert state(await mirror.objects("host", include_deleted=True)) == first
+
+
+async def test_a_swept_row_is_not_resurrected_by_an_older_event(mirror: MirrorSink) -> None:
+    await mirror.apply([host(1, 5)])
+    end = mark("host", 50)
+    await mirror.sweep(end)
+    # A replay of an event from before the snapshot's head: the tombstone's version fences it out.
+    await mirror.apply([host(1, 49, "update", bk_host_name="stale")])
+    await mirror.apply([host(1, 50, "update", bk_host_name="same head")])
+    row = (await mirror.objects("host", include_deleted=True))["1"]
+    assert (row.version, row.deleted, row.event_id) == ((50, 0), True, end.id)
+    # A change after the head does bring it back.
+    revived = host(1, 51, bk_host_name="recreated")
+    await mirror.apply([revived])
+    assert state(await mirror.objects("host")) == {"1": ((51, 0), False, revived.data, revived.id)}
+
+
+async def test_sweep_of_an_empty_mirror_is_zero(mirror: MirrorSink) -> None:
+    assert await mirror.sweep(mark("host", 50)) == 0
+    assert await mirror.objects("host", include_deleted=True) == {}
+
+
+async def test_sweep_returns_the_number_swept_beyond_one_chunk(mirror: MirrorSink) -> None:
+    # 1 203 in-scope older rows, interleaved with out-of-scope and newer ones: three UPDATE chunks of keys.
+    events = []
+    for i in range(1800):
+        biz = 2 if i % 3 == 2 else 1
+        version = 90 if i % 7 == 0 else 10
+        events.append(ev("host_relation", f"{i:05d}", "create", version, {"bk_biz_id": biz, "i": i}))
+    for start in range(0, len(events), 400):
+        await mirror.apply(events[start:start + 400])
+    expected = {e.key for e in events if e.data["bk_biz_id"] == 1 and e.version == (10, 0)}
+    assert len(expected) > 1000
+    end = mark("host_relation", 50, scope={"bk_biz_id": [1]})
+    assert await mirror.sweep(end) == len(expected)
+    got = await mirror.objects("host_relation", include_deleted=True)
+    assert {k for k, o in got.items() if o.deleted} == expected
+    assert all(got[k].version == (50, 0) and got[k].event_id == end.id for k in expected)
+    assert all(o.version in ((10, 0), (90, 0)) and not o.deleted for k, o in got.items() if k not in expected)
+    assert await mirror.sweep(end) == 0
+
+
+async def test_sweep_notifies_listeners_only_when_it_swept(mirror: MirrorSink) -> None:
+    calls: list[int] = []
+    await mirror.apply([host(1, 5)])
+    mirror.add_listener(lambda: calls.append(1))
+    assert await mirror.sweep(mark("host", 3)) == 0
+    assert calls == []
+    assert await mirror.sweep(mark("host", 50)) == 1
+    assert calls == [1]
+
+
+async def test_sweep_needs_an_open_sink(db_url: str) -> None:
+    mirror = MirrorSink("mirror", settings_for(db_url))
+    with pytest.raises(SinkUnavailable, match="not open"):
+        await mirror.sweep(mark("host", 50))
 
 
 # --- the topology view ------------------------------------------------------------------------------------

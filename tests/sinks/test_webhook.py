@@ -31,7 +31,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from rwatch.config import WebhookSinkConfig, load_config, signing_key
 from rwatch.errors import ConfigError, SinkRejected, SinkUnavailable
-from rwatch.events import Event, iso_utc, watch_event_id
+from rwatch.events import Event, ResyncMark, iso_utc, resync_event_id, watch_event_id
 from rwatch.logs import setup_logging
 from rwatch.sinks.webhook import WebhookSink, _RecentIds, sign
 
@@ -72,7 +72,7 @@ class Receiver:
     _gate: asyncio.Event = field(default_factory=asyncio.Event)
     _release: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def answer(self, target: Event, *responses: Response) -> None:
+    def answer(self, target: Event | ResyncMark, *responses: Response) -> None:
         self.responses[target.id] = list(responses)
 
     def delivered(self) -> list[str]:
@@ -87,7 +87,7 @@ class Receiver:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        got = Received(request.headers.get("webhook-id", ""), json.loads(body)["key"], dict(request.headers),
+        got = Received(request.headers.get("webhook-id", ""), json.loads(body).get("key", ""), dict(request.headers),
                        body, self._tick())
         self.requests.append(got)
         self.in_flight += 1
@@ -371,6 +371,111 @@ async def test_delivered_ids_are_remembered_within_bounds(receiver: Receiver, ma
     for name in ("a", "b", "a", "c"):
         recent.add(name)
     assert "a" in recent and "c" in recent and "b" not in recent and len(recent) == 2
+
+
+# --- resync marks ----------------------------------------------------------------------------------------
+
+
+def mark(resource: str = "host", resync_id: str = "r1") -> ResyncMark:
+    version = (1_700_000_500, 1)
+    return ResyncMark(id=resync_event_id(resource, f"mark:{resync_id}", version), resource=resource, version=version,
+                      resync_id=resync_id, scope={"bk_biz_id": [1, 2]}, listed=5,
+                      started_at=iso_utc(1_700_000_400), observed_at=iso_utc(1_700_000_500))
+
+
+async def test_sweep_posts_the_mark_signed_like_an_event(receiver: Receiver, make_sink: MakeSink) -> None:
+    sink = await make_sink(receiver.url)
+    end = mark()
+    assert await sink.sweep(end) == 0  # the receiver holds the objects: it sweeps
+    [got] = receiver.requests
+    assert got.body == end.to_json()
+    assert got.headers["Content-Type"] == "application/json"
+    assert got.headers["webhook-id"] == end.id
+    assert abs(int(got.headers["webhook-timestamp"]) - time.time()) < 60
+    doc = Webhook(SECRET).verify(got.body, got.headers)
+    assert doc == end.to_dict() and doc["type"] == "resync_end"
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SECRET).verify(got.body.replace(b'"listed":5', b'"listed":6'), got.headers)
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 503])
+async def test_a_mark_failing_transiently_is_unavailable_and_retried(receiver: Receiver, make_sink: MakeSink,
+                                                                     status: int) -> None:
+    end = mark()
+    receiver.answer(end, status)
+    sink = await make_sink(receiver.url)
+    with pytest.raises(SinkUnavailable) as err:
+        await sink.sweep(end)
+    assert err.value.extra["status"] == status and err.value.extra["resource"] == "host"
+    assert await sink.sweep(end) == 0  # the consumer's retry
+    assert receiver.sent() == [end.id, end.id]
+    assert receiver.delivered() == [end.id]
+
+
+@pytest.mark.parametrize("status", [400, 404, 422, 302])
+async def test_a_mark_refused_is_rejected_by_its_id(receiver: Receiver, make_sink: MakeSink, status: int) -> None:
+    end = mark()
+    receiver.answer(end, status)
+    sink = await make_sink(receiver.url)
+    with pytest.raises(SinkRejected) as err:
+        await sink.sweep(end)
+    assert err.value.event_ids == (end.id,)
+    assert err.value.extra["status"] == status
+    assert str(err.value.extra["reason"]).startswith(f"HTTP {status}")
+    assert len(receiver.requests) == 1  # a redirect was not followed
+    # A refused mark is not remembered as delivered: a replay from the dead-letter queue sends it again.
+    assert await sink.sweep(end) == 0
+    assert receiver.sent() == [end.id, end.id] and receiver.delivered() == [end.id]
+
+
+async def test_a_mark_timing_out_is_unavailable(receiver: Receiver, make_sink: MakeSink) -> None:
+    end = mark()
+    receiver.answer(end, "hang")
+    sink = await make_sink(receiver.url, timeout=1.0)
+    with pytest.raises(SinkUnavailable) as err:
+        await sink.sweep(end)
+    assert err.value.extra["status"] is None
+
+
+async def test_a_mark_to_an_unreachable_endpoint_is_unavailable(make_sink: MakeSink) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sink = await make_sink(f"http://user:hunter2@127.0.0.1:{port}/hook")
+    with pytest.raises(SinkUnavailable) as err:
+        await sink.sweep(mark())
+    assert err.value.extra["url"] == f"http://user:***@127.0.0.1:{port}/hook"
+
+
+async def test_a_delivered_mark_is_not_sent_twice(receiver: Receiver, make_sink: MakeSink) -> None:
+    sink = await make_sink(receiver.url)
+    end, other = mark(), mark(resync_id="r2")
+    before = sample("rwatch_webhook_requests_total", sink="hook", outcome="delivered")
+    assert await sink.sweep(end) == 0
+    assert await sink.sweep(end) == 0  # a redelivered mark: remembered
+    assert await sink.sweep(other) == 0  # another resync's mark is its own message
+    assert receiver.sent() == [end.id, other.id]
+    assert sample("rwatch_webhook_requests_total", sink="hook", outcome="delivered") == before + 2
+    restarted = await make_sink(receiver.url)  # the memory is per process
+    assert await restarted.sweep(end) == 0
+    assert receiver.sent() == [end.id, other.id, end.id]
+
+
+async def test_events_and_marks_keep_their_order(receiver: Receiver, make_sink: MakeSink) -> None:
+    sink = await make_sink(receiver.url)
+    await sink.apply([event(1), event(2, key="2")])
+    await sink.sweep(mark())
+    await sink.apply([event(3)])
+    assert receiver.sent()[2:] == [mark().id, event(3).id]
+    assert sorted(receiver.sent()[:2]) == sorted([event(1).id, event(2, key="2").id])
+
+
+async def test_sweep_needs_open(receiver: Receiver, make_sink: MakeSink) -> None:
+    sink = await make_sink(receiver.url)
+    await sink.close()
+    with pytest.raises(RuntimeError):
+        await sink.sweep(mark())
+    assert receiver.requests == []
 
 
 # --- logs ------------------------------------------------------------------------------------------------

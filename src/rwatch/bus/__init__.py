@@ -17,7 +17,7 @@ from rwatch.retry import HealthyResetWait
 
 if TYPE_CHECKING:
     from rwatch.config import Config
-    from rwatch.events import Event
+    from rwatch.events import Message
 
 __all__ = ["Backoff", "Bus", "make_bus"]
 
@@ -26,7 +26,7 @@ class Bus(Protocol):
     async def start(self) -> None:
         """Connect and declare the topology."""
 
-    async def publish(self, events: Sequence[Event]) -> None:
+    async def publish(self, events: Sequence[Message]) -> None:
         """Return only when every event of the batch is durable; retry broker trouble until then.
 
         Raises ``Stopping`` when stop is requested while the publish is still failing.

@@ -42,7 +42,7 @@ from aiormq.exceptions import (
 from rwatch.bus import Backoff
 from rwatch.config import Config, mask_url
 from rwatch.errors import MessageReturned, Stopping, TopologyConflict
-from rwatch.events import Event
+from rwatch.events import Message
 from rwatch.logs import get_logger
 from rwatch.metrics import BUS_CONNECTED, BUS_RECONNECTS, EVENTS_PUBLISHED, PUBLISH_RETRIES, PUBLISH_SECONDS
 
@@ -138,7 +138,7 @@ async def declare_topology(channel: AbstractChannel, config: Config) -> Abstract
     return exchange
 
 
-def _count_published(events: Sequence[Event], confirmed: list[int]) -> None:
+def _count_published(events: Sequence[Message], confirmed: list[int]) -> None:
     if not confirmed:
         return
     chosen = events if len(confirmed) == len(events) else [events[i] for i in confirmed]
@@ -250,7 +250,7 @@ class AmqpBus:
 
     # -- publishing ----------------------------------------------------------------------------------------
 
-    async def publish(self, events: Sequence[Event]) -> None:
+    async def publish(self, events: Sequence[Message]) -> None:
         if not events:
             return
         started = time.perf_counter()
@@ -306,7 +306,7 @@ class AmqpBus:
         self,
         link: _Link,
         exchange: str,
-        events: Sequence[Event],
+        events: Sequence[Message],
         bodies: list[bytes],
         headers: list[dict[str, Any]],
         stamps: list[datetime],

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 from rwatch.bus import Backoff
 from rwatch.errors import TRANSIENT_ERRORS, MessageReturned, Stopping
-from rwatch.events import Event
+from rwatch.events import Message
 from rwatch.logs import get_logger
 from rwatch.metrics import EVENTS_PUBLISHED, PUBLISH_RETRIES
 
-Handler = Callable[[Sequence[Event]], Awaitable[None]]
+Handler = Callable[[Sequence[Message]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +54,7 @@ class MemoryBus:
     async def close(self) -> None:
         self._closed.set()
 
-    async def publish(self, events: Sequence[Event]) -> None:
+    async def publish(self, events: Sequence[Message]) -> None:
         if self._closed.is_set():
             raise Stopping("bus closed")
         if not events:
@@ -77,7 +77,7 @@ class MemoryBus:
         for (resource, action), n in Counter((e.resource, e.action) for e in events).items():
             EVENTS_PUBLISHED.labels(resource, action).inc(n)
 
-    async def _deliver(self, subscriber: _Subscriber, batch: list[Event]) -> None:
+    async def _deliver(self, subscriber: _Subscriber, batch: list[Message]) -> None:
         backoff = Backoff(self._stop, self._closed)
         while True:
             try:

@@ -61,6 +61,28 @@ KEY_FIELDS: Final[dict[str, tuple[str, ...]]] = {
 }
 
 
+# Fields a resync scopes its sweep by (``ResyncMark.scope``): the lists cannot see the resource pool business,
+# so a biz resync sweeps only ``default == 0`` and a set or module resync only the businesses it listed. rwatch
+# always asks for them, so every event carries what the sweep decides on.
+SCOPE_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    "biz": ("default",),
+    "set": ("bk_biz_id",),
+    "module": ("bk_biz_id",),
+}
+
+# The list APIs a resync calls (cmdb-watch-api.md §6): name -> gateway path; the ESB name is the same.
+LIST_PATHS: Final[dict[str, str]] = {
+    "search_business": "/api/v3/biz/search/{bk_supplier_account}",
+    "list_business_set": "/api/v3/findmany/biz_set",
+    "search_set": "/api/v3/set/search/{bk_supplier_account}/{bk_biz_id}",
+    "search_module": "/api/v3/module/search/{bk_supplier_account}/{bk_biz_id}/{bk_set_id}",
+    "list_hosts_without_biz": "/api/v3/hosts/list_hosts_without_app",
+    "find_host_biz_relations": "/api/v3/hosts/modules/read",
+    "search_cloud_area": "/api/v3/findmany/cloudarea",
+    "list_project": "/api/v3/findmany/project",
+}
+
+
 def object_key(resource: str, data: dict[str, Any]) -> str | None:
     """The object's identity as DESIGN.md spells it, or None when the detail lacks an id field."""
     parts = []

@@ -3,6 +3,9 @@
 Every apply is idempotent and version-fenced (DESIGN.md invariant 2): an event older than, or as old as,
 what the sink already holds for that object changes nothing, so redeliveries and replays are harmless.
 Events of one resource arrive in stream order; across resources in any order (invariant 3).
+
+After a resync's snapshot comes its ``ResyncMark`` on the same queue: ``sweep`` ends what the snapshot did not
+contain (see ``rwatch.watch.resync`` and the README's "Resync").
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from rwatch.config import Config
-    from rwatch.events import Event
+    from rwatch.events import Event, ResyncMark
 
 
 class Sink(Protocol):
@@ -29,6 +32,11 @@ class Sink(Protocol):
         ``SinkRejected`` when events are refused for good: with ``event_ids`` when the sink knows which
         (the others were applied), without when the whole batch was refused.
         """
+
+    async def sweep(self, mark: ResyncMark) -> int:
+        """A resync's snapshot of ``mark.resource`` has been applied: end every object the sink still holds
+        with a version older than ``mark.version`` (and inside ``mark.scope``) as a delete at that version;
+        the number swept. Idempotent (a replayed mark finds nothing left to sweep); same errors as apply."""
 
     async def close(self) -> None: ...
 

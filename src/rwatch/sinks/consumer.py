@@ -17,7 +17,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import orjson
@@ -30,14 +30,15 @@ from rwatch.bus import Backoff
 from rwatch.bus.amqp import dead_queue_name, declare_topology, dlx_name, queue_name
 from rwatch.config import Config
 from rwatch.errors import TRANSIENT_ERRORS, PermanentError, RwatchError, SinkRejected, Stopping
-from rwatch.events import Event
+from rwatch.events import Event, Message, ResyncMark, parse_message
 from rwatch.retry import HealthyResetWait, sleep_or_stop
 from rwatch.sinks.base import Sink
 
 log = structlog.get_logger("rwatch.consume")
 
 _BROKER_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, aio_pika.exceptions.AMQPError)
-DeadLetter = Callable[[Event, str, dict[str, Any]], Awaitable[None]]
+DeadLetter = Callable[[Message, str, dict[str, Any]], Awaitable[None]]
+T = TypeVar("T")
 # Deliveries of a burst (a watcher's batch, a backlog) follow each other well within this; a longer quiet gap
 # means the stream paused, and waiting on would only delay the events in hand.
 _ARRIVAL_GAP = 0.001
@@ -54,13 +55,34 @@ class Applier:
         self.backoff = HealthyResetWait(initial=0.2, maximum=30.0)
         self.log = log.bind(sink=sink.name, resource=resource)
 
-    async def apply(self, events: Sequence[Event]) -> None:
-        """Return once every event is applied or dead-lettered; ``Stopping`` if asked to stop first."""
+    async def apply(self, messages: Sequence[Message]) -> None:
+        """Return once every event is applied (every mark swept) or dead-lettered; ``Stopping`` if asked to
+        stop first. A resync mark is swept after the events before it and before those after it."""
+        run: list[Event] = []
+        for message in messages:
+            if isinstance(message, ResyncMark):
+                await self._apply_events(run)
+                run = []
+                await self._sweep(message)
+            else:
+                run.append(message)
+        await self._apply_events(run)
+
+    async def _sweep(self, mark: ResyncMark) -> None:
+        try:
+            swept = await self._retrying(lambda: self.sink.sweep(mark), 1)
+        except SinkRejected as exc:
+            await self.dead_letter(mark, exc.message, exc.fields())
+            return
+        m.RESYNC_SWEPT.labels(self.sink.name, mark.resource).inc(swept)
+        self.log.info("resync_swept", resync_id=mark.resync_id, swept=swept, version=list(mark.version))
+
+    async def _apply_events(self, events: Sequence[Event]) -> None:
         if not events:
             return
         started = time.perf_counter()
         try:
-            await self._retrying(events)
+            await self._retrying(lambda: self.sink.apply(events), len(events))
         except SinkRejected as exc:
             if exc.event_ids:
                 refused = set(exc.event_ids)
@@ -74,11 +96,10 @@ class Applier:
         m.APPLY_SECONDS.labels(self.sink.name).observe(time.perf_counter() - started)
         self._count(events)
 
-    async def _retrying(self, events: Sequence[Event]) -> None:
+    async def _retrying(self, op: Callable[[], Awaitable[T]], size: int) -> T:
         while True:
             try:
-                await self.sink.apply(events)
-                return
+                return await op()
             except SinkRejected:
                 raise
             except PermanentError as exc:
@@ -87,7 +108,7 @@ class Applier:
                 delay = self.backoff.next_delay()
                 m.APPLY_RETRIES.labels(self.sink.name).inc()
                 fields = exc.fields() if isinstance(exc, RwatchError) else {"error": repr(exc)}
-                self.log.warning("sink_apply_failed", **{**fields, "events": len(events),
+                self.log.warning("sink_apply_failed", **{**fields, "events": size,
                                                           "retry_in": round(delay, 2)})
                 if await sleep_or_stop(delay, self.stop):
                     raise Stopping("stopping while the sink is failing") from exc
@@ -97,7 +118,7 @@ class Applier:
         applied = []
         for event in events:
             try:
-                await self._retrying([event])
+                await self._retrying(lambda event=event: self.sink.apply([event]), 1)  # type: ignore[misc]
             except SinkRejected as exc:
                 await self.dead_letter(event, exc.message, exc.fields())
                 continue
@@ -189,7 +210,7 @@ class QueueConsumer:
             batch.append(inbox.get_nowait())
 
     async def _handle(self, batch: list[AbstractIncomingMessage]) -> None:
-        events: list[Event] = []
+        events: list[Message] = []
         for message in batch:
             event = await self._decode(message)
             if event is not None:
@@ -198,9 +219,11 @@ class QueueConsumer:
         # One acknowledgement for the whole batch, after it applied: a crash before it replays the batch.
         await batch[-1].ack(multiple=True)
 
-    async def _decode(self, message: AbstractIncomingMessage) -> Event | None:
+    async def _decode(self, message: AbstractIncomingMessage) -> Message | None:
+        headers = message.headers or {}
+        action = headers.get("x-action")
         try:
-            event = Event.from_json(message.body)
+            event = parse_message(message.body, action if isinstance(action, str) else None)
         except ValidationError as exc:
             reason = f"not a valid rwatch event: {exc.errors()[0]['msg']}"
             await self._publish_dead(message.body, dict(message.headers or {}), reason, {})
@@ -211,7 +234,7 @@ class QueueConsumer:
             return None
         return event
 
-    async def _dead_letter(self, event: Event, reason: str, fields: dict[str, Any]) -> None:
+    async def _dead_letter(self, event: Message, reason: str, fields: dict[str, Any]) -> None:
         headers = {"x-event-id": event.id, "x-resource": event.resource, "x-action": event.action}
         await self._publish_dead(event.to_json(), headers, reason, fields)
 

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 
 from rwatch.config import JsonlSinkConfig
 from rwatch.errors import SinkUnavailable
-from rwatch.events import Event
+from rwatch.events import Message, ResyncMark
 from rwatch.logs import get_logger
 from rwatch.metrics import JSONL_ROTATIONS, JSONL_WRITTEN_BYTES
 
@@ -61,13 +61,18 @@ class JsonlSink:
         if self.path != STDOUT:
             await self._in_thread(self._ensure_open)
 
-    async def apply(self, events: Sequence[Event]) -> None:
+    async def apply(self, events: Sequence[Message]) -> None:
         if not events:
             return
         data = b"".join(event.to_json() + b"\n" for event in events)
         write = self._write_stdout if self.path == STDOUT else self._write_file
         await self._in_thread(write, data)
         JSONL_WRITTEN_BYTES.labels(self.name).inc(len(data))
+
+    async def sweep(self, mark: ResyncMark) -> int:
+        """The mark is written as a line of its own (``"type": "resync_end"``): a reader of the file sweeps."""
+        await self.apply([mark])
+        return 0
 
     async def close(self) -> None:
         await self._in_thread(self._close_fd)

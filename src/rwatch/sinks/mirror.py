@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
-from sqlalchemy import Table, event, select, tuple_
+from sqlalchemy import Table, event, literal, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from rwatch import sql
 from rwatch.config import MirrorSinkConfig
 from rwatch.errors import PermanentError, SinkRejected, SinkUnavailable
-from rwatch.events import Event
+from rwatch.events import Event, ResyncMark
 from rwatch.logs import get_logger
 from rwatch.sinks.base import TopologyRow
 from rwatch.sinks.mirror_schema import TOPOLOGY_VIEW, create_schema, objects_table, topology_view
@@ -42,6 +42,7 @@ _SCHEMA_LOCK = b"rwmirror"  # PostgreSQL advisory lock for the schema transactio
 _REJECTED_SQLSTATE = ("22", "23", "54")
 _SQLITE_MIN = (3, 24, 0)  # ON CONFLICT ... DO UPDATE (row values, for the fence, came in 3.15)
 _O = objects_table.c
+_SWEEP_CHUNK = 500  # keys per UPDATE: well under SQLite's and asyncpg's bound-parameter limits
 _DIALECT_INSERTS: dict[str, Callable[[Table], Any]] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 
@@ -209,6 +210,9 @@ class MirrorSink:
         with self._errors("apply", events):
             async with _maybe(self._write_lock):
                 await self._write(engine, rows)
+        self._notify()
+
+    def _notify(self) -> None:
         for callback in self._listeners:
             try:
                 callback()
@@ -220,6 +224,34 @@ class MirrorSink:
             conn = await conn.execution_options(rwatch_write=True)
             async with conn.begin():  # the whole batch or nothing
                 await conn.execute(self._upsert, rows)
+
+    async def sweep(self, mark: ResyncMark) -> int:
+        """Tombstone every live row of the mark's resource older than its version and inside its scope."""
+        engine = self._live("sweep")
+        version = tuple_(_O.version_s, _O.version_i)
+        older = version < tuple_(literal(mark.version[0]), literal(mark.version[1]))
+        where = (_O.tenant == mark.tenant, _O.resource == mark.resource, ~_O.deleted, older)
+        now = time.time()
+        with self._errors("sweep"):
+            async with _maybe(self._write_lock), engine.connect() as conn:
+                conn = await conn.execution_options(rwatch_write=True)
+                async with conn.begin():
+                    rows = (await conn.execute(select(_O.key, _O.data).where(*where))).all()
+                    keys = sorted(row.key for row in rows if mark.in_scope(row.data or {}))
+                    swept = 0
+                    for start in range(0, len(keys), _SWEEP_CHUNK):
+                        chunk = keys[start:start + _SWEEP_CHUNK]
+                        result = await conn.execute(
+                            update(objects_table).where(*where, _O.key.in_(chunk)).values(
+                                deleted=True, version_s=mark.version[0], version_i=mark.version[1],
+                                event_id=mark.id, updated_at=now))
+                        # What the UPDATE changed, fence re-checked: a concurrent apply may have moved a row on.
+                        swept += max(0, result.rowcount)
+        if swept:
+            log.info("mirror_swept", sink=self.name, resource=mark.resource, swept=swept,
+                     resync_id=mark.resync_id, sample=keys[:10])
+            self._notify()
+        return swept
 
     # --- reading -----------------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from rwatch.metrics import PROM_SD_RENDER_ERRORS, PROM_SD_RENDERS, PROM_SD_TARGE
 
 if TYPE_CHECKING:
     from rwatch.config import PromJob, PromSdSinkConfig
-    from rwatch.events import Event
+    from rwatch.events import Event, ResyncMark
     from rwatch.http import Handler
     from rwatch.sinks.base import TopologyRow
 
@@ -215,6 +215,10 @@ class PromSdSink:
 
     async def apply(self, events: Sequence[Event]) -> None:
         """Nothing to do: prom_sd is a projection of its mirror, which calls ``_on_change`` after commits."""
+
+    async def sweep(self, mark: ResyncMark) -> int:
+        """Nothing to do: the mirror sweeps, and its commit re-renders this projection."""
+        return 0
 
     async def close(self) -> None:
         self._closing.set()

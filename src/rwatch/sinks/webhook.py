@@ -51,7 +51,7 @@ import aiohttp
 from rwatch import __version__
 from rwatch.config import WebhookSinkConfig, mask_url, signing_key
 from rwatch.errors import SinkRejected, SinkUnavailable
-from rwatch.events import Event
+from rwatch.events import Event, Message, ResyncMark
 from rwatch.logs import get_logger
 from rwatch.metrics import WEBHOOK_REQUEST_SECONDS, WEBHOOK_REQUESTS, WEBHOOK_SKIPPED
 
@@ -81,7 +81,7 @@ async def _drain(resp: aiohttp.ClientResponse) -> None:
 
 @dataclass(frozen=True, slots=True)
 class _Failure:
-    event: Event
+    event: Message
     status: int | None  # None: no answer (timeout, connection error)
     reason: str
 
@@ -168,11 +168,12 @@ class WebhookSink:
 
         for failure in rejected:
             self._log.warning("webhook_rejected", status=failure.status, reason=failure.reason,
-                              event_id=failure.event.id, resource=failure.event.resource, key=failure.event.key)
+                              event_id=failure.event.id, resource=failure.event.resource,
+                              key=getattr(failure.event, "key", None))
         if failed:
             first = failed[0]
             self._log.warning("webhook_failed", status=first.status, reason=first.reason, event_id=first.event.id,
-                              resource=first.event.resource, key=first.event.key, failed=len(failed),
+                              resource=first.event.resource, key=getattr(first.event, "key", None), failed=len(failed),
                               rejected=len(rejected), events=len(events))
             raise SinkUnavailable(f"webhook endpoint failed for {len(failed)} event(s): {first.reason}",
                                   sink=self.name, url=self._url, status=first.status, reason=first.reason,
@@ -183,7 +184,25 @@ class WebhookSink:
                                event_ids=tuple(f.event.id for f in rejected), sink=self.name, url=self._url,
                                status=first.status, reason=first.reason)
 
-    async def _send(self, session: aiohttp.ClientSession, event: Event) -> _Failure | None:
+    async def sweep(self, mark: ResyncMark) -> int:
+        """Forward the mark (``webhook-id`` = its id): the receiver holds the objects, so the receiver sweeps
+        (README, "Resync"). Nothing is swept here, so 0."""
+        if self._session is None:
+            raise RuntimeError(f"webhook sink {self.name!r} is not open")
+        if mark.id in self._delivered:
+            return 0
+        failure = await self._send(self._session, mark)
+        if failure is None:
+            self._delivered.add(mark.id)
+            return 0
+        fields = {"sink": self.name, "url": self._url, "status": failure.status, "reason": failure.reason,
+                  "resource": mark.resource}
+        if failure.status is not None and not is_transient(failure.status):
+            raise SinkRejected(f"webhook endpoint refused the resync mark: {failure.reason}", event_ids=(mark.id,),
+                               **fields)
+        raise SinkUnavailable(f"webhook endpoint failed for the resync mark: {failure.reason}", **fields)
+
+    async def _send(self, session: aiohttp.ClientSession, event: Message) -> _Failure | None:
         """POST one event; None when delivered, else what went wrong. Never raises but for cancellation."""
         body = event.to_json()
         async with self._slots:

@@ -36,6 +36,7 @@ from rwatch.errors import (
     CursorExpired,
     LeaseLost,
     PermanentError,
+    ResyncUnsupported,
     RwatchError,
     StartOutOfWindow,
     Stopping,
@@ -45,7 +46,8 @@ from rwatch.events import Action, Event, iso_utc, watch_event_id
 from rwatch.failpoints import failpoint
 from rwatch.metrics import WATCHERS, WatchHealth
 from rwatch.retry import HealthyResetWait, sleep_or_stop
-from rwatch.watch.cursors import CursorState, CursorStore
+from rwatch.watch.cursors import CursorState, CursorStore, Gap
+from rwatch.watch.resync import Resyncer
 
 PAGE_SIZE = 200  # the server's eventStep: a full page means more is waiting
 # How far inside the retention window a forced resume starts, so the request is not refused on arrival.
@@ -102,6 +104,7 @@ class Watcher:
         backoff: HealthyResetWait | None = None,
         owner: str | None = None,
         lease_ttl: float | None = None,
+        resyncer: Resyncer | None = None,
     ) -> None:
         self.resource = resource
         self.settings = settings
@@ -131,6 +134,8 @@ class Watcher:
         # Monotonic time after which the pipeline must not start a poll or a publish: the lease's expiry
         # minus the safety margin, as the keeper last established it. Infinite outside a term.
         self._lease_deadline = float("inf")
+        self.resyncer = resyncer
+        self._gap_recorded = asyncio.Event()
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -262,10 +267,13 @@ class Watcher:
         except Stopping:
             return
         WATCHERS.add(self)
+        reconciler = asyncio.create_task(self._reconcile(), name=f"reconcile:{self.resource}")
         try:
             await self._pipeline()
         finally:
             WATCHERS.discard(self)
+            reconciler.cancel()
+            await asyncio.gather(reconciler, return_exceptions=True)
 
     async def _pipeline(self) -> None:
         queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=1)
@@ -415,8 +423,78 @@ class Watcher:
             lambda: self.store.add_gap(self.tenant, self.resource, start, end, reason))
         m.CURSOR_GAPS.labels(self.resource).inc()
         m.CURSOR_GAP_SECONDS.labels(self.resource).inc(max(0.0, end - start))
+        self._gap_recorded.set()
         self.log.error("cursor_gap", gap_id=gap.id, start=iso_utc(start), end=iso_utc(end),
                        seconds=round(end - start, 1), reason=reason)
+
+    # --- reconciliation: fill recorded gaps, and the periodic safety net -------------------------------
+
+    async def _reconcile(self) -> None:
+        """While this term lasts: resync whenever the resource has open gaps (at once, and whenever the
+        watcher records one) and every ``watch.resync_every`` if set. A gap is filled only by a resync that
+        started after it was recorded: the snapshot then postdates every change the gap lost."""
+        every = self.watch.resync_every
+        last = time.monotonic()
+        pause = HealthyResetWait(initial=5.0, maximum=300.0)
+        while not self._halt.is_set():
+            self._gap_recorded.clear()
+            try:
+                gaps = await self._retry_store(lambda: self.store.gaps(self.tenant, self.resource))
+            except Stopping:
+                return
+            m.GAPS_OPEN.labels(self.resource).set(len(gaps))
+            due = every > 0 and time.monotonic() - last >= every
+            if (gaps or due) and self.resyncer is not None:
+                trigger = ("bootstrap" if all(g.reason == "bootstrap" for g in gaps) else "gap") if gaps else "periodic"
+                ok = await self._resync(gaps, trigger)
+                if ok is None:
+                    return
+                if ok:
+                    last = time.monotonic()
+                    pause.streak = 0
+                    continue
+                # Failed: try again later (the error is logged and counted); a new gap does not wait.
+                wait = pause.next_delay()
+            elif gaps:
+                return  # no resyncer (a test's bare watcher): the gaps stay open, visible in the store
+            else:
+                wait = every - (time.monotonic() - last) if every > 0 else float("inf")
+            await self._wait_gap(wait)
+
+    async def _wait_gap(self, seconds: float) -> None:
+        waiters = {asyncio.ensure_future(self._gap_recorded.wait()), asyncio.ensure_future(self._halt.wait())}
+        try:
+            await asyncio.wait(waiters, timeout=None if seconds == float("inf") else max(0.0, seconds),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def _resync(self, gaps: list[Gap], trigger: str) -> bool | None:
+        """True once resynced (and ``gaps`` filled), False on failure, None when stopping."""
+        assert self.resyncer is not None
+        try:
+            self.resyncer.check(self.resource)
+        except ResyncUnsupported as exc:
+            m.RESYNCS.labels(self.resource, trigger, "unsupported").inc()
+            self.log.error("resync_unsupported", **exc.fields(), gaps=[g.id for g in gaps])
+            await self._wait_gap(float("inf"))  # until a new gap or the end of the term: nothing else to do
+            return False
+        try:
+            result = await self.resyncer.run(self.resource, trigger=trigger)
+        except Stopping:
+            return None
+        except Exception:  # logged and counted by the resyncer; the watch itself goes on
+            return False
+        for gap in gaps:
+            try:
+                await self._retry_store(lambda gap=gap: self.store.fill_gap(gap.id, time.time()))  # type: ignore[misc]
+            except Stopping:
+                return None
+            m.GAPS_FILLED.labels(self.resource).inc()
+            self.log.warning("cursor_gap_filled", gap_id=gap.id, start=iso_utc(gap.start), end=iso_utc(gap.end),
+                             reason=gap.reason, resync_id=result.resync_id, listed=result.listed)
+        return True
 
     # --- normalize -------------------------------------------------------------------------------------
 

@@ -1,0 +1,372 @@
+"""Resync: list-then-watch, so a sink ends equal to CMDB even where the stream lost history.
+
+The Kubernetes informer's pattern, on CMDB's APIs (README "Resync"):
+
+1. **Head first.** A from-now watch request gives the newest event's cursor; its cluster time is the
+   snapshot's version ``V`` (no event in the window: the server's clock, less a second). Every change the
+   lists below cannot have seen is newer than ``V``.
+2. **List.** Each object is listed through the APIs of cmdb-watch-api.md §6, keyset-paged by its id (offset
+   paging skips rows when something is deleted underneath), under the client's rate limit and at most
+   ``watch.resync_concurrency`` requests in flight, and published as an ``update`` event with
+   ``origin = "resync"`` and version ``V``, page by page (memory stays one page per request in flight).
+   The sinks' version fence does the merging: a live change made during the list is newer than ``V`` and
+   is never overwritten by its snapshot row, whichever arrives first.
+3. **Mark.** After the last page, a ``ResyncMark`` (``cmdb.<resource>.resync``) follows on the same queues.
+   Each sink *sweeps*: what it still holds older than ``V`` was in no snapshot row, so CMDB no longer has
+   it; it ends deleted at ``V``. The mark's ``scope`` keeps the sweep to what the lists could see.
+
+The watch goes on from where it stood meanwhile; replayed events older than ``V`` are fenced out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import structlog
+
+from rwatch import metrics as m
+from rwatch.bus import Bus
+from rwatch.cmdb import protocol as p
+from rwatch.cmdb.client import CmdbClient
+from rwatch.config import Config
+from rwatch.errors import TRANSIENT_ERRORS, ResyncUnsupported, RwatchError, Stopping
+from rwatch.events import Event, ResyncMark, iso_utc, resync_event_id
+from rwatch.retry import HealthyResetWait, sleep_or_stop
+
+log = structlog.get_logger("rwatch.resync")
+
+Doc = dict[str, Any]
+Scope = dict[str, list[Any]] | None
+# (resource, objects listed so far, total when the API told it)
+Progress = Callable[[str, int, int | None], None]
+
+# Page sizes: the documented maximum of each API (cmdb-watch-api.md §6), never the system-wide 1000.
+LIMITS: Final[dict[str, int]] = {
+    "search_business": 200,
+    "list_business_set": 500,
+    "search_set": 500,
+    "search_module": 500,
+    "list_hosts_without_biz": 500,
+    "find_host_biz_relations": 500,  # host ids per request
+    "search_cloud_area": 200,
+    "list_project": 500,
+}
+# A value no business has: a filter on bk_data_status is what makes search_business show archived ones.
+_ANY_STATUS: Final = {"field": "bk_data_status", "operator": "not_equal", "value": "__rwatch_any__"}
+
+
+@dataclass(slots=True)
+class ResyncResult:
+    resource: str
+    resync_id: str
+    version: tuple[int, int]
+    listed: int
+    requests: Counter[str]
+    seconds: float
+    scope: Scope
+    started_at: float
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """One listing of one resource: in progress, then its outcome."""
+
+    resource: str
+    version: tuple[int, int]
+    fields: list[str]
+    tenant: str
+    out: Callable[[list[Event]], Awaitable[None]]
+    observed: str = ""
+    scope: Scope = None
+    listed: int = 0
+    total: int | None = None
+    invalid: int = 0
+    requests: Counter[str] = field(default_factory=Counter)
+
+
+class ListApi:
+    """The list APIs: one request at a time per caller, ``concurrency`` in flight in all, transient errors
+    retried with backoff until ``stop``; anything else raises."""
+
+    def __init__(self, client: CmdbClient, tenant: str, stop: asyncio.Event, concurrency: int) -> None:
+        self.client = client
+        self.tenant = tenant
+        self.stop = stop
+        self._slots = asyncio.Semaphore(concurrency)
+
+    async def call(self, api: str, body: dict[str, Any], requests: Counter[str], **path: Any) -> Any:
+        url = self.client.api_url(p.LIST_PATHS[api].format(bk_supplier_account=self.tenant, **path), api)
+        body = {**path, **body}
+        wait = HealthyResetWait(initial=0.5, maximum=15.0)
+        while True:
+            try:
+                async with self._slots:
+                    requests[api] += 1
+                    m.RESYNC_REQUESTS.labels(api).inc()
+                    return await self.client.call(url, body)
+            except TRANSIENT_ERRORS as exc:
+                delay = wait.next_delay()
+                fields = exc.fields() if isinstance(exc, RwatchError) else {"error": repr(exc)}
+                log.warning("resync_list_failed", **{**fields, "api": api, "retry_in": round(delay, 2)})
+                if await sleep_or_stop(delay, self.stop):
+                    raise Stopping("stopping") from exc
+
+    async def pages(self, api: str, id_field: str, requests: Counter[str], *, body: dict[str, Any] | None = None,
+                    style: str = "filter", param: str = "filter", **path: Any) -> AsyncIterator[tuple[list[Doc], int]]:
+        """Every object, keyset-paged by ``id_field``: (page, how many remained including it)."""
+        last: Any = None
+        limit = LIMITS[api]
+        while True:
+            query = dict(body or {})
+            if last is not None:
+                if style == "condition":
+                    query[param] = {**query.get(param, {}), id_field: {"$gt": last}}
+                else:
+                    rule = {"field": id_field, "operator": "greater", "value": last}
+                    given = query.get(param)
+                    query[param] = {"condition": "AND", "rules": [given, rule] if given else [rule]}
+            query["page"] = {"start": 0, "limit": limit, "sort": id_field}
+            data = await self.call(api, query, requests, **path)
+            info, count = _info(data, api)
+            yield info, count
+            if len(info) >= count or not info:
+                return
+            last = info[-1].get(id_field)
+            if last is None:
+                raise ValueError(f"{api} returned an object without {id_field}")
+
+
+def _info(data: Any, api: str) -> tuple[list[Doc], int]:
+    if not isinstance(data, dict) or not isinstance(data.get("info"), list):
+        raise ValueError(f"{api} answered without data.info")
+    info = [d for d in data["info"] if isinstance(d, dict)]
+    count = data.get("count")
+    return info, int(count) if isinstance(count, int) else len(info)
+
+
+class Resyncer:
+    """Runs resyncs (see the module docstring) through one CMDB client and one bus."""
+
+    SUPPORTED: Final = frozenset({"host", "host_relation", "biz", "set", "module", "plat", "project", "biz_set"})
+
+    def __init__(self, config: Config, client: CmdbClient, bus: Bus, stop: asyncio.Event, *,
+                 progress: Progress | None = None) -> None:
+        self.config = config
+        self.client = client
+        self.bus = bus
+        self.stop = stop
+        self.tenant = config.cmdb.tenant
+        self.progress = progress
+        self.lists = ListApi(client, self.tenant, stop, config.watch.resync_concurrency)
+
+    @classmethod
+    def check(cls, resource: str) -> None:
+        if resource not in cls.SUPPORTED:
+            raise ResyncUnsupported(
+                f"no list API covers every {resource} object, so {resource} cannot be resynced "
+                f"(resyncable: {', '.join(sorted(cls.SUPPORTED))})", resource=resource)
+
+    async def run(self, resource: str, *, trigger: str = "manual") -> ResyncResult:
+        """Resync one resource; returns once every snapshot event and the mark are durable on the bus."""
+        self.check(resource)
+        started, clock = time.time(), time.monotonic()
+        resync_id = uuid.uuid4().hex[:16]
+        bound = log.bind(resource=resource, resync_id=resync_id, trigger=trigger)
+        try:
+            snapshot = await self.snapshot(resource, self.bus.publish, on_head=lambda v: bound.info(
+                "resync_started", version=list(v), occurred_at=iso_utc(v[0])))
+            mark = ResyncMark(id=resync_event_id(resource, f"mark:{resync_id}", snapshot.version), resource=resource,
+                              tenant=self.tenant, version=snapshot.version, resync_id=resync_id, scope=snapshot.scope,
+                              listed=snapshot.listed, started_at=iso_utc(started), observed_at=iso_utc(time.time()))
+            await self.bus.publish([mark])
+        except (Stopping, asyncio.CancelledError):
+            m.RESYNCS.labels(resource, trigger, "stopped").inc()
+            raise
+        except Exception as exc:
+            m.RESYNCS.labels(resource, trigger, "failed").inc()
+            facts = exc.fields() if isinstance(exc, RwatchError) else {"error": repr(exc)}
+            bound.error("resync_failed", **facts)
+            raise
+        seconds = time.monotonic() - clock
+        m.RESYNCS.labels(resource, trigger, "ok").inc()
+        m.RESYNC_SECONDS.labels(resource).observe(seconds)
+        bound.info("resync_finished", listed=snapshot.listed, invalid=snapshot.invalid,
+                   requests=sum(snapshot.requests.values()), seconds=round(seconds, 3),
+                   scope=_scope_summary(snapshot.scope), version=list(snapshot.version))
+        return ResyncResult(resource, resync_id, snapshot.version, snapshot.listed, snapshot.requests, seconds,
+                            snapshot.scope, started)
+
+    async def snapshot(self, resource: str, out: Callable[[list[Event]], Awaitable[None]], *,
+                       on_head: Callable[[tuple[int, int]], object] | None = None) -> Snapshot:
+        """Take the head, then list every object of ``resource`` as snapshot events handed to ``out`` page by
+        page (``run`` publishes them; ``verify`` compares them)."""
+        self.check(resource)
+        version = await self.head(resource)
+        if on_head is not None:
+            on_head(version)
+        settings = self.config.watch.resources[resource]
+        fields = [] if resource in p.FIELDS_IGNORED else list(settings.fields)
+        snap = Snapshot(resource, version, fields, self.tenant, out, iso_utc(time.time()))
+        snap.scope = await getattr(self, f"_list_{resource}")(snap)
+        return snap
+
+    async def head(self, resource: str) -> tuple[int, int]:
+        """The snapshot's version: the newest event's cluster time, or the server's clock less a second."""
+        settings = self.config.watch.resources[resource]
+        wait = HealthyResetWait(initial=0.5, maximum=15.0)
+        while True:
+            try:
+                reply = await self.client.watch(resource, fields=settings.fields, event_types=settings.event_types,
+                                                sub_resource=settings.sub_resource)
+                break
+            except TRANSIENT_ERRORS as exc:
+                delay = wait.next_delay()
+                log.warning("resync_head_failed", resource=resource, error=repr(exc), retry_in=round(delay, 2))
+                if await sleep_or_stop(delay, self.stop):
+                    raise Stopping("stopping") from exc
+        cursor = reply.last_cursor
+        decoded = p.decode_cursor(cursor) if cursor and cursor != p.NO_EVENT_CURSOR else None
+        if decoded is not None:
+            return decoded.sec, decoded.inc
+        # Under-estimating is safe (a change then merely looks newer than the snapshot); over-estimating is not.
+        return int(self.client.server_now()) - 1, 0
+
+    # --- publishing ----------------------------------------------------------------------------------------
+
+    async def _emit(self, run: Snapshot, docs: Sequence[Doc]) -> None:
+        events: list[Event] = []
+        for doc in docs:
+            data = {f: doc.get(f) for f in run.fields} if run.fields else doc
+            key = p.object_key(run.resource, data)
+            if key is None:
+                run.invalid += 1
+                m.EVENTS_INVALID.labels(run.resource, "no_key").inc()
+                log.error("resync_object_invalid", resource=run.resource, reason="no_key",
+                          keys=sorted(doc)[:20])
+                continue
+            events.append(Event.model_construct(
+                id=resync_event_id(run.resource, key, run.version), resource=run.resource, action="update",
+                key=key, tenant=run.tenant, version=run.version, occurred_at=iso_utc(run.version[0]),
+                observed_at=run.observed, origin="resync", cursor=None, data=data))
+        if events:
+            await run.out(events)
+        run.listed += len(events)
+        m.RESYNC_OBJECTS.labels(run.resource).inc(len(events))
+        if self.progress is not None:
+            self.progress(run.resource, run.listed, run.total)
+
+    async def _paged(self, run: Snapshot, api: str, id_field: str, **kwargs: Any) -> None:
+        """List every page and publish it as it comes."""
+        first = True
+        async for info, count in self.lists.pages(api, id_field, run.requests, **kwargs):
+            if first:
+                run.total = (run.total or 0) + count
+            first = False
+            await self._emit(run, info)
+
+    async def _all(self, run: Snapshot, api: str, id_field: str, **kwargs: Any) -> list[Doc]:
+        """Every page of a list, kept (for ids that the next step needs), not published."""
+        docs: list[Doc] = []
+        async for info, _ in self.lists.pages(api, id_field, run.requests, **kwargs):
+            docs.extend(info)
+        return docs
+
+    def _fields(self, run: Snapshot, *extra: str) -> dict[str, Any]:
+        return {"fields": [*run.fields, *[f for f in extra if f not in run.fields]]} if run.fields else {}
+
+    # --- one lister per resource: publish the snapshot, return the sweep's scope ----------------------------
+
+    async def _list_host(self, run: Snapshot) -> Scope:
+        # list_hosts_without_biz with no business: every host, the resource pool's included.
+        await self._paged(run, "list_hosts_without_biz", "bk_host_id", body=self._fields(run, "bk_host_id"),
+                          param="host_property_filter")
+        return None
+
+    async def _list_host_relation(self, run: Snapshot) -> Scope:
+        hosts = await self._all(run, "list_hosts_without_biz", "bk_host_id", body={"fields": ["bk_host_id"]},
+                                param="host_property_filter")
+        ids = [h["bk_host_id"] for h in hosts if isinstance(h.get("bk_host_id"), int)]
+        run.total = len(ids)
+        size = LIMITS["find_host_biz_relations"]
+
+        async def relations(chunk: list[int]) -> None:
+            rows = await self.lists.call("find_host_biz_relations", {"bk_host_id": chunk}, run.requests)
+            if not isinstance(rows, list):
+                raise ValueError("find_host_biz_relations answered without a list")
+            await self._emit(run, [r for r in rows if isinstance(r, dict)])
+
+        await _gather_bounded([relations(ids[i:i + size]) for i in range(0, len(ids), size)],
+                              self.config.watch.resync_concurrency)
+        return None
+
+    async def _businesses(self, run: Snapshot) -> list[int]:
+        """Every business search_business shows, archived ones included (the resource pool never is)."""
+        bizs = await self._all(run, "search_business", "bk_biz_id", body={"fields": ["bk_biz_id"],
+                               "biz_property_filter": _ANY_STATUS}, param="biz_property_filter")
+        return sorted({b["bk_biz_id"] for b in bizs if isinstance(b.get("bk_biz_id"), int)})
+
+    async def _list_biz(self, run: Snapshot) -> Scope:
+        body = {**self._fields(run, "bk_biz_id", "default"), "biz_property_filter": _ANY_STATUS}
+        await self._paged(run, "search_business", "bk_biz_id", body=body, param="biz_property_filter")
+        return {"default": [0]}
+
+    async def _per_biz(self, run: Snapshot, list_one: Callable[[int], Awaitable[None]]) -> Scope:
+        bizs = await self._businesses(run)
+        await _gather_bounded([list_one(b) for b in bizs], self.config.watch.resync_concurrency)
+        return {"bk_biz_id": bizs}
+
+    async def _list_set(self, run: Snapshot) -> Scope:
+        async def one(biz: int) -> None:
+            await self._paged(run, "search_set", "bk_set_id", body=self._fields(run, "bk_set_id", "bk_biz_id"),
+                              bk_biz_id=biz)
+        return await self._per_biz(run, one)
+
+    async def _list_module(self, run: Snapshot) -> Scope:
+        async def one(biz: int) -> None:
+            await self._paged(run, "search_module", "bk_module_id", style="condition", param="condition",
+                              body=self._fields(run, "bk_module_id", "bk_biz_id"), bk_biz_id=biz, bk_set_id=0)
+        return await self._per_biz(run, one)
+
+    async def _list_plat(self, run: Snapshot) -> Scope:
+        await self._paged(run, "search_cloud_area", "bk_cloud_id", style="condition", param="condition",
+                          body=self._fields(run, "bk_cloud_id"))
+        return None
+
+    async def _list_project(self, run: Snapshot) -> Scope:
+        await self._paged(run, "list_project", "id", body=self._fields(run, "id"))
+        return None
+
+    async def _list_biz_set(self, run: Snapshot) -> Scope:
+        await self._paged(run, "list_business_set", "bk_biz_set_id", body=self._fields(run, "bk_biz_set_id"),
+                          param="bk_biz_set_filter")
+        return None
+
+
+async def _gather_bounded(jobs: Sequence[Awaitable[None]], limit: int) -> None:
+    """Run ``jobs`` at most ``limit`` at a time; the first failure cancels the rest and is raised."""
+    pending = list(jobs)
+    pending.reverse()
+
+    async def worker() -> None:
+        while pending:
+            await pending.pop()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(limit, len(pending))):
+                group.create_task(worker())
+    except BaseExceptionGroup as group_exc:
+        for job in pending:  # never awaited: close them so Python does not warn
+            if asyncio.iscoroutine(job):
+                job.close()
+        raise group_exc.exceptions[0] from None
+
+
+def _scope_summary(scope: Scope) -> dict[str, int] | None:
+    return {name: len(values) for name, values in scope.items()} if scope else None
