@@ -10,7 +10,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 
@@ -22,7 +22,7 @@ from rwatch.config import Config
 from rwatch.errors import TRANSIENT_ERRORS, ConfigError, RwatchError
 from rwatch.events import Message
 from rwatch.http import serve_http
-from rwatch.metrics import DEAD_LETTERS, TASK_CRASHES
+from rwatch.metrics import DEAD_LETTERS, TASK_CRASHES, WATCHERS
 from rwatch.retry import HealthyResetWait, sleep_or_stop
 from rwatch.sinks.base import Sink, make_sink
 from rwatch.sinks.consumer import Applier, ConsumerGroup
@@ -109,7 +109,12 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
             return
         async with CmdbClient(config.cmdb) as client, asyncio.TaskGroup() as group:
             prom = [s for s in sinks.values() if isinstance(s, PromSdSink)]
-            http = serve_http(config.http.listen, alive, stop, http_port, routes=sd_routes(prom))
+            consumers = ConsumerGroup(config, sinks, stop, name=name) if consuming and not memory else None
+
+            async def ready() -> dict[str, dict[str, Any]]:
+                return await readiness(config, bus if watching else None, store if watching else None, consumers)
+
+            http = serve_http(config.http.listen, alive, stop, http_port, routes=sd_routes(prom), ready=ready)
             tasks.add(group.create_task(http, name="http"))
             resyncer = Resyncer(config, client, bus, stop)  # one: its concurrency bound is for all resources
             for resource in resources:
@@ -122,8 +127,7 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
 
                 task_name = f"watch:{resource}"
                 tasks.add(group.create_task(supervise(task_name, start, stop), name=task_name))
-            if consuming and not memory and config.queue_sinks:
-                consumers = ConsumerGroup(config, sinks, stop, name=name)
+            if consumers is not None and config.queue_sinks:
                 tasks.add(group.create_task(supervise("consumers", consumers.run, stop), name="consumers"))
     finally:
         await bus.close()
@@ -132,6 +136,36 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
             with contextlib.suppress(Exception):
                 await sink.close()
         log.info("shutdown", uptime_s=round(time.monotonic() - started, 1))
+
+
+async def readiness(config: Config, bus: Bus | None, store: CursorStore | None,
+                    consumers: ConsumerGroup | None) -> dict[str, dict[str, Any]]:
+    """The checks of ``/readyz``: broker connected, store reachable, every followed resource polled recently,
+    and no lag past two thirds of ``watch.retention`` (``lag:<resource>``: history is about to be lost)."""
+    checks: dict[str, dict[str, Any]] = {}
+    if bus is not None:
+        checks["bus"] = {"ok": bus.connected}
+    if consumers is not None and config.queue_sinks:
+        checks["consumers"] = {"ok": consumers.connected}
+    if store is not None:
+        try:
+            async with asyncio.timeout(2.0):
+                await store.ping()
+            checks["store"] = {"ok": True}
+        except (RwatchError, TimeoutError) as exc:
+            checks["store"] = {"ok": False, "error": str(exc) or "timeout"}
+    limit = config.watch.retention * 2 / 3
+    for health in WATCHERS.healths():
+        settings = config.watch.resources[health.resource]
+        # A long-poll holds ~20 s; allow the CMDB timeout and the interval twice over before calling it stale.
+        stale_after = 2 * (config.cmdb.timeout + settings.interval) + 30
+        polled = health.polled_ago
+        checks[f"poll:{health.resource}"] = {"ok": polled is not None and polled <= stale_after,
+                                             "polled_ago_s": None if polled is None else round(polled, 1),
+                                             "limit_s": stale_after}
+        checks[f"lag:{health.resource}"] = {"ok": not health.retention_alarm, "lag_s": round(health.lag, 1),
+                                            "limit_s": round(limit, 1)}
+    return checks
 
 
 def make_sinks(config: Config) -> dict[str, Sink]:

@@ -1,4 +1,4 @@
-"""The HTTP server: liveness and Prometheus metrics on one port (``[http] listen``).
+"""The HTTP server: liveness, readiness and Prometheus metrics on one port (``[http] listen``).
 
 Extra GET routes (prom_sd's ``/sd``, see ``rwatch.sinks.prom_sd.sd_routes``) are mounted through ``routes``.
 """
@@ -7,16 +7,33 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Routes = Sequence[tuple[str, Handler]]
+# name -> {"ok": bool, ...facts}; every check must pass for 200
+Readiness = Callable[[], Awaitable[dict[str, dict[str, Any]]]]
 
 
-def make_app(alive: Callable[[], bool], routes: Routes = ()) -> web.Application:
+async def _always_ready() -> dict[str, dict[str, Any]]:
+    return {}
+
+
+def make_app(alive: Callable[[], bool], routes: Routes = (), ready: Readiness = _always_ready) -> web.Application:
     """The app; ``routes`` are extra ``(path, handler)`` pairs answered on GET (and HEAD)."""
+
+    async def readyz(_: web.Request) -> web.Response:
+        # Readiness: the dependencies answer and no resource is about to lose history. 503 names what failed;
+        # a lag past two thirds of retention alone reports "degraded" (the process works, but falls behind).
+        checks = await ready()
+        failing = sorted(name for name, check in checks.items() if not check.get("ok"))
+        if not failing:
+            return web.json_response({"status": "ready", "checks": checks})
+        status = "degraded" if all(name.startswith("lag:") for name in failing) else "not_ready"
+        return web.json_response({"status": status, "failing": failing, "checks": checks}, status=503)
 
     async def healthz(_: web.Request) -> web.Response:
         # Liveness only: the loop answers and no supervised task died. Dependencies are /readyz's job.
@@ -30,6 +47,7 @@ def make_app(alive: Callable[[], bool], routes: Routes = ()) -> web.Application:
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     for path, handler in routes:
         app.router.add_get(path, handler)
@@ -37,10 +55,11 @@ def make_app(alive: Callable[[], bool], routes: Routes = ()) -> web.Application:
 
 
 async def serve_http(listen: str, alive: Callable[[], bool], stop: asyncio.Event,
-                     bound: asyncio.Future[int] | None = None, *, routes: Routes = ()) -> None:
+                     bound: asyncio.Future[int] | None = None, *, routes: Routes = (),
+                     ready: Readiness = _always_ready) -> None:
     """Serve until ``stop`` is set; ``bound`` receives the port (useful with port 0)."""
     host, _, port = listen.rpartition(":")
-    runner = web.AppRunner(make_app(alive, routes), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    runner = web.AppRunner(make_app(alive, routes, ready), access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host.strip("[]") or None, int(port))

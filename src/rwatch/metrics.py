@@ -128,6 +128,7 @@ class WatchHealth:
     lag: float  # seconds since the watcher last knew it was at the head of the stream
     cursor_age: float | None  # seconds since the saved cursor's event
     retention_alarm: bool  # lag past two thirds of watch.retention: history will be lost if it goes on
+    polled_ago: float | None = None  # seconds since the last successful watch request (None: none yet)
 
 
 class _Watched(Protocol):

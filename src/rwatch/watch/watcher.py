@@ -136,6 +136,7 @@ class Watcher:
         self._lease_deadline = float("inf")
         self.resyncer = resyncer
         self._gap_recorded = asyncio.Event()
+        self.last_poll: float | None = None  # monotonic time of the last successful watch request
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -365,6 +366,7 @@ class Watcher:
             self._outcomes.labels(self.resource, _outcome(exc)).inc()
             raise
         self._outcomes.labels(self.resource, "events" if reply.watched else "empty").inc()
+        self.last_poll = time.monotonic()
         m.LAST_POLL.labels(self.resource).set(self.clock())
         return reply
 
@@ -608,7 +610,8 @@ class Watcher:
         lag = max(0.0, now - self.caught_up_at)
         event_time = self.saved.event_time if self.saved is not None else None
         age = max(0.0, now - event_time) if event_time is not None else None
-        return WatchHealth(self.resource, lag, age, lag > self.watch.retention * 2 / 3)
+        polled = time.monotonic() - self.last_poll if self.last_poll is not None else None
+        return WatchHealth(self.resource, lag, age, lag > self.watch.retention * 2 / 3, polled)
 
     async def wait_saved(self, done: Callable[[CursorState], bool]) -> CursorState:
         """Until a saved position satisfies ``done`` (for callers that must know what is durable)."""
