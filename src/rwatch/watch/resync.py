@@ -370,3 +370,51 @@ async def _gather_bounded(jobs: Sequence[Awaitable[None]], limit: int) -> None:
 
 def _scope_summary(scope: Scope) -> dict[str, int] | None:
     return {name: len(values) for name, values in scope.items()} if scope else None
+
+
+async def resync_now(config: Config, resources: Sequence[str], stop: asyncio.Event, *,
+                     progress: Progress | None = None) -> dict[str, ResyncResult | BaseException]:
+    """``rwatch resync``: resync ``resources`` now, beside (or without) a running daemon, then fill every gap
+    of each resource recorded before its resync started. With ``bus.kind = "memory"`` the sinks are built
+    here and applied in-process; with AMQP the daemon's consumers apply what is published."""
+    from rwatch.app import make_sinks, subscribe_sinks
+    from rwatch.bus import make_bus
+    from rwatch.bus.memory import MemoryBus
+    from rwatch.watch.cursors import open_store
+
+    for resource in resources:
+        Resyncer.check(resource)
+    store = open_store(config.store.url.get_secret_value())
+    bus = make_bus(config, stop=stop, name="rwatch resync")
+    sinks = make_sinks(config) if isinstance(bus, MemoryBus) else {}
+    outcome: dict[str, ResyncResult | BaseException] = {}
+    try:
+        await store.open()
+        for sink in sinks.values():
+            await sink.open()
+        if isinstance(bus, MemoryBus):
+            subscribe_sinks(bus, config, sinks, stop)
+        await bus.start()
+        async with CmdbClient(config.cmdb) as client:
+            resyncer = Resyncer(config, client, bus, stop, progress=progress)
+
+            async def one(resource: str) -> None:
+                gaps = await store.gaps(config.cmdb.tenant, resource)
+                try:
+                    outcome[resource] = result = await resyncer.run(resource, trigger="manual")
+                except Exception as exc:  # logged by the resyncer; the others go on
+                    outcome[resource] = exc
+                    return
+                for gap in gaps:
+                    await store.fill_gap(gap.id, time.time())
+                    m.GAPS_FILLED.labels(resource).inc()
+                    log.warning("cursor_gap_filled", resource=resource, gap_id=gap.id, start=iso_utc(gap.start),
+                                end=iso_utc(gap.end), reason=gap.reason, resync_id=result.resync_id)
+
+            await asyncio.gather(*(one(r) for r in resources))
+    finally:
+        await bus.close()
+        for sink in reversed(list(sinks.values())):
+            await sink.close()
+        await store.close()
+    return outcome
