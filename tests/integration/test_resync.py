@@ -228,3 +228,50 @@ async def converge_one(engine: AsyncEngine, setup: Setup, sim: Simulator, resour
             return
         assert time.monotonic() < deadline, (len(got), len(want))
         await asyncio.sleep(0.1)
+
+
+# --- rwatch resync, the command ------------------------------------------------------------------------
+
+
+async def rwatch_cmd(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    import os
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "rwatch", *args,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                env={**os.environ, **(env or {})})
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_resync_command_fills_the_mirror_and_the_gaps_recorded_before_it(
+    setups: MakeSetup, tmp_path: Path
+) -> None:
+    mirror_url = f"sqlite:///{tmp_path}/mirror.db"
+    async with Simulator(SimOptions(port=0, hold=1.0, error_delay=0.01, seed=5, bizs=2, hosts=40)) as sim:
+        setup = setups(sim.url, TOPOLOGY, mirror_url=mirror_url, bus="memory")
+        store = open_store(setup.store_url)
+        await store.open()
+        try:
+            gap = await store.add_gap("0", "host", 0.0, time.time(), "cursor_expired")
+        finally:
+            await store.close()
+        code, out, err = await rwatch_cmd("resync", "--config", str(setup.path), "--resource", "host",
+                                          "--resource", "host_relation", "--progress")
+        assert code == 0, err
+        assert "host: 40 objects" in out and "host_relation: 40 objects" in out
+        assert "40/40" in err  # the progress bar's last state
+        engine = create_async_engine(async_url(mirror_url))
+        try:
+            for resource in ("host", "host_relation"):
+                assert await mirror_rows(engine, resource) == truth(setup, sim, resource)
+        finally:
+            await engine.dispose()
+        (filled,) = await all_gaps(setup)
+        assert filled.id == gap.id and filled.filled_at is not None
+
+        code, _, err = await rwatch_cmd("resync", "--config", str(setup.path), "--resource", "process")
+        assert code == 2 and "process" in err
+    code, _, err = await rwatch_cmd("resync", "--config", str(setup.path), "--resource", "host")
+    assert code == 1 and "cannot reach CMDB" in err  # the simulator is gone

@@ -35,7 +35,7 @@ from rwatch.bus import Bus
 from rwatch.cmdb import protocol as p
 from rwatch.cmdb.client import CmdbClient
 from rwatch.config import Config
-from rwatch.errors import TRANSIENT_ERRORS, ResyncUnsupported, RwatchError, Stopping
+from rwatch.errors import TRANSIENT_ERRORS, CmdbError, ResyncUnsupported, RwatchError, Stopping
 from rwatch.events import Event, ResyncMark, iso_utc, resync_event_id
 from rwatch.retry import HealthyResetWait, sleep_or_stop
 
@@ -372,6 +372,23 @@ def _scope_summary(scope: Scope) -> dict[str, int] | None:
     return {name: len(values) for name, values in scope.items()} if scope else None
 
 
+_PROBE_ERRORS: Final[tuple[type[Exception], ...]] = (*TRANSIENT_ERRORS, CmdbError)
+
+
+async def probe(client: CmdbClient, config: Config, resources: Sequence[str]) -> None:
+    """One request before a command starts: listing retries transient errors for ever (right for the daemon),
+    so a command must find an unreachable CMDB here, once, and say so."""
+    if not resources:
+        return
+    settings = config.watch.resources[resources[0]]
+    try:
+        await client.watch(resources[0], fields=settings.fields, event_types=settings.event_types,
+                           sub_resource=settings.sub_resource)
+    except _PROBE_ERRORS as exc:
+        reason = exc.message if isinstance(exc, RwatchError) else repr(exc)
+        raise RwatchError(f"cannot reach CMDB at {config.cmdb.base_url}: {reason}") from None
+
+
 async def resync_now(config: Config, resources: Sequence[str], stop: asyncio.Event, *,
                      progress: Progress | None = None) -> dict[str, ResyncResult | BaseException]:
     """``rwatch resync``: resync ``resources`` now, beside (or without) a running daemon, then fill every gap
@@ -396,6 +413,7 @@ async def resync_now(config: Config, resources: Sequence[str], stop: asyncio.Eve
             subscribe_sinks(bus, config, sinks, stop)
         await bus.start()
         async with CmdbClient(config.cmdb) as client:
+            await probe(client, config, resources)
             resyncer = Resyncer(config, client, bus, stop, progress=progress)
 
             async def one(resource: str) -> None:

@@ -26,19 +26,18 @@ from rwatch.bus import Bus, make_bus
 from rwatch.bus.memory import MemoryBus
 from rwatch.cmdb.client import CmdbClient
 from rwatch.config import Config, MirrorSinkConfig
-from rwatch.errors import TRANSIENT_ERRORS, CmdbError, ConfigError, RwatchError, Stopping
+from rwatch.errors import ConfigError, RwatchError, Stopping
 from rwatch.events import Event, ResyncMark
 from rwatch.logs import get_logger
 from rwatch.sinks.base import Sink
 from rwatch.sinks.mirror import MirrorSink
-from rwatch.watch.resync import Resyncer, Scope
+from rwatch.watch.resync import Resyncer, Scope, probe
 
 log = get_logger("rwatch.verify")
 
 GROUPED: Final = frozenset({"set", "module", "host_relation"})  # grouped by data["bk_biz_id"]
 ALL: Final = "*"
 Entry = tuple[bytes, str]  # (sha256 of the canonical JSON, group)
-_PROBE_ERRORS: Final[tuple[type[Exception], ...]] = (*TRANSIENT_ERRORS, CmdbError)
 
 
 @dataclass(slots=True)
@@ -153,7 +152,7 @@ async def verify(config: Config, *, sink: str | None = None, resources: Sequence
             await one.open()
             opened.append(one)
         async with CmdbClient(config.cmdb) as client:
-            await _probe(client, config, chosen)
+            await probe(client, config, chosen)
             resyncer = Resyncer(config, client, bus, stop)
             report = await _pass(resyncer, mirror, sink, chosen, skipped)
             if repair and report.drift:
@@ -188,20 +187,6 @@ def _mirror_settings(config: Config, sink: str) -> MirrorSinkConfig:
     settings = config.sinks[sink]
     assert isinstance(settings, MirrorSinkConfig)
     return settings
-
-
-async def _probe(client: CmdbClient, config: Config, resources: list[str]) -> None:
-    """One request before anything else: the listing retries transient errors for ever, so an unreachable
-    CMDB must be found here, once, and reported."""
-    if not resources:
-        return
-    settings = config.watch.resources[resources[0]]
-    try:
-        await client.watch(resources[0], fields=settings.fields, event_types=settings.event_types,
-                           sub_resource=settings.sub_resource)
-    except _PROBE_ERRORS as exc:
-        reason = exc.message if isinstance(exc, RwatchError) else repr(exc)
-        raise RwatchError(f"cannot reach CMDB at {config.cmdb.base_url}: {reason}") from None
 
 
 async def _pass(resyncer: Resyncer, mirror: MirrorSink, sink: str, resources: list[str],
