@@ -74,7 +74,7 @@ def bus(request: pytest.FixtureRequest) -> str:
 
 
 async def test_gap_past_retention_is_filled_by_resync_deletions_included(
-    setups: MakeSetup, tmp_path: Path, bus: str
+    setups: MakeSetup, tmp_path: Path, bus: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """Stopped; CMDB creates, updates and deletes; its clock jumps past retention; restarted: the gap is
     recorded, resynced and filled, and the mirror equals CMDB exactly."""
@@ -95,6 +95,7 @@ async def test_gap_past_retention_is_filled_by_resync_deletions_included(
             assert deleted["host"] and deleted["host_relation"], "the workload must delete something"
             sim.state.clock.jump(4 * 3600)
             sim.load.run(50)  # and some inside the window that is left
+            capfd.readouterr()
             gaps_before = metric("rwatch_cursor_gaps_total", resource="host")
             filled_before = metric("rwatch_cursor_gaps_filled_total", resource="host")
             async with rwatch_all(setup):
@@ -110,6 +111,11 @@ async def test_gap_past_retention_is_filled_by_resync_deletions_included(
             assert all(g.reason == "cursor_expired" and g.filled_at is not None for g in gaps)
             assert metric("rwatch_cursor_gaps_total", resource="host") == gaps_before + 1
             assert metric("rwatch_cursor_gaps_filled_total", resource="host") == filled_before + 1
+            # The logs tell the story: the gap opens, a resync runs, the gap closes, the sweep deletes.
+            logs = capfd.readouterr().out
+            for event in ("cursor_expired", "cursor_gap ", "resync_started", "resync_finished", "cursor_gap_filled",
+                          "resync_swept"):
+                assert event in logs, event
         finally:
             await engine.dispose()
 
@@ -275,3 +281,36 @@ async def test_resync_command_fills_the_mirror_and_the_gaps_recorded_before_it(
         assert code == 2 and "process" in err
     code, _, err = await rwatch_cmd("resync", "--config", str(setup.path), "--resource", "host")
     assert code == 1 and "cannot reach CMDB" in err  # the simulator is gone
+
+
+async def test_periodic_resync_repairs_drift_the_stream_never_showed(setups: MakeSetup, tmp_path: Path) -> None:
+    """``watch.resync_every``: a row CMDB never had (drift the stream cannot show) is swept by the next
+    periodic resync; an object changed behind the stream's back is corrected."""
+    from rwatch.events import Event, iso_utc
+
+    mirror_url = f"sqlite:///{tmp_path}/mirror.db"
+    async with Simulator(SimOptions(port=0, hold=1.0, error_delay=0.01, seed=9, bizs=2, hosts=30)) as sim:
+        setup = setups(sim.url, ["host"], mirror_url=mirror_url, bus="memory", extra="")
+        text = setup.path.read_text().replace('lookback = "5m"', 'lookback = "5m"\nresync_every = "1s"')
+        setup.path.write_text(text)
+        await seed_from_start(setup)
+        engine = create_async_engine(async_url(mirror_url))
+        config = setup.config()
+        assert config.watch.resync_every == 1.0
+        before = metric("rwatch_resyncs_total", resource="host", trigger="periodic", outcome="ok")
+        try:
+            async with rwatch_all(setup):
+                await converge_one(engine, setup, sim, "host")
+                ghost = MirrorSink("ghost", config.sinks["mirror"])  # type: ignore[arg-type]
+                await ghost.open()
+                try:
+                    await ghost.apply([Event(id="ghost", resource="host", action="create", key="999999",
+                                             version=(1, 1), occurred_at=iso_utc(1), observed_at=iso_utc(1),
+                                             data={"bk_host_id": 999999})])
+                finally:
+                    await ghost.close()
+                assert "999999" in await rows(engine, "host")
+                await converge_one(engine, setup, sim, "host")  # swept by a periodic resync
+            assert metric("rwatch_resyncs_total", resource="host", trigger="periodic", outcome="ok") > before
+        finally:
+            await engine.dispose()
