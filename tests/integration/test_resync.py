@@ -7,9 +7,8 @@ SQL through the documented schema and compared with the simulator's objects fiel
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from rwatch.app import run_async, subscribe_sinks
+from rwatch.app import subscribe_sinks
 from rwatch.bus.memory import MemoryBus
 from rwatch.cmdb.client import CmdbClient
 from rwatch.sim.server import SimOptions, Simulator
@@ -32,6 +31,7 @@ from tests.integration.test_apply_e2e import (
     async_url,
     differences,
     mirror_rows,
+    rwatch_all,
     seed_from_start,
     truth,
 )
@@ -39,17 +39,6 @@ from tests.integration.test_apply_e2e import (
 
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-@contextlib.asynccontextmanager
-async def rwatch_all(setup: Setup) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_async(setup.config(), stop, role="all"))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
 
 
 async def converge(engine: AsyncEngine, setup: Setup, sim: Simulator, timeout: float = 120) -> None:

@@ -17,8 +17,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from rwatch.sim.server import SimOptions, Simulator
 from tests.integration.harness import MakeSetup
-from tests.integration.test_apply_e2e import TOPOLOGY, async_url, seed_from_start
-from tests.integration.test_resync import converge, converge_one, rwatch_all
+from tests.integration.test_apply_e2e import TOPOLOGY, async_url, rwatch_all, seed_from_start
+from tests.integration.test_resync import converge, converge_one
 
 
 async def rwatch(*args: str) -> tuple[int, str, str]:
