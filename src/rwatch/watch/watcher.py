@@ -445,7 +445,9 @@ class Watcher:
             except Stopping:
                 return
             m.GAPS_OPEN.labels(self.resource).set(len(gaps))
-            due = every > 0 and time.monotonic() - last >= every
+            # The periodic safety net only where a resync can run; a gap of an unsupported resource is
+            # still reported (``resync_unsupported``), once per gap.
+            due = every > 0 and time.monotonic() - last >= every and self.resource in Resyncer.SUPPORTED
             if (gaps or due) and self.resyncer is not None:
                 trigger = ("bootstrap" if all(g.reason == "bootstrap" for g in gaps) else "gap") if gaps else "periodic"
                 ok = await self._resync(gaps, trigger)
@@ -460,7 +462,8 @@ class Watcher:
             elif gaps:
                 return  # no resyncer (a test's bare watcher): the gaps stay open, visible in the store
             else:
-                wait = every - (time.monotonic() - last) if every > 0 else float("inf")
+                periodic = every > 0 and self.resource in Resyncer.SUPPORTED
+                wait = every - (time.monotonic() - last) if periodic else float("inf")
             await self._wait_gap(wait)
 
     async def _wait_gap(self, seconds: float) -> None:
