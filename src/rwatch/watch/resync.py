@@ -83,6 +83,7 @@ class Snapshot:
     tenant: str
     out: Callable[[list[Event]], Awaitable[None]]
     observed: str = ""
+    occurred: str = ""  # iso_utc(version[0]), the same for every snapshot event
     scope: Scope = None
     listed: int = 0
     total: int | None = None
@@ -119,10 +120,11 @@ class ListApi:
 
     async def pages(self, api: str, id_field: str, requests: Counter[str], *, body: dict[str, Any] | None = None,
                     style: str = "filter", param: str = "filter", **path: Any) -> AsyncIterator[tuple[list[Doc], int]]:
-        """Every object, keyset-paged by ``id_field``: (page, how many remained including it)."""
-        last: Any = None
+        """Every object, keyset-paged by ``id_field``: (page, how many remained including it). The next page is
+        requested while the caller handles this one (publishing overlaps listing; one page in hand)."""
         limit = LIMITS[api]
-        while True:
+
+        def request(last: Any) -> asyncio.Task[Any]:
             query = dict(body or {})
             if last is not None:
                 if style == "condition":
@@ -132,14 +134,25 @@ class ListApi:
                     given = query.get(param)
                     query[param] = {"condition": "AND", "rules": [given, rule] if given else [rule]}
             query["page"] = {"start": 0, "limit": limit, "sort": id_field}
-            data = await self.call(api, query, requests, **path)
-            info, count = _info(data, api)
-            yield info, count
-            if len(info) >= count or not info:
-                return
-            last = info[-1].get(id_field)
-            if last is None:
-                raise ValueError(f"{api} returned an object without {id_field}")
+            return asyncio.ensure_future(self.call(api, query, requests, **path))
+
+        pending = request(None)
+        try:
+            while True:
+                info, count = _info(await pending, api)
+                more = len(info) < count and bool(info)
+                if more:
+                    last = info[-1].get(id_field)
+                    if last is None:
+                        raise ValueError(f"{api} returned an object without {id_field}")
+                    pending = request(last)
+                yield info, count
+                if not more:
+                    return
+        finally:
+            if not pending.done():
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
 
 
 def _info(data: Any, api: str) -> tuple[list[Doc], int]:
@@ -212,7 +225,7 @@ class Resyncer:
             on_head(version)
         settings = self.config.watch.resources[resource]
         fields = [] if resource in p.FIELDS_IGNORED else list(settings.fields)
-        snap = Snapshot(resource, version, fields, self.tenant, out, iso_utc(time.time()))
+        snap = Snapshot(resource, version, fields, self.tenant, out, iso_utc(time.time()), iso_utc(version[0]))
         snap.scope = await getattr(self, f"_list_{resource}")(snap)
         return snap
 
@@ -252,7 +265,7 @@ class Resyncer:
                 continue
             events.append(Event.model_construct(
                 id=resync_event_id(run.resource, key, run.version), resource=run.resource, action="update",
-                key=key, tenant=run.tenant, version=run.version, occurred_at=iso_utc(run.version[0]),
+                key=key, tenant=run.tenant, version=run.version, occurred_at=run.occurred,
                 observed_at=run.observed, origin="resync", cursor=None, data=data))
         if events:
             await run.out(events)
