@@ -263,6 +263,10 @@ class HttpConfig(_Section):
         return value
 
 
+class RunConfig(_Section):
+    shutdown_timeout: Duration = Field(default=8.0, gt=0, description="SIGTERM/SIGINT: stop cleanly within this")
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -373,6 +377,7 @@ class Config(_Section):
     sinks: dict[str, SinkConfig] = Field(default_factory=dict)
     http: HttpConfig = Field(default_factory=HttpConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")
     def _sinks_cover_resources(self) -> Config:
