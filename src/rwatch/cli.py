@@ -395,6 +395,12 @@ def version() -> None:
     typer.echo(__version__)
 
 
+# Commands with modules of their own.
+from rwatch.cli_cursors import cursors_app  # noqa: E402
+
+app.add_typer(cursors_app, name="cursors")
+
+
 def main() -> None:
     try:
         app()

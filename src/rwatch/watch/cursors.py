@@ -54,6 +54,8 @@ from rwatch.logs import get_logger
 log = get_logger("rwatch.cursors")
 
 DEFAULT_TIMEOUT = 10.0
+# The cursor of a saved start time (``CursorState.starting_at``): not base64, so never a CMDB cursor.
+START_FROM_PREFIX = "rwatch:start_from:"
 _SCHEMA_LOCK = b"rwatch"  # PostgreSQL advisory lock for creating the tables
 
 
@@ -78,6 +80,40 @@ class CursorState:
         if decoded is None or cursor == NO_EVENT_CURSOR:
             return cls(tenant, resource, cursor, None, None, saved_at)
         return cls(tenant, resource, cursor, (decoded.sec, decoded.inc), float(decoded.sec), saved_at)
+
+    # Positions set by ``rwatch cursors reset`` rather than handed out by CMDB. Both are plain rows (no schema
+    # change), spelled so that a watcher reading them without knowing them still does something sound: the
+    # empty cursor asks CMDB for "from now" (``watch_body`` sends no ``bk_cursor``), and the start marker,
+    # never a chain node, draws 1103007, whose recovery resumes by time from ``event_time`` (− lookback).
+
+    @classmethod
+    def from_now(cls, tenant: str, resource: str, saved_at: float | None = None) -> CursorState:
+        """Resume "from now" (CMDB's newest event on), without the bootstrap gap a missing row means."""
+        return cls(tenant, resource, "", None, None, time.time() if saved_at is None else saved_at)
+
+    @classmethod
+    def starting_at(cls, tenant: str, resource: str, start_from: int,
+                    saved_at: float | None = None) -> CursorState:
+        """Resume with ``bk_start_from = start_from``: the events whose cluster time is after that second."""
+        return cls(tenant, resource, f"{START_FROM_PREFIX}{int(start_from)}", None, float(start_from),
+                   time.time() if saved_at is None else saved_at)
+
+    @property
+    def start_from(self) -> int | None:
+        """The ``bk_start_from`` of a start marker; None for any other position."""
+        if not self.cursor.startswith(START_FROM_PREFIX):
+            return None
+        try:
+            return int(self.cursor[len(START_FROM_PREFIX):])
+        except ValueError:
+            return None
+
+    @property
+    def mode(self) -> str:
+        """How the next poll starts: ``cursor``, ``start_from`` (a start marker) or ``now`` (empty cursor)."""
+        if not self.cursor:
+            return "now"
+        return "start_from" if self.start_from is not None else "cursor"
 
 
 @dataclass(frozen=True, slots=True)
