@@ -286,8 +286,13 @@ class Watcher:
             await asyncio.gather(fetcher, return_exceptions=True)
 
     async def _initial_position(self, saved: CursorState | None) -> Position:
+        if saved is not None and saved.start_from is not None:
+            # Left by `rwatch cursors reset --to-time/--by-duration`: resume by time, exactly there.
+            self.log.info("watch_resume", mode="start_from", start_from=saved.start_from)
+            return Position(start_from=saved.start_from, event_time=saved.event_time)
         if saved is not None:
-            self.log.info("watch_resume", mode="cursor", event_time=saved.event_time)
+            # An empty cursor (`rwatch cursors reset --to-now`) polls "from now": no bootstrap gap.
+            self.log.info("watch_resume", mode=Position(cursor=saved.cursor).mode, event_time=saved.event_time)
             return Position(cursor=saved.cursor, event_time=saved.event_time or saved.saved_at)
         if self.watch.bootstrap == "resync":
             # Everything before now is history this process never saw: recorded as a gap for
@@ -409,7 +414,7 @@ class Watcher:
             start = max(wanted, oldest)
             self.log.warning("cursor_expired", code=exc.code, cursor=pos.cursor, last_event_time=last,
                              resume_from=int(start))
-            if last is None or wanted < oldest:
+            if last is None or last < oldest:  # the lookback before ``last`` is a margin, not lost history
                 await self.record_gap(last if last is not None else 0.0, start, "cursor_expired")
             self.position = Position(start_from=int(start), event_time=last)
             return
