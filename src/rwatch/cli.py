@@ -397,8 +397,10 @@ def version() -> None:
 
 # Commands with modules of their own.
 from rwatch.cli_cursors import cursors_app  # noqa: E402
+from rwatch.cli_demo import demo  # noqa: E402
 
 app.add_typer(cursors_app, name="cursors")
+app.command("demo")(demo)
 
 
 def main() -> None:
