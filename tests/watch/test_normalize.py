@@ -125,3 +125,43 @@ def test_lag_and_the_retention_alarm() -> None:
     finally:
         WATCHERS.discard(w)
     assert REGISTRY.get_sample_value("rwatch_retention_alarm", {"resource": "host"}) is None
+
+
+class _Clock:
+    def server_now(self) -> float:
+        return 1_700_000_000.0
+
+
+class _Gaps:
+    def __init__(self) -> None:
+        self.gaps: list[tuple[float, float, str]] = []
+
+    async def add_gap(self, tenant: str, resource: str, start: float, end: float, reason: str) -> Any:
+        if end < start:
+            raise ValueError(f"a gap ends before it starts ({start} > {end})")
+        self.gaps.append((start, end, reason))
+
+        class Gap:
+            id = len(self.gaps)
+
+        return Gap()
+
+
+async def test_cursor_lost_near_the_window_edge_records_no_gap_and_never_an_inverted_one() -> None:
+    """The last event is inside the window but last − lookback is not: the lookback is a margin, nothing was
+    lost (an earlier version recorded (last, oldest), which ends before it starts, and crashed the watcher)."""
+    from rwatch.errors import CursorExpired
+    from rwatch.watch.watcher import RESUME_MARGIN, Position
+
+    cfg = load_config(None, environ={"RWATCH_WATCH__RETENTION": "3h", "RWATCH_WATCH__LOOKBACK": "5m"})
+    store, client = _Gaps(), _Clock()
+    w = Watcher("host", settings=cfg.watch.resources["host"], watch=cfg.watch, tenant="0", client=client,  # type: ignore[arg-type]
+                bus=None, store=store, stop=asyncio.Event())  # type: ignore[arg-type]
+    now = client.server_now()
+    oldest = now - 3 * 3600 + RESUME_MARGIN
+    for last, lost in ((oldest + 60, False), (oldest - 600, True)):
+        w.position = Position(cursor=cursor(int(last), 1), event_time=last)
+        await w.recover(CursorExpired("gone", code=1103007))
+        assert w.position.start_from == int(oldest) if lost else int(max(last - 300, oldest))
+        assert store.gaps == ([(last, oldest, "cursor_expired")] if lost else []), store.gaps
+        store.gaps.clear()
