@@ -27,6 +27,7 @@ from rwatch.retry import HealthyResetWait, sleep_or_stop
 from rwatch.sinks.base import Sink, make_sink
 from rwatch.sinks.consumer import Applier, ConsumerGroup
 from rwatch.sinks.prom_sd import PromSdSink, sd_routes
+from rwatch.status import Status, install_error_tap
 from rwatch.watch.cursors import CursorStore, open_store
 from rwatch.watch.resync import Resyncer
 from rwatch.watch.watcher import Watcher, default_owner
@@ -83,6 +84,7 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
         raise ConfigError("bus.kind = 'memory' needs at least one enabled sink to apply events to", key="sinks")
     watching, consuming = role in ("watcher", "all"), role in ("consumer", "all")
     started = time.monotonic()
+    install_error_tap()  # /status lists the last error log events, start-up's included
     resources = config.watch.enabled if watching else []
     log.info("startup", version=__version__, role=role, resources=resources, bus=config.bus.kind,
              lease_ttl=config.watch.lease_ttl,
@@ -114,8 +116,11 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
             async def ready() -> dict[str, dict[str, Any]]:
                 return await readiness(config, bus if watching else None, store if watching else None, consumers)
 
-            http = serve_http(config.http.listen, alive, stop, http_port, routes=sd_routes(prom), ready=ready)
+            status = Status(config, stop, role=role, owner=owner, started=started, name=f"{name} status")
+            http = serve_http(config.http.listen, alive, stop, http_port, routes=sd_routes(prom), ready=ready,
+                              status=status.snapshot)
             tasks.add(group.create_task(http, name="http"))
+            tasks.add(group.create_task(supervise("status", status.run, stop), name="status"))
             resyncer = Resyncer(config, client, bus, stop)  # one: its concurrency bound is for all resources
             for resource in resources:
                 def start(resource: str = resource) -> Awaitable[None]:

@@ -120,6 +120,11 @@ WEBHOOK_SKIPPED = Counter(
 )
 JSONL_WRITTEN_BYTES = Counter("rwatch_jsonl_written_bytes_total", "Bytes appended and fsynced by jsonl sinks", ["sink"])
 JSONL_ROTATIONS = Counter("rwatch_jsonl_rotations_total", "Files rotated by jsonl sinks at max_bytes", ["sink"])
+QUEUE_DEPTH = Gauge(
+    "rwatch_queue_depth",
+    "Messages ready in a sink's queue (<prefix>.<sink>.<resource>) at the last read by /status or its refresher",
+    ["sink", "resource"],
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +152,10 @@ class WatchCollector:
 
     def discard(self, watcher: _Watched) -> None:
         self._watchers.discard(watcher)
+
+    def watched(self) -> list[_Watched]:
+        """The watchers themselves (``/status`` reads their position and lease owner)."""
+        return list(self._watchers)
 
     def healths(self) -> list[WatchHealth]:
         return sorted((w.health() for w in list(self._watchers)), key=lambda h: h.resource)
