@@ -30,6 +30,7 @@ from rwatch.sinks.prom_sd import PromSdSink, sd_routes
 from rwatch.status import Status, install_error_tap
 from rwatch.watch.cursors import CursorStore, open_store
 from rwatch.watch.resync import Resyncer
+from rwatch.watch.verify import export_verify_metrics
 from rwatch.watch.watcher import Watcher, default_owner
 
 Role = Literal["watcher", "consumer", "all"]
@@ -122,6 +123,9 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
             tasks.add(group.create_task(http, name="http"))
             tasks.add(group.create_task(supervise("status", status.run, stop), name="status"))
             resyncer = Resyncer(config, client, bus, stop)  # one: its concurrency bound is for all resources
+            if watching:  # the last `rwatch verify`'s result, kept in the store, as this daemon's metrics
+                verified = export_verify_metrics(store, config.cmdb.tenant, stop)
+                tasks.add(group.create_task(verified, name="verify_metrics"))
             for resource in resources:
                 def start(resource: str = resource) -> Awaitable[None]:
                     return Watcher(

@@ -81,7 +81,10 @@ async def test_verify_finds_silently_lost_events_and_repair_fixes_them(
 
 
 async def test_verify_metric_reports_the_last_result(setups: MakeSetup, tmp_path: Path) -> None:
-    """In-process, the gauges carry the drift per resource and the time of the last run."""
+    """The command keeps its result in the store; the daemon's /metrics carries the last one (per sink and
+    resource) and when it ran."""
+    from rwatch.metrics import VERIFY_DRIFT, VERIFY_LAST_RUN
+    from rwatch.watch.cursors import open_store
     from rwatch.watch.verify import verify
 
     mirror_url = f"sqlite:///{tmp_path}/mirror.db"
@@ -96,7 +99,23 @@ async def test_verify_metric_reports_the_last_result(setups: MakeSetup, tmp_path
             sim.state.update("host", key, {"bk_host_name": "behind-its-back"})  # rwatch is stopped
             report = await verify(setup.config(), resources=["host"])
             assert report.drift == 1
-            assert REGISTRY.get_sample_value("rwatch_verify_drift_objects", {"sink": "mirror", "resource": "host"}) == 1
-            assert (REGISTRY.get_sample_value("rwatch_verify_last_run_timestamp_seconds", {"sink": "mirror"}) or 0) > 0
+            store = open_store(setup.store_url)
+            await store.open()
+            try:
+                (kept,) = await store.verify_results("0")
+            finally:
+                await store.close()
+            assert (kept.sink, kept.resource, kept.changed, kept.drift) == ("mirror", "host", 1, 1)
+            # What a daemon started later exposes comes from the store, not from this process's gauges.
+            VERIFY_DRIFT.labels("mirror", "host").set(-1)
+            VERIFY_LAST_RUN.labels("mirror").set(0)
+            labels = {"sink": "mirror", "resource": "host"}
+            async with rwatch_all(setup):
+                deadline = asyncio.get_running_loop().time() + 10
+                while REGISTRY.get_sample_value("rwatch_verify_drift_objects", labels) != 1:
+                    assert asyncio.get_running_loop().time() < deadline
+                    await asyncio.sleep(0.1)
+            last = REGISTRY.get_sample_value("rwatch_verify_last_run_timestamp_seconds", {"sink": "mirror"})
+            assert last == kept.checked_at
         finally:
             await engine.dispose()

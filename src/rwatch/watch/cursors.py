@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -137,6 +137,24 @@ class Gap:
     filled_at: float | None  # set by reconciliation
 
 
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """What the last ``rwatch verify`` found for one resource of one sink (kept in the store, so the daemon's
+    ``/metrics`` shows it: the command itself lives for seconds)."""
+
+    tenant: str
+    sink: str
+    resource: str
+    missing: int
+    extra: int
+    changed: int
+    checked_at: float  # Unix seconds
+
+    @property
+    def drift(self) -> int:
+        return self.missing + self.extra + self.changed
+
+
 class CursorStore(Protocol):
     async def open(self) -> None:
         """Connect and create the tables if missing (idempotent, safe with concurrent openers)."""
@@ -174,6 +192,11 @@ class CursorStore(Protocol):
     ) -> list[Gap]: ...
 
     async def fill_gap(self, gap_id: int, filled_at: float) -> None: ...
+
+    async def record_verify(self, results: Sequence[VerifyResult]) -> None:
+        """Keep the last ``rwatch verify`` result per (tenant, sink, resource), for the daemon's metrics."""
+
+    async def verify_results(self, tenant: str | None = None) -> list[VerifyResult]: ...
 
     async def ping(self) -> None:
         """Raise StoreError when the store cannot be reached (readiness)."""
@@ -223,6 +246,18 @@ gaps_table = Table(
     sqlite_autoincrement=True,  # never reuse an id, so a stale fill_gap cannot fill someone else's gap
 )
 
+verify_table = Table(
+    "rwatch_verify",
+    metadata,
+    Column("tenant", Text, primary_key=True),
+    Column("sink", Text, primary_key=True),
+    Column("resource", Text, primary_key=True),
+    Column("missing", BigInteger, nullable=False),
+    Column("extra", BigInteger, nullable=False),
+    Column("changed", BigInteger, nullable=False),
+    Column("checked_at", Double, nullable=False),
+)
+
 # Both dialects' insert() has on_conflict_do_update (and .excluded).
 _DIALECT_INSERTS: dict[str, Callable[[Table], Any]] = {
     "sqlite": sqlite.insert,
@@ -231,6 +266,7 @@ _DIALECT_INSERTS: dict[str, Callable[[Table], Any]] = {
 _C = cursors_table.c
 _G = gaps_table.c
 _L = leases_table.c
+_V = verify_table.c
 
 # The fenced save, one statement on both backends: the row to write comes out of the lease check, so a stale
 # fence inserts and updates nothing (RETURNING then yields no row). PostgreSQL locks the lease row FOR SHARE
@@ -499,6 +535,32 @@ class SqlCursorStore:
                 found = await conn.scalar(select(_G.id).where(_G.id == gap_id))
         if found is None:
             raise PermanentError(f"no gap with id {gap_id}", operation="fill_gap", gap_id=gap_id)
+
+    async def record_verify(self, results: Sequence[VerifyResult]) -> None:
+        if not results:
+            return
+        engine = self._live("record_verify")
+        insert = _DIALECT_INSERTS[self.backend](verify_table)
+        upsert = insert.on_conflict_do_update(
+            index_elements=[_V.tenant, _V.sink, _V.resource],
+            set_={name: insert.excluded[name] for name in ("missing", "extra", "changed", "checked_at")},
+        )
+        rows = [{"tenant": r.tenant, "sink": r.sink, "resource": r.resource, "missing": r.missing,
+                 "extra": r.extra, "changed": r.changed, "checked_at": r.checked_at} for r in results]
+        with self._errors("record_verify"):
+            async with engine.connect() as conn:
+                await conn.execute(upsert, rows)
+
+    async def verify_results(self, tenant: str | None = None) -> list[VerifyResult]:
+        engine = self._live("verify_results", tenant)
+        query = select(verify_table).order_by(_V.tenant, _V.sink, _V.resource)
+        if tenant is not None:
+            query = query.where(_V.tenant == tenant)
+        with self._errors("verify_results", tenant):
+            async with engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        return [VerifyResult(r.tenant, r.sink, r.resource, int(r.missing), int(r.extra), int(r.changed),
+                             float(r.checked_at)) for r in rows]
 
     async def ping(self) -> None:
         engine = self._live("ping")

@@ -31,6 +31,7 @@ from rwatch.events import Event, ResyncMark
 from rwatch.logs import get_logger
 from rwatch.sinks.base import Sink
 from rwatch.sinks.mirror import MirrorSink
+from rwatch.watch.cursors import CursorStore
 from rwatch.watch.resync import Resyncer, Scope, probe
 
 log = get_logger("rwatch.verify")
@@ -173,6 +174,7 @@ async def verify(config: Config, *, sink: str | None = None, resources: Sequence
                     if not report.after.drift or time.monotonic() >= deadline:
                         break
                     await asyncio.sleep(1.0)
+        await _remember(config, report.final)
         return report
     except Stopping as exc:  # pragma: no cover - nothing sets stop but a failure elsewhere
         raise RwatchError(f"verify stopped: {exc}") from None
@@ -181,6 +183,38 @@ async def verify(config: Config, *, sink: str | None = None, resources: Sequence
         await bus.close()
         for one in reversed(opened):
             await one.close()
+
+
+async def _remember(config: Config, report: VerifyReport) -> None:
+    """Keep the result in the store: the daemon's /metrics shows the last verify (this process ends now)."""
+    from rwatch.watch.cursors import VerifyResult, open_store
+
+    results = [VerifyResult(report.tenant, report.sink, r.resource, len(r.missing), len(r.extra), len(r.changed),
+                            report.finished_at) for r in report.resources]
+    store = open_store(config.store.url.get_secret_value())
+    try:
+        await store.open()
+        await store.record_verify(results)
+    except RwatchError as exc:  # the report stands; only the daemon's metric misses it
+        log.warning("verify_not_recorded", **exc.fields())
+    finally:
+        await store.close()
+
+
+async def export_verify_metrics(store: CursorStore, tenant: str, stop: asyncio.Event, every: float = 30.0) -> None:
+    """In the daemon: the last verify results from the store as ``rwatch_verify_*`` gauges, refreshed every
+    ``every`` seconds until ``stop``."""
+    from rwatch.retry import sleep_or_stop
+
+    while True:
+        try:
+            for result in await store.verify_results(tenant):
+                m.VERIFY_DRIFT.labels(result.sink, result.resource).set(result.drift)
+                m.VERIFY_LAST_RUN.labels(result.sink).set(result.checked_at)
+        except RwatchError as exc:
+            log.warning("verify_metrics_failed", **exc.fields())
+        if await sleep_or_stop(every, stop):
+            return
 
 
 def _mirror_settings(config: Config, sink: str) -> MirrorSinkConfig:
