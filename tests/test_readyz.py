@@ -95,3 +95,73 @@ async def test_readyz_answers_503_naming_what_fails() -> None:
     assert status == 503 and body["status"] == "degraded" and body["failing"] == ["lag:host"]
     status, body = await readyz({"bus": {"ok": False}, "lag:host": {"ok": False}})
     assert status == 503 and body["status"] == "not_ready" and body["failing"] == ["bus", "lag:host"]
+
+
+@pytest.mark.amqp
+async def test_readyz_follows_the_broker(tmp_path: Path, amqp_url: str) -> None:
+    """Stop RabbitMQ: /readyz answers 503 naming the bus; start it: 200 again."""
+    from rwatch.app import run_async
+    from rwatch.sim.server import SimOptions, Simulator
+    from tests.integration.harness import rabbitmqctl
+
+    async with Simulator(SimOptions(port=0, hold=1.0, error_delay=0.01)) as sim:
+        path = tmp_path / "rwatch.toml"
+        path.write_text(f"""
+[cmdb]
+base_url = "{sim.url}"
+rate_limit = 0
+[watch.resources.host]
+enabled = true
+[watch.resources.host_relation]
+enabled = false
+[watch.resources.biz]
+enabled = false
+[watch.resources.set]
+enabled = false
+[watch.resources.module]
+enabled = false
+[bus]
+url = "{amqp_url}"
+exchange = "readyz-{tmp_path.name}"
+queue_prefix = "readyz-{tmp_path.name}"
+[store]
+url = "sqlite:///{tmp_path}/state.db"
+[http]
+listen = "127.0.0.1:0"
+""")
+        stop = asyncio.Event()
+        port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(run_async(load_config(path, environ={}), stop, role="watcher", http_port=port))
+        url = f"http://127.0.0.1:{await asyncio.wait_for(port, 30)}/readyz"
+
+        async def until(status: int, timeout: float = 90) -> dict[str, Any]:
+            deadline = asyncio.get_running_loop().time() + timeout
+            async with aiohttp.ClientSession() as session:
+                while True:
+                    async with session.get(url) as resp:
+                        body: dict[str, Any] = await resp.json()
+                        if resp.status == status:
+                            return body
+                    assert asyncio.get_running_loop().time() < deadline, body
+                    await asyncio.sleep(0.2)
+
+        try:
+            await until(200)
+            await rabbitmqctl("stop_app")
+            try:
+                body = await until(503)
+                assert "bus" in body["failing"] and body["status"] == "not_ready"
+            finally:
+                await rabbitmqctl("start_app")
+                await rabbitmqctl("await_startup")
+            body = await until(200)
+            assert body["checks"]["bus"] == {"ok": True} and body["checks"]["poll:host"]["ok"]
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 60)
+            import aio_pika
+
+            connection = await aio_pika.connect(amqp_url)
+            async with connection, connection.channel() as channel:
+                for name in (f"readyz-{tmp_path.name}", f"readyz-{tmp_path.name}.dlx"):
+                    await channel.exchange_delete(name)
