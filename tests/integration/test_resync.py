@@ -7,6 +7,7 @@ SQL through the documented schema and compared with the simulator's objects fiel
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from rwatch.app import subscribe_sinks
 from rwatch.bus.memory import MemoryBus
 from rwatch.cmdb.client import CmdbClient
+from rwatch.logs import setup_logging
 from rwatch.sim.server import SimOptions, Simulator
 from rwatch.sinks.mirror import MirrorSink
 from rwatch.watch.cursors import Gap, open_store
@@ -44,9 +46,11 @@ class LogRecorder(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.lines: list[str] = []
+        # Earlier tests may have reset structlog to its defaults (printing, bypassing the stdlib) or pointed the
+        # logs at a stream of theirs: route them through the stdlib's root logger again, as `rwatch run` does.
+        setup_logging("info", "json", io.StringIO())
         root = logging.getLogger()
         self.level = root.level
-        root.setLevel(logging.INFO)  # an earlier test may have configured another level
         root.addHandler(self)
 
     def emit(self, record: logging.LogRecord) -> None:
