@@ -375,7 +375,7 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=50_000, help="events pre-loaded per queue")
     parser.add_argument("--rounds", type=int, default=3, help="rwatch/baseline pairs, order alternating")
@@ -384,7 +384,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--extra-batch-wait", type=float, action="append", default=[],
                         help="also one drain with this batch_wait (repeatable)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":

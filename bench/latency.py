@@ -386,7 +386,7 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=100.0, help="changes per second")
     parser.add_argument("--seconds", type=float, default=40.0, help="measured seconds per rwatch run")
@@ -397,7 +397,7 @@ def parse_args() -> argparse.Namespace:
                         help="one rwatch run with these settings: '' (defaults) or e.g. 'batch_wait=0,rate_limit=0' "
                              "(repeatable; default: defaults, then batch_wait=0)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.run = args.run if args.run is not None else ["", "batch_wait=0"]
     return args
 
