@@ -15,6 +15,10 @@ from collections.abc import Callable
 from tenacity import RetryCallState
 from tenacity.wait import wait_base
 
+# One generator for every wait that brings none: ``random.Random()`` seeds itself from os.urandom (~12 us),
+# and a wait is built per publish and per cursor save, almost always to never draw a delay.
+_JITTER = random.Random()
+
 
 class HealthyResetWait(wait_base):
     """A tenacity wait whose streak survives successful calls until the service stays healthy."""
@@ -31,7 +35,7 @@ class HealthyResetWait(wait_base):
         self.maximum = maximum
         self.healthy_after = healthy_after
         self.clock = clock
-        self.rng = rng or random.Random()
+        self.rng = rng or _JITTER
         self.streak = 0
         self._last_failure: float | None = None
 

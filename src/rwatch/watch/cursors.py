@@ -35,6 +35,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     case,
     or_,
     select,
@@ -329,6 +330,23 @@ class SqlCursorStore:
             },
         )
         self._fenced_save = text(_FENCED_SAVE.format(lock=" FOR SHARE" if self.backend == "postgresql" else ""))
+        # The lease upsert, built once too: each renewal (every lease_ttl/3 per resource) only binds values.
+        lease = _DIALECT_INSERTS[self.backend](leases_table).values(
+            tenant=bindparam("tenant"), resource=bindparam("resource"), owner=bindparam("owner"), fence=1,
+            expires_at=bindparam("expires_at"))
+        mine = _L.owner == lease.excluded.owner
+        live = _L.expires_at > bindparam("now")
+        # One upsert: concurrent acquirers serialise on the row (PostgreSQL re-checks WHERE on the newest
+        # version; SQLite has one writer), so exactly one of them gets a fence.
+        self._acquire = lease.on_conflict_do_update(
+            index_elements=[_L.tenant, _L.resource],
+            set_={
+                "owner": lease.excluded.owner,
+                "expires_at": lease.excluded.expires_at,
+                "fence": case((and_(mine, live), _L.fence), else_=_L.fence + 1),
+            },
+            where=or_(mine, ~live),
+        ).returning(_L.fence)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url.render_as_string(hide_password=True)}>"
@@ -429,24 +447,10 @@ class SqlCursorStore:
             raise ValueError(f"a lease needs a positive ttl, not {ttl}")
         engine = self._live("acquire", tenant, resource)
         now = time.time() if now is None else now
-        insert = _DIALECT_INSERTS[self.backend](leases_table).values(
-            tenant=tenant, resource=resource, owner=owner, fence=1, expires_at=now + ttl)
-        mine = _L.owner == insert.excluded.owner
-        live = _L.expires_at > now
-        # One upsert: concurrent acquirers serialise on the row (PostgreSQL re-checks WHERE on the newest
-        # version; SQLite has one writer), so exactly one of them gets a fence.
-        stmt = insert.on_conflict_do_update(
-            index_elements=[_L.tenant, _L.resource],
-            set_={
-                "owner": insert.excluded.owner,
-                "expires_at": insert.excluded.expires_at,
-                "fence": case((and_(mine, live), _L.fence), else_=_L.fence + 1),
-            },
-            where=or_(mine, ~live),
-        ).returning(_L.fence)
+        values = {"tenant": tenant, "resource": resource, "owner": owner, "expires_at": now + ttl, "now": now}
         with self._errors("acquire", tenant, resource):
             async with engine.connect() as conn:
-                row = (await conn.execute(stmt)).first()
+                row = (await conn.execute(self._acquire, values)).first()
         return None if row is None else int(row[0])
 
     async def release(self, tenant: str, resource: str, owner: str) -> None:
