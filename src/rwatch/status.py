@@ -45,8 +45,10 @@ SAMPLE_EVERY = 5.0  # one sample of the published counters this often: RATE_WIND
 DEPTH_TTL = 5.0  # one read of the queue depths answers every /status within this
 DEPTH_REFRESH_EVERY = 15.0  # keeps rwatch_queue_depth current while consumers run, even when nobody asks
 BROKER_TIMEOUT = 2.0  # connect and every declare: /status answers within this when the broker does not
+# RuntimeError: aio-pika's "<Connection ...> closed" when the broker closed the connection under us before
+# is_closed says so (found by the chaos suite: it crashed the status task).
 _BROKER_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, aio_pika.exceptions.AMQPError,
-                                               ChannelInvalidStateError)
+                                               ChannelInvalidStateError, RuntimeError)
 
 
 def _iso(timestamp: float) -> str:

@@ -105,6 +105,7 @@ class Watcher:
         owner: str | None = None,
         lease_ttl: float | None = None,
         resyncer: Resyncer | None = None,
+        publish_grace: float = 4.0,
     ) -> None:
         self.resource = resource
         self.settings = settings
@@ -135,6 +136,7 @@ class Watcher:
         # minus the safety margin, as the keeper last established it. Infinite outside a term.
         self._lease_deadline = float("inf")
         self.resyncer = resyncer
+        self.publish_grace = publish_grace  # after stop: how long in-flight publishes may still confirm
         self._gap_recorded = asyncio.Event()
         self.last_poll: float | None = None  # monotonic time of the last successful watch request
 
@@ -592,10 +594,25 @@ class Watcher:
         if time.monotonic() >= self._lease_deadline:
             self._halt.set()  # the lease may be gone: leave the batch to the next holder
             return False
+        # The bus counts what it confirmed, and how long it took.
+        publish = asyncio.ensure_future(self.bus.publish(batch.events))
+        stopping = asyncio.ensure_future(self.stop.wait())
         try:
-            await self.bus.publish(batch.events)  # the bus counts what it confirmed, and how long it took
+            await asyncio.wait({publish, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not publish.done():
+                # Stopping: in-flight publishes get a grace to confirm, then the batch is left unsaved (the
+                # restart replays it) so the process exits within run.shutdown_timeout (invariant 6).
+                await asyncio.wait({publish}, timeout=self.publish_grace)
+            if not publish.done():
+                publish.cancel()
+                await asyncio.gather(publish, return_exceptions=True)
+                self.log.warning("publish_abandoned", events=len(batch.events), grace=self.publish_grace)
+                return False
+            publish.result()
         except Stopping:
             return False
+        finally:
+            stopping.cancel()
         failpoint("watch.after_publish")
         return True
 
