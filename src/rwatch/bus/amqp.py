@@ -43,6 +43,7 @@ from rwatch.bus import Backoff
 from rwatch.config import Config, mask_url
 from rwatch.errors import MessageReturned, Stopping, TopologyConflict
 from rwatch.events import Message
+from rwatch.failpoints import failpoint
 from rwatch.logs import get_logger
 from rwatch.metrics import BUS_CONNECTED, BUS_RECONNECTS, EVENTS_PUBLISHED, PUBLISH_RETRIES, PUBLISH_SECONDS
 
@@ -371,6 +372,7 @@ class AmqpBus:
             # With on_return_raises a return raises PublishError; this guards the other path (a returned
             # DeliveredMessage as the result): it is never durable.
             raise MessageReturned("the broker returned the message", routing_key=routing_key)
+        failpoint("bus.after_confirm")
 
     # -- connection ----------------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from rwatch.bus.amqp import dead_queue_name, declare_topology, dlx_name, queue_n
 from rwatch.config import Config
 from rwatch.errors import TRANSIENT_ERRORS, PermanentError, RwatchError, SinkRejected, Stopping
 from rwatch.events import Event, Message, ResyncMark, parse_message
+from rwatch.failpoints import failpoint
 from rwatch.retry import HealthyResetWait, sleep_or_stop
 from rwatch.sinks.base import Sink
 
@@ -216,6 +217,7 @@ class QueueConsumer:
             if event is not None:
                 events.append(event)
         await self._applier.apply(events)
+        failpoint("consume.after_apply")
         # One acknowledgement for the whole batch, after it applied: a crash before it replays the batch.
         await batch[-1].ack(multiple=True)
 

@@ -37,6 +37,7 @@ from rwatch.cmdb.client import CmdbClient
 from rwatch.config import Config
 from rwatch.errors import TRANSIENT_ERRORS, CmdbError, ResyncUnsupported, RwatchError, Stopping
 from rwatch.events import Event, ResyncMark, iso_utc, resync_event_id
+from rwatch.failpoints import failpoint
 from rwatch.retry import HealthyResetWait, sleep_or_stop
 
 log = structlog.get_logger("rwatch.resync")
@@ -269,6 +270,7 @@ class Resyncer:
                 observed_at=run.observed, origin="resync", cursor=None, data=data))
         if events:
             await run.out(events)
+            failpoint("resync.after_page")
         run.listed += len(events)
         m.RESYNC_OBJECTS.labels(run.resource).inc(len(events))
         if self.progress is not None:

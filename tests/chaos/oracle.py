@@ -1,0 +1,165 @@
+"""The oracle: what every sink must hold after quiescence, and the counts a Jepsen-style table shows.
+
+- **Equal to CMDB.** The mirror's live rows (read by SQL through the documented schema) and the webhook
+  receiver's effective state both equal the simulator's objects, field by field.
+- **Lost = 0.** No object missing or stale in any sink, and every change CMDB made (every node of the
+  simulator's event chains) reached the webhook receiver, except those inside a gap rwatch recorded (history
+  CMDB no longer had: the resync fills its *effect*, which the state comparison checks).
+- **Effective duplicates = 0.** In the mirror: an UPDATE that rewrote a row with a version not newer than
+  the one it held (the fence let an event take effect again). At the receiver: the same change under a
+  second webhook-id (see ``receiver.py``).
+- **Versions never go back.** In the mirror: an UPDATE to an older version. At the receiver: a watch event
+  first delivered after a newer one of the same object. Both mirror checks are a trigger on
+  ``rwatch_objects`` installed before rwatch starts, so every regression is recorded, not only sampled ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from rwatch.sim.server import Simulator
+from rwatch.sinks.mirror import MirrorSink
+from rwatch.watch.cursors import Gap
+from tests.chaos.receiver import ChaosReceiver
+from tests.integration.harness import Setup
+from tests.integration.test_apply_e2e import TOPOLOGY, async_url, mirror_rows, truth
+
+_AUDIT_TABLE = ("CREATE TABLE chaos_audit (resource TEXT, key TEXT, old_s BIGINT, old_i BIGINT, new_s BIGINT, "
+                "new_i BIGINT, event_id TEXT)")
+_AUDIT_ROW = ("INSERT INTO chaos_audit VALUES (NEW.resource, NEW.key, OLD.version_s, OLD.version_i, NEW.version_s, "
+              "NEW.version_i, NEW.event_id)")
+_NOT_NEWER = "(NEW.version_s, NEW.version_i) <= (OLD.version_s, OLD.version_i)"
+AUDIT_SQL = {
+    "sqlite": [
+        _AUDIT_TABLE,
+        f"CREATE TRIGGER chaos_audit_update AFTER UPDATE ON rwatch_objects WHEN {_NOT_NEWER} BEGIN {_AUDIT_ROW}; END",
+    ],
+    "postgresql": [
+        _AUDIT_TABLE,
+        "CREATE FUNCTION chaos_audit_fn() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"IF {_NOT_NEWER} THEN {_AUDIT_ROW}; END IF; RETURN NEW; END $$",
+        "CREATE TRIGGER chaos_audit_update AFTER UPDATE ON rwatch_objects FOR EACH ROW "
+        "EXECUTE FUNCTION chaos_audit_fn()",
+    ],
+}
+
+
+def mirror_url(setup: Setup) -> str:
+    return setup.config().sinks["mirror"].url.get_secret_value()  # type: ignore[union-attr]
+
+
+async def prepare_mirror(setup: Setup) -> AsyncEngine:
+    """Create the mirror's schema as rwatch would, add the audit trigger, return an engine to read it."""
+    sink = MirrorSink("mirror", setup.config().sinks["mirror"])  # type: ignore[arg-type]
+    await sink.open()
+    await sink.close()
+    engine = create_async_engine(async_url(mirror_url(setup)))
+    async with engine.begin() as conn:
+        for statement in AUDIT_SQL[engine.dialect.name]:
+            await conn.exec_driver_sql(statement)
+    return engine
+
+
+async def mirror_audit(engine: AsyncEngine) -> tuple[list[str], list[str]]:
+    """(regressions, effective duplicates) the trigger recorded."""
+    async with engine.connect() as conn:
+        rows = (await conn.exec_driver_sql(
+            "SELECT resource, key, old_s, old_i, new_s, new_i FROM chaos_audit")).all()
+    regressions: list[str] = []
+    duplicates: list[str] = []
+    for resource, key, old_s, old_i, new_s, new_i in (tuple(row) for row in rows):
+        line = f"mirror {resource} {key}: v[{old_s}, {old_i}] -> v[{new_s}, {new_i}]"
+        (regressions if (new_s, new_i) < (old_s, old_i) else duplicates).append(line)
+    return regressions, duplicates
+
+
+def divergence(got: dict[str, Any], want: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, stale, extra) keys of a sink against the truth."""
+    missing = sorted(set(want) - set(got))
+    stale = sorted(k for k in set(got) & set(want) if got[k] != want[k])
+    extra = sorted(set(got) - set(want))
+    return missing, stale, extra
+
+
+async def sink_states(engine: AsyncEngine, setup: Setup, sim: Simulator,
+                      receiver: ChaosReceiver) -> dict[str, tuple[list[str], list[str], list[str]]]:
+    """Per "<sink> <resource>" that differs from CMDB: (missing, stale, extra)."""
+    out = {}
+    for resource in TOPOLOGY:
+        want = truth(setup, sim, resource)
+        try:
+            rows = await mirror_rows(engine, resource)
+        except DBAPIError:  # SQLite busy under a writer: read again on the next pass
+            rows = {}
+        for sink, got in (("mirror", rows), ("hook", receiver.live(resource))):
+            missing, stale, extra = divergence(got, want)
+            if missing or stale or extra:
+                out[f"{sink} {resource}"] = (missing, stale, extra)
+    return out
+
+
+def describe(states: dict[str, tuple[list[str], list[str], list[str]]]) -> list[str]:
+    return [f"{name}: missing {m[:5]} ({len(m)}), stale {s[:5]} ({len(s)}), extra {e[:5]} ({len(e)})"
+            for name, (m, s, e) in states.items()]
+
+
+def lost_changes(sim: Simulator, receiver: ChaosReceiver, gaps: list[Gap]) -> tuple[list[str], int]:
+    """Chain events never delivered to the receiver outside a recorded gap; and how many a gap covered."""
+    lost, in_gaps = [], 0
+    for resource in TOPOLOGY:
+        spans = [(g.start, g.end) for g in gaps if g.resource == resource]
+        for node in sim.state.chain(resource):
+            if (resource, node.cursor) in receiver.cursors:
+                continue
+            if any(start <= node.sec <= end for start, end in spans):
+                in_gaps += 1
+                continue
+            lost.append(f"{resource} {node.key} {node.event_type} v[{node.sec}, {node.inc}]")
+    return lost, in_gaps
+
+
+@dataclass
+class RoundResult:
+    seed: int
+    topology: str
+    faults: list[str]
+    events: int = 0  # changes CMDB made in the round (chain events of the five resources)
+    deliveries: int = 0  # webhook requests the receiver accepted
+    raw_duplicates: int = 0
+    effective_duplicates: int = 0
+    lost: int = 0
+    regressions: int = 0
+    gaps: int = 0
+    in_gaps: int = 0  # changes CMDB no longer had when rwatch came back: their effect comes by resync
+    converge_s: float | None = None
+    rss_max_mib: int = 0  # the largest resident set of any rwatch process in the round
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def verdict(self) -> str:
+        return "ok" if self.ok else "FAIL"
+
+
+HEADER = ("seed", "topology", "faults applied", "events", "deliv", "raw dup", "eff dup", "lost", "regress", "gaps",
+          "converge", "round", "verdict")
+
+
+def table(results: list[RoundResult]) -> str:
+    rows = [HEADER] + [(
+        str(r.seed), r.topology, ", ".join(r.faults), str(r.events), str(r.deliveries), str(r.raw_duplicates),
+        str(r.effective_duplicates), str(r.lost), str(r.regressions), str(r.gaps),
+        "-" if r.converge_s is None else f"{r.converge_s:.1f}s", f"{r.seconds:.1f}s", r.verdict,
+    ) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
+    lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
