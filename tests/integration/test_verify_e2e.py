@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from rwatch.sim.server import SimOptions, Simulator
 from tests.integration.harness import MakeSetup
 from tests.integration.test_apply_e2e import TOPOLOGY, async_url, rwatch_all, seed_from_start
-from tests.integration.test_resync import converge, converge_one
-
-
-async def rwatch(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "rwatch", *args,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+from tests.integration.test_resync import converge, converge_one, rwatch_cmd
 
 
 def drift_of(report: dict[str, Any], resource: str) -> dict[str, list[str]]:
@@ -47,7 +38,7 @@ async def test_verify_finds_silently_lost_events_and_repair_fixes_them(
         try:
             async with rwatch_all(setup):
                 await converge(engine, setup, sim)
-                code, out, err = await rwatch("verify", "--config", config, "--json")
+                code, out, err = await rwatch_cmd("verify", "--config", config, "--json")
                 assert code == 0, err
                 hosts = sorted(sim.state.objects("host"), key=int)
                 # The next three host changes produce no event; the objects change all the same.
@@ -60,7 +51,7 @@ async def test_verify_finds_silently_lost_events_and_repair_fixes_them(
                 await converge_one(engine, setup, sim, "host_relation")
                 deadline = asyncio.get_running_loop().time() + 30
                 while True:  # wait until the seen change arrived: the stream is past the losses
-                    code, out, err = await rwatch("verify", "--config", config, "--json", "--resource", "host")
+                    code, out, err = await rwatch_cmd("verify", "--config", config, "--json", "--resource", "host")
                     report = json.loads(out)
                     if hosts[0] not in drift_of(report, "host")["changed"]:
                         break
@@ -69,10 +60,10 @@ async def test_verify_finds_silently_lost_events_and_repair_fixes_them(
                 assert code == 1, err
                 assert drift_of(report, "host") == {"missing": [], "extra": [hosts[11]],
                                                     "changed": sorted([hosts[3], hosts[7]])}
-                code, out, err = await rwatch("verify", "--config", config, "--repair")
+                code, out, err = await rwatch_cmd("verify", "--config", config, "--repair")
                 assert code == 0, out + err
                 assert "repaired" in out
-                code, out, err = await rwatch("verify", "--config", config, "--json")
+                code, out, err = await rwatch_cmd("verify", "--config", config, "--json")
                 assert code == 0, out + err
                 assert all(r["missing"] == r["extra"] == r["changed"] == [] for r in json.loads(out)["resources"])
                 await converge(engine, setup, sim)
