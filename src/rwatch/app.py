@@ -132,7 +132,7 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
                         resource, settings=config.watch.resources[resource], watch=config.watch,
                         tenant=config.cmdb.tenant, client=client, bus=bus, store=store, stop=stop,
                         owner=owner, lease_ttl=config.watch.lease_ttl, resyncer=resyncer,
-                        publish_grace=config.run.shutdown_timeout / 2,
+                        publish_grace=config.run.publish_grace,
                     ).run()
 
                 task_name = f"watch:{resource}"

@@ -266,6 +266,17 @@ class HttpConfig(_Section):
 class RunConfig(_Section):
     shutdown_timeout: Duration = Field(default=8.0, gt=0, description="SIGTERM/SIGINT: stop cleanly within this")
 
+    # How the stop spends ``shutdown_timeout`` (invariant 6): in-flight publishes may confirm for half of it;
+    # every broker close handshake after that is bounded by an eighth of it (at most 2 s), so a broker that
+    # answers nothing cannot push the stop past the limit. What was not confirmed is replayed after restart.
+    @property
+    def publish_grace(self) -> float:
+        return self.shutdown_timeout / 2
+
+    @property
+    def close_timeout(self) -> float:
+        return min(2.0, self.shutdown_timeout / 8)
+
 
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"

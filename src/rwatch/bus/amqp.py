@@ -220,6 +220,7 @@ class AmqpBus:
         self._timeout = config.bus.publish_timeout
         self._connection_name = connection_name  # shown by the broker; lets ops (and tests) find it
         self._connect_timeout = connect_timeout  # connect, open the channel, declare the topology
+        self._close_timeout = config.run.close_timeout  # a close handshake the broker does not answer
         self._stop = stop if stop is not None else asyncio.Event()
         self._closed = asyncio.Event()
         # At most publish_window unconfirmed publishes in flight, across all concurrent publish calls.
@@ -247,7 +248,7 @@ class AmqpBus:
         if link is not None:
             link.abort()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(link.connection.close(), 5)
+                await asyncio.wait_for(link.connection.close(), self._close_timeout)
 
     # -- publishing ----------------------------------------------------------------------------------------
 
@@ -416,7 +417,7 @@ class AmqpBus:
                 raise Stopping("bus closed while connecting")
         except BaseException:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 5)
+                await asyncio.wait_for(conn.close(), self._close_timeout)
             raise
         link = _Link(conn, channel, raw)
         # The aiormq channel's closing future completes whenever the channel goes, with its connection
@@ -443,7 +444,7 @@ class AmqpBus:
         # Publishes of other rounds still in flight on it fail now, not when the close handshake is done.
         link.abort()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(conn.close(), 5)
+            await asyncio.wait_for(conn.close(), self._close_timeout)
 
     def _on_connection_closed(self, sender: Any, exc: BaseException | None = None, *_: Any) -> None:
         link = self._link

@@ -176,7 +176,7 @@ class QueueConsumer:
         finally:
             # Unacknowledged messages go back to the queue with the channel: nothing is lost, at most replayed.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(channel.close(), 5)
+                await asyncio.wait_for(channel.close(), self.config.run.close_timeout)
 
     async def _collect(self, inbox: asyncio.Queue[AbstractIncomingMessage]) -> list[AbstractIncomingMessage]:
         getter = asyncio.ensure_future(inbox.get())
@@ -300,7 +300,7 @@ class ConsumerGroup:
                 self.connected = False
                 m.CONSUMER_CONNECTED.set(0)
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(connection.close(), 5)
+                    await asyncio.wait_for(connection.close(), self.config.run.close_timeout)
             if not self.stop.is_set():
                 try:
                     await backoff.pause()
