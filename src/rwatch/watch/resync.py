@@ -39,6 +39,7 @@ from rwatch.errors import TRANSIENT_ERRORS, CmdbError, ResyncUnsupported, Rwatch
 from rwatch.events import Event, ResyncMark, iso_utc, resync_event_id
 from rwatch.failpoints import failpoint
 from rwatch.retry import HealthyResetWait, sleep_or_stop
+from rwatch.watch.cursors import Gap, open_store
 
 log = structlog.get_logger("rwatch.resync")
 
@@ -404,6 +405,17 @@ async def probe(client: CmdbClient, config: Config, resources: Sequence[str]) ->
         raise RwatchError(f"cannot reach CMDB at {config.cmdb.base_url}: {reason}") from None
 
 
+async def fill_gaps(gaps: Sequence[Gap], result: ResyncResult, fill: Callable[[Gap], Awaitable[None]],
+                    logger: Any) -> None:
+    """Mark ``gaps`` filled by ``result``'s resync (which started after they were recorded): ``fill`` stores it,
+    then the metric and the ``cursor_gap_filled`` line follow."""
+    for gap in gaps:
+        await fill(gap)
+        m.GAPS_FILLED.labels(result.resource).inc()
+        logger.warning("cursor_gap_filled", gap_id=gap.id, start=iso_utc(gap.start), end=iso_utc(gap.end),
+                       reason=gap.reason, resync_id=result.resync_id, listed=result.listed)
+
+
 async def resync_now(config: Config, resources: Sequence[str], stop: asyncio.Event, *,
                      progress: Progress | None = None) -> dict[str, ResyncResult | BaseException]:
     """``rwatch resync``: resync ``resources`` now, beside (or without) a running daemon, then fill every gap
@@ -412,7 +424,6 @@ async def resync_now(config: Config, resources: Sequence[str], stop: asyncio.Eve
     from rwatch.app import make_sinks, subscribe_sinks
     from rwatch.bus import make_bus
     from rwatch.bus.memory import MemoryBus
-    from rwatch.watch.cursors import open_store
 
     for resource in resources:
         Resyncer.check(resource)
@@ -438,11 +449,8 @@ async def resync_now(config: Config, resources: Sequence[str], stop: asyncio.Eve
                 except Exception as exc:  # logged by the resyncer; the others go on
                     outcome[resource] = exc
                     return
-                for gap in gaps:
-                    await store.fill_gap(gap.id, time.time())
-                    m.GAPS_FILLED.labels(resource).inc()
-                    log.warning("cursor_gap_filled", resource=resource, gap_id=gap.id, start=iso_utc(gap.start),
-                                end=iso_utc(gap.end), reason=gap.reason, resync_id=result.resync_id)
+                await fill_gaps(gaps, result, lambda gap: store.fill_gap(gap.id, time.time()),
+                                log.bind(resource=resource))
 
             await asyncio.gather(*(one(r) for r in resources))
     finally:

@@ -47,7 +47,7 @@ from rwatch.failpoints import failpoint
 from rwatch.metrics import WATCHERS, WatchHealth
 from rwatch.retry import HealthyResetWait, sleep_or_stop
 from rwatch.watch.cursors import CursorState, CursorStore, Gap
-from rwatch.watch.resync import Resyncer
+from rwatch.watch.resync import Resyncer, fill_gaps
 
 PAGE_SIZE = 200  # the server's eventStep: a full page means more is waiting
 # How far inside the retention window a forced resume starts, so the request is not refused on arrival.
@@ -498,15 +498,14 @@ class Watcher:
             return None
         except Exception:  # logged and counted by the resyncer; the watch itself goes on
             return False
-        for gap in gaps:
-            try:
-                await self._retry_store(lambda gap=gap: self.store.fill_gap(gap.id, time.time()))  # type: ignore[misc]
-            except Stopping:
-                return None
-            m.GAPS_FILLED.labels(self.resource).inc()
-            self.log.warning("cursor_gap_filled", gap_id=gap.id, start=iso_utc(gap.start), end=iso_utc(gap.end),
-                             reason=gap.reason, resync_id=result.resync_id, listed=result.listed)
+        try:
+            await fill_gaps(gaps, result, self._fill_gap, self.log)
+        except Stopping:
+            return None
         return True
+
+    async def _fill_gap(self, gap: Gap) -> None:
+        await self._retry_store(lambda: self.store.fill_gap(gap.id, time.time()))
 
     # --- normalize -------------------------------------------------------------------------------------
 
