@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import random
 
-from rwatch.retry import HealthyResetWait, sleep_or_stop
+import pytest
+
+from rwatch.retry import HealthyResetWait, finish_or_abandon, sleep_or_stop
 
 
 class FakeClock:
@@ -42,3 +44,31 @@ async def test_sleep_or_stop_wakes_on_stop() -> None:
     asyncio.get_running_loop().call_soon(stop.set)
     assert await sleep_or_stop(60, stop) is True
     assert await sleep_or_stop(0, asyncio.Event()) is False
+
+
+async def test_finish_or_abandon_waits_for_the_task_until_stop_then_a_grace() -> None:
+    stop = asyncio.Event()
+    quick = asyncio.ensure_future(asyncio.sleep(0.01, "done"))
+    assert await finish_or_abandon(quick, stop, grace=0.0) is True
+    assert quick.result() == "done"
+
+    stop.set()  # stopping: a task finishing inside the grace still finishes
+    late = asyncio.ensure_future(asyncio.sleep(0.05, "late"))
+    assert await finish_or_abandon(late, stop, grace=1.0) is True
+
+    hung = asyncio.ensure_future(asyncio.Event().wait())
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await finish_or_abandon(hung, stop, grace=0.1) is False
+    assert hung.cancelled() and loop.time() - started < 1.0
+
+
+async def test_finish_or_abandon_takes_the_task_along_when_its_caller_is_cancelled() -> None:
+    hung = asyncio.ensure_future(asyncio.Event().wait())
+    caller = asyncio.ensure_future(finish_or_abandon(hung, asyncio.Event(), grace=10))
+    await asyncio.sleep(0.01)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await asyncio.sleep(0)
+    assert hung.cancelled()

@@ -10,6 +10,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import structlog
@@ -132,7 +133,7 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
                         resource, settings=config.watch.resources[resource], watch=config.watch,
                         tenant=config.cmdb.tenant, client=client, bus=bus, store=store, stop=stop,
                         owner=owner, lease_ttl=config.watch.lease_ttl, resyncer=resyncer,
-                        publish_grace=config.run.publish_grace,
+                        publish_grace=config.run.stop_grace,
                     ).run()
 
                 task_name = f"watch:{resource}"
@@ -208,6 +209,19 @@ def subscribe_sinks(bus: MemoryBus, config: Config, sinks: dict[str, Sink], stop
         bus.subscribe(sink_name, appliers, handler)
 
 
+def awaiting(task: asyncio.Task[Any]) -> str:
+    """Where a pending task waits: the innermost frames of its await chain, for the ``shutdown_timeout`` log
+    (what held the stop up is the first question an operator, or a failing test, asks)."""
+    frames: list[str] = []
+    coro: Any = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            frames.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return " < ".join(reversed(frames[-4:])) or "?"
+
+
 def run(config: Config, *, role: Role = "all") -> None:
     """The blocking entry: first SIGTERM/SIGINT stops cleanly, a second one exits at once."""
 
@@ -233,8 +247,8 @@ def run(config: Config, *, role: Role = "all") -> None:
             done, _ = await asyncio.wait({daemon}, timeout=limit)
             if not done:
                 # What is not confirmed or acknowledged by now is replayed after the restart (invariant 6).
-                log.error("shutdown_timeout", seconds=limit, pending=[t.get_name() for t in asyncio.all_tasks()
-                                                                        if not t.done()][:20])
+                log.error("shutdown_timeout", seconds=limit, pending=[
+                    f"{t.get_name()} at {awaiting(t)}" for t in asyncio.all_tasks() if not t.done()][:30])
                 daemon.cancel()
                 await asyncio.wait({daemon}, timeout=1.0)
                 os._exit(1)

@@ -266,11 +266,12 @@ class HttpConfig(_Section):
 class RunConfig(_Section):
     shutdown_timeout: Duration = Field(default=8.0, gt=0, description="SIGTERM/SIGINT: stop cleanly within this")
 
-    # How the stop spends ``shutdown_timeout`` (invariant 6): in-flight publishes may confirm for half of it;
-    # every broker close handshake after that is bounded by an eighth of it (at most 2 s), so a broker that
-    # answers nothing cannot push the stop past the limit. What was not confirmed is replayed after restart.
+    # How the stop spends ``shutdown_timeout`` (invariant 6): work in hand (publishes awaiting confirms, batches
+    # being applied and acknowledged) may finish for half of it, then it is abandoned; every broker close
+    # handshake after that is bounded by an eighth of it (at most 2 s), so a broker or sink that answers
+    # nothing cannot push the stop past the limit. What was abandoned is replayed after the restart.
     @property
-    def publish_grace(self) -> float:
+    def stop_grace(self) -> float:
         return self.shutdown_timeout / 2
 
     @property

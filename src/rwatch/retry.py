@@ -11,6 +11,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 from tenacity import RetryCallState
 from tenacity.wait import wait_base
@@ -65,3 +66,27 @@ async def sleep_or_stop(seconds: float, stop: asyncio.Event) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+
+async def finish_or_abandon(task: asyncio.Future[Any], stop: asyncio.Event, grace: float) -> bool:
+    """Await ``task``; once ``stop`` is set it has ``grace`` seconds more, then it is cancelled (and awaited).
+
+    True if it finished (its result or exception is then ``task``'s to give), False if it was abandoned. The
+    stop path of everything that waits on the network: a peer that answers nothing cannot hold the process
+    past ``run.shutdown_timeout`` (DESIGN.md invariant 6)."""
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait({task}, timeout=grace)
+    except BaseException:
+        task.cancel()  # the caller itself was cancelled: the task goes with it
+        raise
+    finally:
+        stopping.cancel()
+    if task.done():
+        return True
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return False

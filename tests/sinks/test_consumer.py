@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -22,6 +23,7 @@ from rwatch.events import Event, Message, ResyncMark, iso_utc, resync_event_id, 
 from rwatch.sinks import consumer as consumer_module
 from rwatch.sinks.consumer import Applier, ConsumerGroup
 from rwatch.sinks.dlq import list_dead, replay
+from tests.chaos.proxy import Proxy
 
 pytestmark = pytest.mark.amqp
 
@@ -85,14 +87,7 @@ class RecordingSink:
 async def config(amqp_url: str, unique: str) -> AsyncIterator[Config]:
     cfg = make_config(amqp_url, unique)
     yield cfg
-    conn = await aio_pika.connect(amqp_url)
-    async with conn:
-        channel = await conn.channel()
-        for res in ("host", "process"):
-            await channel.queue_delete(queue_name(cfg, "rec", res))
-        await channel.queue_delete(dead_queue_name(cfg, "rec"))
-        await channel.exchange_delete(cfg.bus.exchange)
-        await channel.exchange_delete(dlx_name(cfg))
+    await delete_queues(amqp_url, cfg)
 
 
 @contextlib.asynccontextmanager
@@ -253,6 +248,68 @@ async def test_stop_while_the_sink_fails_leaves_the_batch_in_the_queue(config: C
     sink.refuse = lambda events: None
     async with consuming(config, sink):
         await sink.wait(lambda: len(sink.applied) >= 10)
+
+
+async def test_a_sink_that_never_returns_is_abandoned_after_the_stop_grace_and_redelivered(
+    amqp_url: str, unique: str
+) -> None:
+    """Invariant 6: a batch in hand whose apply hangs cannot hold the stop past ``run.stop_grace``; the broker
+    keeps it unacknowledged and delivers it again to the next consumer (invariant 1)."""
+    config = make_config(amqp_url, unique)
+    config.run.shutdown_timeout = 2.0  # stop_grace 1 s
+    sink, hung = RecordingSink(), asyncio.Event()
+
+    async def never(events: Sequence[Event]) -> None:
+        hung.set()
+        await asyncio.Event().wait()
+
+    sink.apply = never  # type: ignore[method-assign]
+    try:
+        await publish(config, [event(i) for i in range(5)])
+        stop = asyncio.Event()
+        task = asyncio.create_task(ConsumerGroup(config, {"rec": sink}, stop).run())  # type: ignore[dict-item]
+        await asyncio.wait_for(hung.wait(), 30)
+        stop.set()
+        await asyncio.wait_for(task, config.run.stop_grace + 2 * config.run.close_timeout + 1)
+        del sink.apply  # the class's recording apply again
+        async with consuming(config, sink):
+            await sink.wait(lambda: len(sink.applied) >= 5)
+        assert [e.data["n"] for e in sink.applied] == list(range(5))
+    finally:
+        await delete_queues(amqp_url, config)
+
+
+async def test_a_stop_while_the_broker_answers_nothing_ends_within_the_grace(amqp_url: str, unique: str) -> None:
+    """Invariant 6: consumers connecting (or declaring) through a partition TCP does not notice — the chaos
+    suite's seed 30 — are abandoned after ``run.stop_grace`` instead of waiting for the broker for ever."""
+    parts = urlsplit(amqp_url)
+    async with Proxy("amqp", parts.hostname or "127.0.0.1", parts.port or 5672) as proxy:
+        auth = parts.netloc.rpartition("@")[0]
+        config = make_config(parts._replace(netloc=f"{auth}@127.0.0.1:{proxy.port}").geturl(), unique)
+        config.run.shutdown_timeout = 2.0
+        proxy.stall()
+        stop = asyncio.Event()
+        task = asyncio.create_task(ConsumerGroup(config, {"rec": RecordingSink()}, stop).run())  # type: ignore[dict-item]
+        for _ in range(200):  # the group is connecting: its connection reached the proxy
+            if proxy.counts["connections"]:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the consumers never connected")
+        await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.wait_for(task, config.run.stop_grace + 2 * config.run.close_timeout + 1)
+
+
+async def delete_queues(amqp_url: str, cfg: Config) -> None:
+    conn = await aio_pika.connect(amqp_url)
+    async with conn:
+        channel = await conn.channel()
+        for res in ("host", "process"):
+            await channel.queue_delete(queue_name(cfg, "rec", res))
+        await channel.queue_delete(dead_queue_name(cfg, "rec"))
+        await channel.exchange_delete(cfg.bus.exchange)
+        await channel.exchange_delete(dlx_name(cfg))
 
 
 # --- resync marks: the Applier splits batches at them -------------------------------------------------------

@@ -32,7 +32,7 @@ from rwatch.config import Config
 from rwatch.errors import TRANSIENT_ERRORS, PermanentError, RwatchError, SinkRejected, Stopping
 from rwatch.events import Event, Message, ResyncMark, parse_message
 from rwatch.failpoints import failpoint
-from rwatch.retry import HealthyResetWait, sleep_or_stop
+from rwatch.retry import HealthyResetWait, finish_or_abandon, sleep_or_stop
 from rwatch.sinks.base import Sink
 
 log = structlog.get_logger("rwatch.consume")
@@ -272,6 +272,18 @@ class ConsumerGroup:
         self.connected = False
 
     async def run(self) -> None:
+        """Consume until ``stop``. Then each consumer finishes and acknowledges the batch in hand, within
+        ``run.stop_grace``: past it (a broker or sink that answers nothing) the rest is abandoned, and the
+        broker redelivers what was not acknowledged after the restart (invariants 6 and 2)."""
+        sessions = asyncio.ensure_future(self._sessions())
+        if await finish_or_abandon(sessions, self.stop, self.config.run.stop_grace):
+            sessions.result()
+            return
+        self.connected = False
+        m.CONSUMER_CONNECTED.set(0)
+        log.warning("consume_abandoned", grace=self.config.run.stop_grace)
+
+    async def _sessions(self) -> None:
         backoff = Backoff(self.stop)
         while not self.stop.is_set():
             lost = asyncio.Event()

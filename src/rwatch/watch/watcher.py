@@ -45,7 +45,7 @@ from rwatch.errors import (
 from rwatch.events import Action, Event, iso_utc, watch_event_id
 from rwatch.failpoints import failpoint
 from rwatch.metrics import WATCHERS, WatchHealth
-from rwatch.retry import HealthyResetWait, sleep_or_stop
+from rwatch.retry import HealthyResetWait, finish_or_abandon, sleep_or_stop
 from rwatch.watch.cursors import CursorState, CursorStore, Gap
 from rwatch.watch.resync import Resyncer, fill_gaps
 
@@ -593,25 +593,17 @@ class Watcher:
         if time.monotonic() >= self._lease_deadline:
             self._halt.set()  # the lease may be gone: leave the batch to the next holder
             return False
-        # The bus counts what it confirmed, and how long it took.
+        # The bus counts what it confirmed, and how long it took. Stopping: in-flight publishes get a grace to
+        # confirm, then the batch is left unsaved (the restart replays it) so the process exits within
+        # run.shutdown_timeout (invariant 6).
         publish = asyncio.ensure_future(self.bus.publish(batch.events))
-        stopping = asyncio.ensure_future(self.stop.wait())
+        if not await finish_or_abandon(publish, self.stop, self.publish_grace):
+            self.log.warning("publish_abandoned", events=len(batch.events), grace=self.publish_grace)
+            return False
         try:
-            await asyncio.wait({publish, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if not publish.done():
-                # Stopping: in-flight publishes get a grace to confirm, then the batch is left unsaved (the
-                # restart replays it) so the process exits within run.shutdown_timeout (invariant 6).
-                await asyncio.wait({publish}, timeout=self.publish_grace)
-            if not publish.done():
-                publish.cancel()
-                await asyncio.gather(publish, return_exceptions=True)
-                self.log.warning("publish_abandoned", events=len(batch.events), grace=self.publish_grace)
-                return False
             publish.result()
         except Stopping:
             return False
-        finally:
-            stopping.cancel()
         failpoint("watch.after_publish")
         return True
 
