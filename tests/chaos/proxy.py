@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
+from urllib.parse import urlsplit
 
 _CHUNK = 64 * 1024
 
@@ -28,6 +29,18 @@ class Proxy:
         self._server: asyncio.Server | None = None
         self._links: set[tuple[asyncio.StreamWriter, ...]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def before(cls, name: str, url: str, default_port: int = 5672) -> Proxy:
+        """A proxy in front of the server ``url`` names; ``via(url)`` is the URL that goes through it."""
+        parts = urlsplit(url)
+        return cls(name, parts.hostname or "127.0.0.1", parts.port or default_port)
+
+    def via(self, url: str) -> str:
+        """``url`` (credentials, path and query kept) pointed at this proxy instead of its server."""
+        parts = urlsplit(url)
+        auth = parts.netloc.rpartition("@")[0]
+        return parts._replace(netloc=f"{auth}@127.0.0.1:{self.port}" if auth else f"127.0.0.1:{self.port}").geturl()
 
     async def __aenter__(self) -> Proxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -95,12 +94,6 @@ async def receiver() -> AsyncIterator[ChaosReceiver]:
         yield r
 
 
-def _proxied(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    auth = parts.netloc.rpartition("@")[0]
-    return parts._replace(netloc=f"{auth}@127.0.0.1:{port}" if auth else f"127.0.0.1:{port}").geturl()
-
-
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("seed", [
     pytest.param(s, marks=[pytest.mark.postgres] if topology_of(s) == "ha" else [], id=f"seed{s}") for s in seeds()
@@ -131,13 +124,12 @@ async def test_chaos_round(seed: int, amqp_url: str, store_url: str, receiver: C
 async def run_round(plan: Plan, result: RoundResult, amqp_url: str, store_url: str, receiver: ChaosReceiver,
                     tmp: Path) -> None:
     options = SimOptions(port=0, hold=1.0, error_delay=0.01, seed=plan.seed, bizs=3, hosts=60, retention=RETENTION)
-    broker = urlsplit(amqp_url)
     async with Simulator(options) as sim, \
-            Proxy("amqp", broker.hostname or "127.0.0.1", broker.port or 5672) as amqp, \
+            Proxy.before("amqp", amqp_url) as amqp, \
             Proxy("cmdb", "127.0.0.1", int(sim.url.rsplit(":", 1)[1])) as cmdb:
         extra = receiver.sink_toml("hook", batch_max=16, concurrency=4, timeout=5) + "[run]\nshutdown_timeout = 8\n"
         setup = ChaosSetup(tmp, cmdb.url("http"), amqp_url, uuid.uuid4().hex[:10], TOPOLOGY, store_url=store_url,
-                           mirror_url=store_url, prefetch=PREFETCH, extra=extra, bus_url=_proxied(amqp_url, amqp.port))
+                           mirror_url=store_url, prefetch=PREFETCH, extra=extra, bus_url=amqp.via(amqp_url))
         await seed_from_start(setup)  # the whole history: every chain event must reach the receiver
         engine = await prepare_mirror(setup)
         cluster = Cluster(setup, plan.roles, tmp)

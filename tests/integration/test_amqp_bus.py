@@ -14,7 +14,6 @@ import shutil
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -34,6 +33,7 @@ from rwatch.bus.amqp import (
 from rwatch.config import Config
 from rwatch.errors import Stopping, TopologyConflict
 from rwatch.events import Event, iso_utc, watch_event_id
+from tests.chaos.proxy import Proxy
 from tests.integration.harness import close_connections
 
 pytestmark = pytest.mark.amqp
@@ -515,54 +515,12 @@ async def test_repeated_broker_closes_mid_stream_never_wait_for_the_publish_time
     print(f"recoveries after a broker close: {[round(r, 2) for r in recoveries]} s")
 
 
-class CuttableProxy:
-    """A TCP proxy to the broker whose connections a test can cut abruptly (no AMQP close, just EOF)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.writers: list[asyncio.StreamWriter] = []
-        self.server: asyncio.Server | None = None
-        self.port = 0
-
-    async def __aenter__(self) -> CuttableProxy:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.cut()
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        self.writers += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(ConnectionError, OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    def cut(self) -> None:
-        for w in self.writers:
-            w.transport.abort()
-        self.writers.clear()
-
-
 async def test_abrupt_tcp_drop_mid_stream_loses_nothing(
     cleanup: list[str], amqp_url: str, unique: str, channel: AbstractChannel
 ) -> None:
     n = 3000
-    parts = urlsplit(amqp_url)
-    async with CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5672) as proxy:
-        netloc = f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}"
-        via_proxy = parts._replace(netloc=netloc).geturl()
-        config = make_config(via_proxy, unique, sinks={"mirror": ["host"]}, publish_window=64)
+    async with Proxy.before("amqp", amqp_url) as proxy:
+        config = make_config(proxy.via(amqp_url), unique, sinks={"mirror": ["host"]}, publish_window=64)
         bus = AmqpBus(config, connection_name=f"rwatch-test-{unique}")
         await bus.start()
         queue = await channel.get_queue(f"t-{unique}.mirror.host")
@@ -579,7 +537,7 @@ async def test_abrupt_tcp_drop_mid_stream_loses_nothing(
         await queue.consume(on_message, no_ack=True)
         task = asyncio.create_task(bus.publish(batch))
         await first.wait()
-        proxy.cut()
+        proxy.reset()  # abrupt: no AMQP close, both sides aborted
         await task
         await all_seen.wait()
         await bus.close()

@@ -8,7 +8,6 @@ import os
 import signal
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -80,14 +79,12 @@ async def test_sigterm_while_the_broker_confirms_nothing_exits_0_in_time(
     are abandoned unsaved, every connection close is bounded, and the stop still ends in exit 0 within
     ``shutdown_timeout``; the restart replays what was abandoned. Found by the chaos suite (seed 7)."""
     mirror_url = f"sqlite:///{tmp_path}/mirror.db"
-    broker = urlsplit(amqp_url)
     async with Simulator(SimOptions(port=0, hold=1.0, error_delay=0.01, seed=19, bizs=3, hosts=80)) as sim, \
-            Proxy("amqp", broker.hostname or "127.0.0.1", broker.port or 5672) as proxy:
+            Proxy.before("amqp", amqp_url) as proxy:
         setup = setups(sim.url, TOPOLOGY, mirror_url=mirror_url)
         await seed_from_start(setup)
         text = setup.path.read_text()
-        proxied = broker._replace(netloc=f"{broker.netloc.rpartition('@')[0]}@127.0.0.1:{proxy.port}").geturl()
-        setup.path.write_text(text.replace(f'url = "{amqp_url}"', f'url = "{proxied}"'))
+        setup.path.write_text(text.replace(f'url = "{amqp_url}"', f'url = "{proxy.via(amqp_url)}"'))
         timeout = setup.config().run.shutdown_timeout
         daemon = Daemon(setup, role="all")
         engine = create_async_engine(async_url(mirror_url))

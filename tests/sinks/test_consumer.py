@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -282,10 +281,8 @@ async def test_a_sink_that_never_returns_is_abandoned_after_the_stop_grace_and_r
 async def test_a_stop_while_the_broker_answers_nothing_ends_within_the_grace(amqp_url: str, unique: str) -> None:
     """Invariant 6: consumers connecting (or declaring) through a partition TCP does not notice — the chaos
     suite's seed 30 — are abandoned after ``run.stop_grace`` instead of waiting for the broker for ever."""
-    parts = urlsplit(amqp_url)
-    async with Proxy("amqp", parts.hostname or "127.0.0.1", parts.port or 5672) as proxy:
-        auth = parts.netloc.rpartition("@")[0]
-        config = make_config(parts._replace(netloc=f"{auth}@127.0.0.1:{proxy.port}").geturl(), unique)
+    async with Proxy.before("amqp", amqp_url) as proxy:
+        config = make_config(proxy.via(amqp_url), unique)
         config.run.shutdown_timeout = 2.0
         proxy.stall()
         stop = asyncio.Event()
