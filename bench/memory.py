@@ -29,7 +29,6 @@ import contextlib
 import os
 import platform
 import shutil
-import signal
 import sqlite3
 import statistics
 import sys
@@ -49,7 +48,17 @@ from rwatch.bus.amqp import declare_topology, queue_name
 from rwatch.config import Config
 from rwatch.events import watch_event_id
 from rwatch.watch.cursors import CursorState, open_store
-from watch_publish import URL, Child, busy_fraction, delete_topology, pyspy_stacks, spawn, start_sim, summarize_stacks
+from watch_publish import (
+    URL,
+    Child,
+    busy_fraction,
+    delete_topology,
+    pyspy_stacks,
+    spawn,
+    start_sim,
+    stop_pyspy,
+    summarize_stacks,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
 SINK = "mirror"
@@ -139,16 +148,6 @@ async def start_pyspy(pid: int, out: Path) -> asyncio.subprocess.Process | None:
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     await asyncio.sleep(0.5)
     return proc
-
-
-async def stop_pyspy(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-    try:
-        await asyncio.wait_for(proc.wait(), 30)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
 
 
 def profile_summary(path: Path, top: int = 15) -> dict[str, Any] | None:

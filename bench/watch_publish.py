@@ -486,6 +486,17 @@ def pyspy_stacks(raw: str, rate: int) -> Stacks:
     return stacks
 
 
+async def stop_pyspy(proc: asyncio.subprocess.Process) -> None:
+    """Stop py-spy so that it writes its output (30 s at most, then killed)."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    try:
+        await asyncio.wait_for(proc.wait(), 30)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
 async def profile_drain(config: Config, backlog: Backlog, n: int, sim: Child, tmp: Path,
                         top: int) -> tuple[str, Run, dict[str, Any]] | None:
     """One drain under py-spy (else pyinstrument, else None)."""
@@ -502,13 +513,7 @@ async def profile_drain(config: Config, backlog: Backlog, n: int, sim: Child, tm
             try:
                 yield
             finally:
-                if proc.returncode is None:
-                    proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-                try:
-                    await asyncio.wait_for(proc.wait(), 30)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+                await stop_pyspy(proc)
 
         run = await watcher_drain(config, backlog, n, sim, sampled)
         if out.exists() and out.stat().st_size:
