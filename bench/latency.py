@@ -47,7 +47,7 @@ import orjson
 from rwatch.bus.amqp import dead_queue_name, dlx_name, queue_name
 from rwatch.cmdb import protocol as p
 from rwatch.config import DEFAULT_FIELDS, Config
-from watch_publish import URL, Child, busy_fraction, run_bench, spawn, start_sim
+from watch_publish import URL, Child, busy_fraction, host_mirror_toml, run_bench, spawn, start_sim
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latency.json"
 SINK = "mirror"
@@ -149,34 +149,10 @@ def variant_label(variant: dict[str, float]) -> str:
 
 
 def rwatch_toml(tmp: Path, sim_url: str, tag: str, variant: dict[str, float]) -> Path:
-    path = tmp / f"rwatch-{tag}.toml"
-    others = "".join(f"[watch.resources.{r}]\nenabled = false\n" for r in OTHER_RESOURCES)
     wait = f"batch_wait = {variant['batch_wait']}\n" if "batch_wait" in variant else ""
     limit = f"rate_limit = {variant['rate_limit']}\n" if "rate_limit" in variant else ""
-    path.write_text(f"""
-[cmdb]
-base_url = "{sim_url}"
-{limit}[watch]
-bootstrap = "now"
-[watch.resources.host]
-enabled = true
-interval = 0
-{others}
-[bus]
-url = "{URL}"
-exchange = "bench-{tag}"
-queue_prefix = "bench-{tag}"
-[store]
-url = "sqlite:///{tmp}/state-{tag}.db"
-[sinks.{SINK}]
-kind = "mirror"
-url = "sqlite:///{tmp}/mirror-{tag}.db"
-{wait}[http]
-listen = "127.0.0.1:0"
-[log]
-level = "info"
-""")
-    return path
+    return host_mirror_toml(tmp / f"rwatch-{tag}.toml", sim_url, tag, tmp / f"state-{tag}.db",
+                            tmp / f"mirror-{tag}.db", cmdb=limit, watch='bootstrap = "now"\n', sink=wait)
 
 
 def run_config(tag: str) -> Config:

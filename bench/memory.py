@@ -53,6 +53,7 @@ from watch_publish import (
     Child,
     busy_fraction,
     delete_topology,
+    host_mirror_toml,
     pyspy_stacks,
     spawn,
     start_sim,
@@ -205,29 +206,7 @@ def config_for(tag: str, tmp: Path, sim_url: str) -> tuple[Config, Path]:
         "store": {"url": f"sqlite:///{state}"},
         "sinks": {SINK: {"kind": "mirror", "url": f"sqlite:///{mirror}"}},
     })
-    others = "".join(f"[watch.resources.{r}]\nenabled = false\n" for r in OTHER_RESOURCES)
-    path = tmp / f"rwatch-{tag}.toml"
-    path.write_text(f"""
-[cmdb]
-base_url = "{sim_url}"
-[watch.resources.host]
-enabled = true
-interval = 0
-{others}
-[bus]
-url = "{URL}"
-exchange = "bench-{tag}"
-queue_prefix = "bench-{tag}"
-[store]
-url = "sqlite:///{state}"
-[sinks.{SINK}]
-kind = "mirror"
-url = "sqlite:///{mirror}"
-[http]
-listen = "127.0.0.1:0"
-[log]
-level = "info"
-""")
+    path = host_mirror_toml(tmp / f"rwatch-{tag}.toml", sim_url, tag, state, mirror)
     return config, path
 
 

@@ -486,6 +486,37 @@ def pyspy_stacks(raw: str, rate: int) -> Stacks:
     return stacks
 
 
+def host_mirror_toml(path: Path, sim_url: str, tag: str, state: Path, mirror: Path, *, cmdb: str = "",
+                     watch: str = "", sink: str = "") -> Path:
+    """The rwatch config the process benches run: host only (interval 0), exchange and queues of the bench's
+    own ``bench-<tag>``, a SQLite store and mirror; ``cmdb``, ``watch`` and ``sink`` are extra TOML lines for
+    those sections. Written to ``path``, which is returned."""
+    others = "".join(f"[watch.resources.{r}]\nenabled = false\n" for r in ("host_relation", "biz", "set", "module"))
+    path.write_text(f"""
+[cmdb]
+base_url = "{sim_url}"
+{cmdb}[watch]
+{watch}[watch.resources.host]
+enabled = true
+interval = 0
+{others}
+[bus]
+url = "{URL}"
+exchange = "bench-{tag}"
+queue_prefix = "bench-{tag}"
+[store]
+url = "sqlite:///{state}"
+[sinks.{SINK}]
+kind = "mirror"
+url = "sqlite:///{mirror}"
+{sink}[http]
+listen = "127.0.0.1:0"
+[log]
+level = "info"
+""")
+    return path
+
+
 async def stop_pyspy(proc: asyncio.subprocess.Process) -> None:
     """Stop py-spy so that it writes its output (30 s at most, then killed)."""
     if proc.returncode is None:
