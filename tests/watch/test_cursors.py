@@ -593,3 +593,26 @@ async def test_verify_results_keep_the_last_per_sink_and_resource(store: CursorS
     got = await store.verify_results("0")
     assert [(r.resource, r.drift, r.checked_at) for r in got] == [("biz", 0, 100.0), ("host", 0, 200.0)]
     assert [(r.tenant, r.changed) for r in await store.verify_results("7")] == [("7", 1)]
+
+
+async def test_a_call_whose_caller_is_cancelled_runs_to_its_end_and_leaves_no_lock(tmp_path: Path) -> None:
+    """A lease keeper's timeout or a term's end cancels store calls mid-statement. The caller gets its
+    CancelledError at once; the statement still finishes (here a fenced save, held behind another writer's
+    lock), its connection returns clean, ``close`` waits for it, and the next writer is not blocked."""
+    path = tmp_path / "state.db"
+    store = open_store(f"sqlite:///{path}", timeout=5.0)
+    await store.open()
+    fence = await store.acquire("0", "host", "me", 300)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock: the save waits in busy_timeout
+    call = asyncio.ensure_future(store.save(state(n=2), fence=fence))
+    await asyncio.sleep(0.2)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(call, 1.0)  # the caller is not held by the statement
+    blocker.execute("COMMIT")
+    blocker.close()
+    await store.close()  # waits for the save still running
+    async with open_store(f"sqlite:///{path}", timeout=0.5) as other:
+        assert await other.load("0", "host") == state(n=2)  # the cancelled call's statement did finish
+        await other.acquire("0", "plat", "other", 30)  # and left no lock behind
