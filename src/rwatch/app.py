@@ -142,7 +142,7 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
                 tasks.add(group.create_task(supervise("consumers", consumers.run, stop), name="consumers"))
     finally:
         await bus.close()
-        await store.close()
+        await store.close(timeout=config.run.close_timeout)
         for sink in reversed(list(sinks.values())):
             with contextlib.suppress(Exception):
                 await sink.close()
