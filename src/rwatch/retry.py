@@ -68,7 +68,6 @@ async def sleep_or_stop(seconds: float, stop: asyncio.Event) -> bool:
     return True
 
 
-
 async def finish_or_abandon(task: asyncio.Future[Any], stop: asyncio.Event, grace: float) -> bool:
     """Await ``task``; once ``stop`` is set it has ``grace`` seconds more, then it is cancelled (and awaited).
 

@@ -154,14 +154,7 @@ async def test_a_lone_event_is_applied_without_waiting_batch_wait(amqp_url: str,
         assert all(len(b) <= 50 for b in sink.batches)
         assert len(sink.batches) < 100
     finally:
-        conn = await aio_pika.connect(amqp_url)
-        async with conn:
-            channel = await conn.channel()
-            for res in ("host", "process"):
-                await channel.queue_delete(queue_name(config, "rec", res))
-            await channel.queue_delete(dead_queue_name(config, "rec"))
-            await channel.exchange_delete(config.bus.exchange)
-            await channel.exchange_delete(dlx_name(config))
+        await delete_queues(amqp_url, config)
 
 
 async def test_transient_failures_hold_the_batch_until_it_applies(config: Config) -> None:

@@ -29,7 +29,7 @@ from rwatch import metrics as m
 from rwatch.bus import Bus
 from rwatch.cmdb import protocol as p
 from rwatch.cmdb.client import CmdbClient
-from rwatch.config import ResourceConfig, WatchConfig
+from rwatch.config import ResourceConfig, RunConfig, WatchConfig
 from rwatch.errors import (
     TRANSIENT_ERRORS,
     CmdbRateLimited,
@@ -105,7 +105,7 @@ class Watcher:
         owner: str | None = None,
         lease_ttl: float | None = None,
         resyncer: Resyncer | None = None,
-        publish_grace: float = 4.0,
+        publish_grace: float = RunConfig().stop_grace,
     ) -> None:
         self.resource = resource
         self.settings = settings
