@@ -60,6 +60,7 @@ async def test_sigterm_under_load_exits_0_within_the_timeout_and_loses_nothing(
             assert events.count("startup") == 1 and events.count("shutdown") == 1
             assert "shutdown_timeout" not in events
             assert took < timeout, f"clean stop took {took:.1f} s"
+            print(f"SIGTERM under load at 300 changes/s: exit 0 after {took:.2f} s (limit {timeout:.0f} s)")
             await asyncio.sleep(0.5)  # CMDB changes on while rwatch is down
             sim.load.stop()
             daemon.start()  # nothing lost: the restart brings the mirror level with CMDB
