@@ -6,7 +6,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -18,6 +17,7 @@ from rwatch.app import run_async, supervise
 from rwatch.config import load_config
 from rwatch.errors import ConfigError
 from rwatch.http import serve_http
+from tests.entrypoint import RWATCH
 
 
 async def test_supervise_restarts_a_task_that_dies_of_a_bug() -> None:
@@ -93,14 +93,14 @@ async def test_healthz_and_metrics(tmp_path: Path) -> None:
             # `rwatch health`, the container's health check, reads the same endpoint.
             config = tmp_path / "health.toml"
             config.write_text(f'[http]\nlisten = "0.0.0.0:{port}"\n')
-            ok = await asyncio.create_subprocess_exec(sys.executable, "-m", "rwatch", "health", "--config",
+            ok = await asyncio.create_subprocess_exec(RWATCH, "health", "--config",
                                                       str(config))
             assert await ok.wait() == 0
     finally:
         stop.set()
         await server
     down = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rwatch", "health", stderr=subprocess.PIPE,
+        RWATCH, "health", stderr=subprocess.PIPE,
         env={"RWATCH_HTTP__LISTEN": f"127.0.0.1:{port}", "PATH": ""},
     )
     _, err = await down.communicate()
@@ -110,14 +110,14 @@ async def test_healthz_and_metrics(tmp_path: Path) -> None:
 def test_sim_command_refuses_bad_options_with_exit_2() -> None:
     for args, words in ((["--listen", "nowhere"], "--listen"), (["--retention", "soon"], "--retention"),
                         (["--deny", "hosts"], "--deny"), (["--load-mix", "[1]"], "--load-mix")):
-        proc = subprocess.run([sys.executable, "-m", "rwatch", "sim", *args], capture_output=True, text=True,
+        proc = subprocess.run([RWATCH, "sim", *args], capture_output=True, text=True,
                               timeout=60)
         assert proc.returncode == 2 and words in proc.stderr, proc.stderr
 
 
 async def test_sim_command_serves_and_stops_on_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rwatch", "sim", "--listen", "127.0.0.1:0", "--hold", "1", "--hosts", "5",
+        RWATCH, "sim", "--listen", "127.0.0.1:0", "--hold", "1", "--hosts", "5",
         stdout=subprocess.PIPE,
     )
     try:
@@ -136,9 +136,9 @@ async def test_sim_command_serves_and_stops_on_sigterm() -> None:
 
 
 def test_dlq_commands_exit_1_naming_the_broker_problem() -> None:
-    proc = subprocess.run([sys.executable, "-m", "rwatch", "dlq", "list"], capture_output=True, text=True, timeout=60,
+    proc = subprocess.run([RWATCH, "dlq", "list"], capture_output=True, text=True, timeout=60,
                           env={"RWATCH_BUS__URL": "amqp://guest:guest@127.0.0.1:1/", "PATH": ""})
     assert proc.returncode == 1 and "cannot reach the broker" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "rwatch", "dlq", "replay", "--sink", "nope"], capture_output=True,
+    proc = subprocess.run([RWATCH, "dlq", "replay", "--sink", "nope"], capture_output=True,
                           text=True, timeout=60, env={"PATH": ""})
     assert proc.returncode == 2 and "'nope' is not an enabled sink" in proc.stderr

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from rwatch.config import DEFAULT_FIELDS, load_config, mask_url, parse_duration
 from rwatch.errors import ConfigError
+from tests.entrypoint import RWATCH
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ def test_durations() -> None:
 def test_cli_exits_2_naming_file_and_key(tmp_path: Path, text: str, key: str) -> None:
     path = write(tmp_path, text)
     for command in ("check-config", "run"):
-        proc = subprocess.run([sys.executable, "-m", "rwatch", command, "--config", str(path)],
+        proc = subprocess.run([RWATCH, command, "--config", str(path)],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2, proc.stderr
         assert str(path) in proc.stderr and f"[{key}]" in proc.stderr
@@ -125,7 +125,7 @@ def test_cli_exits_2_naming_file_and_key(tmp_path: Path, text: str, key: str) ->
 
 def test_check_config_prints_effective_masked_config(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "rwatch", "check-config", "--config", str(REPO / "config.toml")],
+        [RWATCH, "check-config", "--config", str(REPO / "config.toml")],
         capture_output=True, text=True, timeout=60,
         env={"PATH": "", "RWATCH_CMDB__APP_SECRET": "hunter2", "RWATCH_BUS__URL": "amqp://u:pw9@h/"},
     )

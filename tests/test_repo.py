@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
+import tomllib
 from pathlib import Path
+
+from tests.entrypoint import RWATCH
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +29,11 @@ def test_dockerfile_entrypoint_is_the_rwatch_command() -> None:
     assert 'ENTRYPOINT ["rwatch"]' in docker
     assert 'CMD ["run"]' in docker
     assert 'CMD ["rwatch", "health"]' in docker
-    # The same console script the tests run: installed, and answering.
-    out = subprocess.run([sys.executable, "-m", "rwatch", "version"], capture_output=True, text=True,
-                         check=True, timeout=60)
+    # The image's `rwatch` is the console script pyproject.toml declares; the process tests start that same
+    # script (tests/entrypoint.py), installed beside this interpreter, and it answers.
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"] == {"rwatch": "rwatch.cli:main"}
+    assert Path(RWATCH).name == "rwatch" and Path(RWATCH).is_file(), RWATCH
+    assert "rwatch.cli" in Path(RWATCH).read_text()
+    out = subprocess.run([RWATCH, "version"], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip()

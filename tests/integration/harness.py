@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -25,6 +24,7 @@ from rwatch.config import Config, load_config
 from rwatch.retry import HealthyResetWait
 from rwatch.watch.cursors import CursorStore, open_store
 from rwatch.watch.watcher import Watcher
+from tests.entrypoint import RWATCH
 
 SINK = "mirror"
 
@@ -214,7 +214,7 @@ class Daemon:
         full.update(env or {})
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rwatch", "run", "--role", self.role, "--config", str(self.setup.path)],
+                [RWATCH, "run", "--role", self.role, "--config", str(self.setup.path)],
                 stdout=out, stderr=subprocess.STDOUT, env=full,
             )
 

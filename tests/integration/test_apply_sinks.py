@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import random
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +16,7 @@ from rwatch.config import load_config
 from rwatch.events import Event, iso_utc, watch_event_id
 from rwatch.sim.server import SimOptions, Simulator
 from rwatch.sinks.webhook import WebhookSink
+from tests.entrypoint import RWATCH
 from tests.integration.harness import MakeSetup, Receiver, Setup, rabbitmqctl
 from tests.integration.test_apply_e2e import async_url, mirror_rows, rwatch_all
 from tests.integration.test_watch_e2e import wait_long_polling
@@ -37,7 +37,7 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 def rwatch_cli(setup: Setup, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "rwatch", *args, "--config", str(setup.path)],
+    proc = subprocess.run([RWATCH, *args, "--config", str(setup.path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout

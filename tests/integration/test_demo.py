@@ -14,7 +14,6 @@ import re
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -23,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+
+from tests.entrypoint import RWATCH
 
 REPO = Path(__file__).resolve().parents[2]
 FIRST_EVENT_WITHIN = 10.0  # the acceptance: events in the mirror within 10 s
@@ -161,7 +162,7 @@ def check_running_demo(demo: DemoProcess, since: float) -> tuple[str, Path, floa
 
 
 def run_demo(tmp: Path, *extra: str) -> DemoProcess:
-    demo = DemoProcess([sys.executable, "-m", "rwatch", "demo", "--port", "0", "--dir", str(tmp / "demo"),
+    demo = DemoProcess([RWATCH, "demo", "--port", "0", "--dir", str(tmp / "demo"),
                         "--rate", "20", *extra], cwd=tmp, env=clean_env())
     try:
         _url, mirror, first = check_running_demo(demo, demo.started)
@@ -215,14 +216,14 @@ def test_demo_over_rabbitmq_leaves_nothing_on_the_broker(tmp_path: Path, amqp_ur
 
 
 def test_demo_stops_by_itself_after_seconds_and_on_sigterm(tmp_path: Path) -> None:
-    demo = DemoProcess([sys.executable, "-m", "rwatch", "demo", "--port", "0", "--dir", str(tmp_path / "a"),
+    demo = DemoProcess([RWATCH, "demo", "--port", "0", "--dir", str(tmp_path / "a"),
                         "--seconds", "3"], cwd=tmp_path, env=clean_env())
     try:
         assert demo.wait(20) == 0, demo.output()
     finally:
         demo.kill()
     assert live_hosts(tmp_path / "a" / "demo-mirror.db") > 0
-    demo = DemoProcess([sys.executable, "-m", "rwatch", "demo", "--port", "0", "--dir", str(tmp_path / "b")],
+    demo = DemoProcess([RWATCH, "demo", "--port", "0", "--dir", str(tmp_path / "b")],
                        cwd=tmp_path, env=clean_env())
     try:
         demo.expect(r"published=", timeout=60)
@@ -239,7 +240,7 @@ def test_demo_refuses_a_taken_port_clearly(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        out = subprocess.run([sys.executable, "-m", "rwatch", "demo", "--port", str(port), "--dir", str(tmp_path)],
+        out = subprocess.run([RWATCH, "demo", "--port", str(port), "--dir", str(tmp_path)],
                              capture_output=True, text=True, timeout=60, env=clean_env())
     assert out.returncode == 1
     assert f"--port {port}" in out.stderr and "--port 0" in out.stderr

@@ -27,6 +27,7 @@ from rwatch.sim.server import SimOptions, Simulator
 from rwatch.sinks.mirror import MirrorSink
 from rwatch.watch.cursors import Gap, open_store
 from rwatch.watch.resync import Resyncer
+from tests.entrypoint import RWATCH
 from tests.integration.harness import MakeSetup, Setup
 from tests.integration.test_apply_e2e import (
     MIX,
@@ -259,9 +260,8 @@ async def converge_one(engine: AsyncEngine, setup: Setup, sim: Simulator, resour
 
 async def rwatch_cmd(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     import os
-    import sys
 
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "rwatch", *args,
+    proc = await asyncio.create_subprocess_exec(RWATCH, *args,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                                                 env={**os.environ, **(env or {})})
     out, err = await asyncio.wait_for(proc.communicate(), 120)

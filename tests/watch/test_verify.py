@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from rwatch.sim.server import SimOptions, Simulator
 from rwatch.sinks.mirror import MirrorSink
 from rwatch.watch.resync import Resyncer
 from rwatch.watch.verify import verify
+from tests.entrypoint import RWATCH
 
 RESOURCES = ("biz", "set", "module", "host", "host_relation")
 
@@ -81,7 +81,7 @@ async def fill_mirror(config: Config) -> None:
 
 async def cli(config: Path | None, *args: str) -> tuple[int, str, str]:
     """``python -m rwatch verify ...`` in a subprocess (the simulator keeps serving on this loop)."""
-    argv = [sys.executable, "-m", "rwatch", "verify", *(["--config", str(config)] if config else []), *args]
+    argv = [RWATCH, "verify", *(["--config", str(config)] if config else []), *args]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RWATCH_")}
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE, env=env)
