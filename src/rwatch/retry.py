@@ -2,15 +2,17 @@
 
 A flapping server (one success between failures) must not reset the pause to 0.8 s each time, so the
 failure streak lives across calls and ends only when no failure happened for ``healthy_after`` seconds.
-The retry loop itself is tenacity's; this module supplies its wait strategy and an interruptible sleep.
+The retry loop itself is tenacity's; this module supplies its wait strategy and an interruptible sleep, and
+the stop path's bounded waits (``finish_or_abandon``, ``close_quietly``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tenacity import RetryCallState
@@ -89,3 +91,10 @@ async def finish_or_abandon(task: asyncio.Future[Any], stop: asyncio.Event, grac
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     return False
+
+
+async def close_quietly(closing: Awaitable[Any], timeout: float) -> None:
+    """Await a close handshake for at most ``timeout`` (``run.close_timeout``), whatever it raises: the peer may
+    be gone or answer nothing, and the close must neither fail its caller nor hold the stop (invariant 6)."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(closing, timeout)

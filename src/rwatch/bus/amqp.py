@@ -13,7 +13,6 @@ channel per bus; concurrent ``publish`` calls (one per watcher) share them and t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
 import uuid
@@ -46,6 +45,7 @@ from rwatch.events import Message
 from rwatch.failpoints import failpoint
 from rwatch.logs import get_logger
 from rwatch.metrics import BUS_CONNECTED, BUS_RECONNECTS, EVENTS_PUBLISHED, PUBLISH_RETRIES, PUBLISH_SECONDS
+from rwatch.retry import close_quietly
 
 T = TypeVar("T")
 
@@ -247,8 +247,7 @@ class AmqpBus:
         BUS_CONNECTED.set(0)
         if link is not None:
             link.abort()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(link.connection.close(), self._close_timeout)
+            await close_quietly(link.connection.close(), self._close_timeout)
 
     # -- publishing ----------------------------------------------------------------------------------------
 
@@ -416,8 +415,7 @@ class AmqpBus:
             if self._closed.is_set():
                 raise Stopping("bus closed while connecting")
         except BaseException:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), self._close_timeout)
+            await close_quietly(conn.close(), self._close_timeout)
             raise
         link = _Link(conn, channel, raw)
         # The aiormq channel's closing future completes whenever the channel goes, with its connection
@@ -443,8 +441,7 @@ class AmqpBus:
             self._log.warning("bus_connection_lost", reason=reason)
         # Publishes of other rounds still in flight on it fail now, not when the close handshake is done.
         link.abort()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(conn.close(), self._close_timeout)
+        await close_quietly(conn.close(), self._close_timeout)
 
     def _on_connection_closed(self, sender: Any, exc: BaseException | None = None, *_: Any) -> None:
         link = self._link

@@ -13,7 +13,6 @@ broker sends no more), so the process holds at most prefetch x queues messages, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -32,7 +31,7 @@ from rwatch.config import Config
 from rwatch.errors import TRANSIENT_ERRORS, PermanentError, RwatchError, SinkRejected, Stopping
 from rwatch.events import Event, Message, ResyncMark, parse_message
 from rwatch.failpoints import failpoint
-from rwatch.retry import HealthyResetWait, finish_or_abandon, sleep_or_stop
+from rwatch.retry import HealthyResetWait, close_quietly, finish_or_abandon, sleep_or_stop
 from rwatch.sinks.base import Sink
 
 log = structlog.get_logger("rwatch.consume")
@@ -175,8 +174,7 @@ class QueueConsumer:
             pass
         finally:
             # Unacknowledged messages go back to the queue with the channel: nothing is lost, at most replayed.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(channel.close(), self.config.run.close_timeout)
+            await close_quietly(channel.close(), self.config.run.close_timeout)
 
     async def _collect(self, inbox: asyncio.Queue[AbstractIncomingMessage]) -> list[AbstractIncomingMessage]:
         getter = asyncio.ensure_future(inbox.get())
@@ -279,8 +277,6 @@ class ConsumerGroup:
         if await finish_or_abandon(sessions, self.stop, self.config.run.stop_grace):
             sessions.result()
             return
-        self.connected = False
-        m.CONSUMER_CONNECTED.set(0)
         log.warning("consume_abandoned", grace=self.config.run.stop_grace)
 
     async def _sessions(self) -> None:
@@ -311,8 +307,7 @@ class ConsumerGroup:
             finally:
                 self.connected = False
                 m.CONSUMER_CONNECTED.set(0)
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(connection.close(), self.config.run.close_timeout)
+                await close_quietly(connection.close(), self.config.run.close_timeout)
             if not self.stop.is_set():
                 try:
                     await backoff.pause()
