@@ -45,6 +45,7 @@ class Setup:
     mirror_url: str = ""
     prefetch: int = 256
     extra: str = ""
+    bus_url: str = ""  # the broker as rwatch reaches it (e.g. through a proxy); the test itself uses amqp_url
     path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -79,7 +80,7 @@ retention = "3h"
 {"".join(tables)}
 [bus]
 kind = "{self.bus}"
-url = "{self.amqp_url}"
+url = "{self.bus_url or self.amqp_url}"
 exchange = "{self.exchange}"
 queue_prefix = "{self.prefix}"
 prefetch = {self.prefetch}

@@ -82,10 +82,8 @@ async def test_sigterm_while_the_broker_confirms_nothing_exits_0_in_time(
     mirror_url = f"sqlite:///{tmp_path}/mirror.db"
     async with Simulator(SimOptions(port=0, hold=1.0, error_delay=0.01, seed=19, bizs=3, hosts=80)) as sim, \
             Proxy.before("amqp", amqp_url) as proxy:
-        setup = setups(sim.url, TOPOLOGY, mirror_url=mirror_url)
+        setup = setups(sim.url, TOPOLOGY, mirror_url=mirror_url, bus_url=proxy.via(amqp_url))
         await seed_from_start(setup)
-        text = setup.path.read_text()
-        setup.path.write_text(text.replace(f'url = "{amqp_url}"', f'url = "{proxy.via(amqp_url)}"'))
         timeout = setup.config().run.shutdown_timeout
         daemon = Daemon(setup, role="all")
         engine = create_async_engine(async_url(mirror_url))
