@@ -107,6 +107,24 @@ CODE_NO_PERMISSION: Final = 9900403
 CODE_TOO_MANY_REQUESTS: Final = 1199997
 CODE_PROXY_FAILED: Final = 1199036
 CODE_PAGE_LIMIT: Final = 1199055  # page.limit above the API's maximum
+CODE_INVALID_TENANT: Final = 1100005  # CMDB 3.15 multi-tenant: unknown or missing X-Bk-Tenant-Id (HTTP 200)
+
+# --- the gateway's and the ESB's own codes (§10.4) ----------------------------------------------------------
+# The gateway answers in its own format ({code, code_name, message, result: false, data: null}, plus the
+# X-Bkapi-Error-Code header) with a real HTTP status; behind the status-rewrite plugin of ESB stages the same
+# body arrives with HTTP 200. Clients classify by code, never by status.
+
+GW_INVALID_ARGS: Final = 1640001  # 400
+GW_APP_UNAUTHENTICATED: Final = 1640101  # 401: bk_app_code / bk_app_secret wrong or missing
+GW_USER_UNAUTHENTICATED: Final = 1640102  # 401: the user could not be verified
+GW_APP_NO_PERMISSION: Final = 1640301  # 403: the app is not granted this gateway resource
+GW_CROSS_TENANT: Final = 1640302  # 403 CROSS_TENANT_FORBIDDEN: X-Bk-Tenant-Id missing or not the app's tenant
+GW_NOT_FOUND: Final = 1640401  # 404: no such resource on the gateway (wrong base URL or stage)
+GW_RATE_LIMITED: Final = range(1642901, 1642905)  # 429: 1642901-1642904, no Retry-After
+GW_BAD_GATEWAY: Final = range(1650200, 1650300)  # 502: 16502xx
+GW_UNAVAILABLE: Final = range(1650300, 1650400)  # 503: 16503xx
+GW_TIMEOUT: Final = 1650401  # 504: the backend was slower than the stage timeout
+ESB_BACKEND_FAILED: Final = 1306201  # ESB: CMDB unreachable or slower than the ESB's 30 s (always HTTP 200)
 
 # --- cursors (§5.1) --------------------------------------------------------------------------------------
 
