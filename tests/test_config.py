@@ -77,6 +77,11 @@ def test_secrets_are_masked_everywhere() -> None:
     ("[store]\nurl = 'mysql://x'\n", {}, "store.url", "sqlite"),
     ("", {"RWATCH_HTTP__LISTEN": "nowhere"}, "http.listen", "host:port"),
     ("[cmdb\n", {}, None, "not valid TOML"),
+    # The old single key, split in two: the error says into what.
+    ("[cmdb]\ntenant = '0'\n", {}, "cmdb.tenant", "supplier_account"),
+    ("", {"RWATCH_CMDB__TENANT": "default"}, "cmdb.tenant", "tenant_id"),
+    ("[cmdb]\ntenant_id = '0'\n", {}, "cmdb.tenant_id", "never \"0\""),
+    ("[cmdb]\nrefusal_retry = 0\n", {}, "cmdb.refusal_retry", "greater than 0"),
 ])
 def test_bad_config_names_file_and_key(tmp_path: Path, text: str, env: dict[str, str], key: str | None,
                                        words: str) -> None:
@@ -133,3 +138,13 @@ def test_check_config_prints_effective_masked_config(tmp_path: Path) -> None:
     assert "hunter2" not in proc.stdout and "pw9" not in proc.stdout
     assert 'url = "amqp://u:***@h/"' in proc.stdout
     assert "[watch.resources.host_relation]" in proc.stdout
+
+
+def test_tenant_id_and_supplier_account_are_two_settings(tmp_path: Path) -> None:
+    single = load_config(write(tmp_path, "[cmdb]\nsupplier_account = '7'\n"), environ={})
+    assert (single.cmdb.tenant, single.cmdb.multi_tenant, single.cmdb.tenant_id) == ("7", False, None)
+    multi = load_config(write(tmp_path, "[cmdb]\ntenant_id = 'acme'\n"), environ={})
+    # On a multi-tenant CMDB the tenant id files events, cursors and mirror rows; the supplier account stays "0".
+    assert (multi.cmdb.tenant, multi.cmdb.multi_tenant, multi.cmdb.supplier_account) == ("acme", True, "0")
+    blank = load_config(write(tmp_path, ""), environ={"RWATCH_CMDB__TENANT_ID": ""})
+    assert blank.cmdb.tenant_id is None and blank.cmdb.tenant == "0"

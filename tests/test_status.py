@@ -29,7 +29,7 @@ from tests.integration.harness import Setup, delete_topology
 
 RESOURCES = ["biz", "set", "module", "host"]
 RESOURCE_KEYS = {"resource", "mode", "leader", "cursor", "lag_s", "cursor_age_s", "polled_ago_s", "retention_alarm",
-                 "events_received", "events_published", "rate_per_s", "gaps_open"}
+                 "events_received", "events_published", "rate_per_s", "gaps_open", "refused"}
 SINK_KEYS = {"sink", "kind", "resources", "queue_depth", "dead_queue_depth", "queue_error", "applied", "dead"}
 
 

@@ -176,6 +176,9 @@ async def readiness(config: Config, bus: Bus | None, store: CursorStore | None,
                                              "limit_s": stale_after}
         checks[f"lag:{health.resource}"] = {"ok": not health.retention_alarm, "lag_s": round(health.lag, 1),
                                             "limit_s": round(limit, 1)}
+        if health.refused is not None:
+            # CMDB refuses who we are: nothing flows until an operator acts; the check says what to do.
+            checks[f"cmdb:{health.resource}"] = {"ok": False, **health.refused}
     return checks
 
 

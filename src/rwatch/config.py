@@ -113,10 +113,46 @@ class CmdbConfig(_Section):
     app_code: str = "rwatch"
     app_secret: SecretStr = SecretStr("")
     username: str = "admin"
-    tenant: str = "0"
+    supplier_account: str = Field(default="0", min_length=1,
+                                  description="bk_supplier_account: body field, URL segment, supplier header")
+    tenant_id: str | None = Field(default=None, description="multi-tenant CMDB: X-Bk-Tenant-Id; unset = single")
     timeout: Duration = Field(default=35.0, description="per request; must exceed the 20 s hold-open")
     verify_tls: bool = True
     rate_limit: float = Field(default=90.0, ge=0, description="requests per second, all resources; 0 = off")
+    refusal_retry: Duration = Field(default=120.0, gt=0,
+                                    description="pause after a refusal (credentials, grant, tenant, IAM)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tenant" in data:
+            raise ValueError(
+                "tenant: replaced by two keys: supplier_account (the legacy bk_supplier_account, \"0\") and "
+                "tenant_id (the X-Bk-Tenant-Id of a multi-tenant CMDB, e.g. \"default\"; leave it unset for a "
+                "single-tenant CMDB)")
+        return data
+
+    @field_validator("tenant_id")
+    @classmethod
+    def _tenant_id(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if value.strip() == "0":
+            raise ValueError("a tenant id is never \"0\" (that is the supplier account, cmdb.supplier_account): "
+                             "use the tenant your app belongs to, e.g. \"default\", or leave tenant_id unset "
+                             "for a single-tenant CMDB")
+        return value.strip()
+
+    @property
+    def multi_tenant(self) -> bool:
+        """A multi-tenant CMDB (3.15 with tenant mode on): ``tenant_id`` is set."""
+        return self.tenant_id is not None
+
+    @property
+    def tenant(self) -> str:
+        """What rwatch files events, cursors and mirror rows under (the event's ``tenant`` field): the tenant id on
+        a multi-tenant CMDB, else the supplier account."""
+        return self.tenant_id if self.tenant_id is not None else self.supplier_account
 
     @field_validator("base_url")
     @classmethod

@@ -76,11 +76,50 @@ class CmdbRateLimited(CmdbTransientError):
 
 
 class CmdbPermanentError(CmdbError, PermanentError):
-    """The request itself is refused (1199998 bad options, 9900403 no permission, 4xx, bad credentials)."""
+    """The request itself is refused (1199998 bad options, an unknown code, an unexpected 4xx)."""
 
 
-class PermissionDenied(CmdbPermanentError):
-    """9900403: the app lacks the IAM action for this resource."""
+class CmdbRefused(CmdbPermanentError):
+    """CMDB or its gateway refused *who* is asking, not what: credentials, a grant, a tenant, an IAM permission,
+    or a base URL where nothing answers. Nothing the client retries soon will change it; ``fix`` names what the
+    operator must change or ask for, and ``reason`` is one of ``auth``, ``grant``, ``tenant``, ``permission``,
+    ``not_found``. Retried slowly (``cmdb.refusal_retry``), so a grant made later is picked up without a restart."""
+
+    reason = "refused"
+
+    def __init__(self, message: str, *, fix: str, **fields: Any) -> None:
+        super().__init__(message, fix=fix, **fields)
+        self.fix = fix
+
+
+class AuthFailed(CmdbRefused):
+    """401 / 1640101 / 1640102 (or ESB's refusal): the app's credentials or the user were not accepted."""
+
+    reason = "auth"
+
+
+class GrantMissing(CmdbRefused):
+    """1640301: the gateway ``bk-cmdb`` has not granted this app the API (resource) it called."""
+
+    reason = "grant"
+
+
+class TenantRefused(CmdbRefused):
+    """1640302 (gateway) or 1100005 (CMDB): the ``X-Bk-Tenant-Id`` header is missing or names the wrong tenant."""
+
+    reason = "tenant"
+
+
+class PermissionDenied(CmdbRefused):
+    """9900403: the user lacks an IAM permission (``watch_<resource>_event``, business view rights...)."""
+
+    reason = "permission"
+
+
+class EndpointNotFound(CmdbRefused):
+    """404 / 1640401 / an HTML page: nothing that speaks CMDB's API answers at this URL (``cmdb.base_url``)."""
+
+    reason = "not_found"
 
 
 class BusError(TransientError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -63,6 +63,12 @@ PUBLISH_RETRIES = Counter(
 LEASE_HELD = Gauge("rwatch_lease_held", "1 while this process holds the resource's HA lease", ["resource"])
 LEASE_LOSSES = Counter("rwatch_lease_losses_total", "HA leases lost while following (taken_over, not_renewed, "
                        "fence_refused)", ["resource", "reason"])
+CMDB_REFUSALS = Counter(
+    "rwatch_cmdb_refusals_total",
+    "Requests CMDB or its gateway refused for who was asking (reason: auth, grant, tenant, permission, not_found); "
+    "retried every cmdb.refusal_retry",
+    ["resource", "reason"],
+)
 RESYNCS = Counter("rwatch_resyncs_total", "Resyncs by trigger (bootstrap, gap, periodic, manual, repair) and "
                   "outcome (ok, failed, stopped, unsupported)", ["resource", "trigger", "outcome"])
 RESYNC_SECONDS = Histogram("rwatch_resync_seconds", "Duration of successful resyncs", ["resource"],
@@ -134,6 +140,8 @@ class WatchHealth:
     cursor_age: float | None  # seconds since the saved cursor's event
     retention_alarm: bool  # lag past two thirds of watch.retention: history will be lost if it goes on
     polled_ago: float | None = None  # seconds since the last successful watch request (None: none yet)
+    # While CMDB refuses the watcher (credentials, grant, tenant, IAM): {"reason", "code", "api", "fix", "since"}
+    refused: dict[str, Any] | None = None
 
 
 class _Watched(Protocol):
@@ -168,12 +176,17 @@ class WatchCollector:
                                 labels=["resource"])
         alarm = GaugeMetricFamily("rwatch_retention_alarm",
                                   "1 once lag passed two thirds of watch.retention", labels=["resource"])
+        refused = GaugeMetricFamily("rwatch_cmdb_refused",
+                                    "1 while CMDB refuses the watcher (credentials, gateway grant, tenant, IAM "
+                                    "permission, base URL); the log line cmdb_refused names the fix",
+                                    labels=["resource"])
         for h in self.healths():
             lag.add_metric([h.resource], h.lag)
             if h.cursor_age is not None:
                 age.add_metric([h.resource], h.cursor_age)
             alarm.add_metric([h.resource], 1.0 if h.retention_alarm else 0.0)
-        yield from (lag, age, alarm)
+            refused.add_metric([h.resource], 1.0 if h.refused else 0.0)
+        yield from (lag, age, alarm, refused)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

@@ -308,6 +308,8 @@ class Status:
                 "rate_per_s": rates.get(resource, 0.0) if rates is not None else None,
                 # The gauge is the leader's: a standby's value would be the last term's, stale.
                 "gaps_open": int(gaps[resource]) if watcher is not None and resource in gaps else None,
+                # While CMDB refuses this watcher: reason, code and the fix (also /readyz's cmdb:<resource>).
+                "refused": health.refused if health is not None else None,
             })
         return rows
 

@@ -6,19 +6,26 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from rwatch.cmdb import client as client_module
 from rwatch.cmdb.client import CmdbClient, RateLimiter
 from rwatch.cmdb.protocol import NO_EVENT_CURSOR
 from rwatch.config import CmdbConfig
 from rwatch.errors import (
+    AuthFailed,
     CmdbPermanentError,
     CmdbRateLimited,
+    CmdbRefused,
     CmdbTransientError,
     CursorExpired,
+    EndpointNotFound,
+    GrantMissing,
     PermissionDenied,
     StartOutOfWindow,
+    TenantRefused,
 )
 from rwatch.sim.server import SimOptions, Simulator
 
@@ -140,3 +147,92 @@ async def test_rate_limit_applies_to_real_calls(sim: Simulator, monkeypatch: pyt
         for _ in range(3):
             await client.watch("host", fields=FIELDS, event_types=[])
     assert len(waits) == 2 and all(w > 0.1 for w in waits)
+
+
+# --- the gateway's and the ESB's codes (cmdb-watch-api §10.4): classified by code, whatever the HTTP status ---
+
+@pytest.mark.parametrize("api", ["apigw", "esb"])
+@pytest.mark.parametrize(("code", "error"), [
+    (1642901, CmdbRateLimited), (1642904, CmdbRateLimited),  # the gateway's rate limits
+    (1650201, CmdbTransientError), (1650301, CmdbTransientError), (1650401, CmdbTransientError),  # its backends
+    (1306201, CmdbTransientError),  # ESB: CMDB unreachable or slower than 30 s
+])
+async def test_gateway_and_esb_transient_codes_at_http_200_are_transient(sim: Simulator, api: str, code: int,
+                                                                        error: type[Exception]) -> None:
+    # Behind the status-rewrite plugin they arrive with HTTP 200 and result: false; the old client called every
+    # unknown code permanent, so one rate limit aborted a resync.
+    sim.faults.schedule({"kind": "code", "code": code, "scope": "any"})
+    async with CmdbClient(config(sim, api=api)) as client:
+        with pytest.raises(error) as info:
+            await client.watch("host", fields=FIELDS, event_types=[])
+    assert not isinstance(info.value, CmdbPermanentError)
+    assert info.value.code == code  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("code", "error", "reason", "fix"), [
+    (9900403, PermissionDenied, "permission", "watch_host_event"),
+    (1640301, GrantMissing, "grant", "grant app 'rw' the resource 'resource_watch'"),
+    (1640302, TenantRefused, "tenant", "cmdb.tenant_id"),
+    (1100005, TenantRefused, "tenant", "cmdb.tenant_id"),
+    (1640101, AuthFailed, "auth", "cmdb.app_secret"),
+    (1640102, AuthFailed, "auth", "cmdb.username"),
+    (1640401, EndpointNotFound, "not_found", "cmdb.base_url"),
+])
+async def test_refusals_name_what_the_operator_must_do(sim: Simulator, code: int, error: type[CmdbRefused],
+                                                       reason: str, fix: str) -> None:
+    sim.faults.schedule({"kind": "code", "code": code})
+    async with CmdbClient(config(sim)) as client:
+        with pytest.raises(error) as info:
+            await client.watch("host", fields=FIELDS, event_types=[])
+    assert info.value.reason == reason and fix in info.value.fix
+    assert info.value.fields()["fix"] == info.value.fix  # a JSON log line carries it as a key
+
+
+async def test_an_html_page_where_the_api_should_be_is_endpoint_not_found(sim: Simulator) -> None:
+    # A base URL that misses the gateway's /api/bk-cmdb/<stage>: aiohttp's 404 page, as any web server's.
+    async with CmdbClient(config(sim, base_url=sim.url + "/api/bk-cmdb/prod/nowhere")) as client:
+        with pytest.raises(EndpointNotFound) as info:
+            await client.watch("host", fields=FIELDS, event_types=[])
+    assert "cmdb.base_url" in info.value.fix and info.value.extra["status"] == 404
+
+
+async def test_supplier_account_and_tenant_go_where_the_server_reads_them(sim: Simulator) -> None:
+    seen: list[dict[str, Any]] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        seen.append({"headers": dict(request.headers), "body": await request.json(), "path": request.path})
+        return await handler(request)
+
+    async def forward(request: web.Request) -> web.Response:
+        return await sim_forward(sim, request)
+
+    app = web.Application(middlewares=[record])
+    app.router.add_post("/{tail:.*}", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        single = CmdbClient(config(sim, base_url=url, supplier_account="7"))
+        multi = CmdbClient(config(sim, base_url=url, tenant_id="acme", api="esb"))
+        async with single, multi:
+            await single.watch("host", fields=FIELDS, event_types=[])
+            await multi.watch("host", fields=FIELDS, event_types=[])
+    finally:
+        await runner.cleanup()
+    gw, esb = seen
+    assert gw["body"]["bk_supplier_account"] == "7" and gw["headers"]["X-Bkcmdb-Supplier-Account"] == "7"
+    assert "X-Bk-Tenant-Id" not in gw["headers"]  # single-tenant: the gateway sets its own
+    assert esb["headers"]["X-Bk-Tenant-Id"] == "acme" and esb["body"]["bk_supplier_account"] == "0"
+    assert esb["body"]["bk_app_code"] == "rw"
+
+
+async def sim_forward(sim: Simulator, request: web.Request) -> web.Response:
+    """Pass a request on to the simulator and its answer back (the recording proxy of the test above)."""
+    async with aiohttp.ClientSession() as session, session.post(
+        sim.url + request.path, data=await request.read(),
+        headers={k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")},
+    ) as resp:
+        return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")

@@ -61,6 +61,23 @@ KEY_FIELDS: Final[dict[str, tuple[str, ...]]] = {
 }
 
 
+# The IAM action that authorises watching each resource (§1.2); biz_set and biz_set_relation share one.
+IAM_WATCH_ACTIONS: Final[dict[str, str]] = {
+    "host": "watch_host_event",
+    "host_relation": "watch_host_relation_event",
+    "biz": "watch_biz_event",
+    "set": "watch_set_event",
+    "module": "watch_module_event",
+    "process": "watch_process_event",
+    "object_instance": "watch_comm_model_inst_event",
+    "mainline_instance": "watch_custom_topo_layer_event",
+    "biz_set": "watch_biz_set_event",
+    "biz_set_relation": "watch_biz_set_event",
+    "plat": "watch_plat_event",
+    "project": "watch_project_event",
+}
+
+
 # Fields a resync scopes its sweep by (``ResyncMark.scope``): the lists cannot see the resource pool business,
 # so a biz resync sweeps only ``default == 0`` and a set or module resync only the businesses it listed. rwatch
 # always asks for them, so every event carries what the sweep decides on.

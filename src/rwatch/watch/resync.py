@@ -97,14 +97,14 @@ class ListApi:
     """The list APIs: one request at a time per caller, ``concurrency`` in flight in all, transient errors
     retried with backoff until ``stop``; anything else raises."""
 
-    def __init__(self, client: CmdbClient, tenant: str, stop: asyncio.Event, concurrency: int) -> None:
+    def __init__(self, client: CmdbClient, stop: asyncio.Event, concurrency: int) -> None:
         self.client = client
-        self.tenant = tenant
+        self.supplier_account = client.config.supplier_account
         self.stop = stop
         self._slots = asyncio.Semaphore(concurrency)
 
     async def call(self, api: str, body: dict[str, Any], requests: Counter[str], **path: Any) -> Any:
-        url = self.client.api_url(p.LIST_PATHS[api].format(bk_supplier_account=self.tenant, **path), api)
+        url = self.client.api_url(p.LIST_PATHS[api].format(bk_supplier_account=self.supplier_account, **path), api)
         body = {**path, **body}
         wait = HealthyResetWait(initial=0.5, maximum=15.0)
         while True:
@@ -112,7 +112,7 @@ class ListApi:
                 async with self._slots:
                     requests[api] += 1
                     m.RESYNC_REQUESTS.labels(api).inc()
-                    return await self.client.call(url, body)
+                    return await self.client.call(url, body, api=api)
             except TRANSIENT_ERRORS as exc:
                 delay = wait.next_delay()
                 fields = exc.fields() if isinstance(exc, RwatchError) else {"error": repr(exc)}
@@ -178,7 +178,7 @@ class Resyncer:
         self.stop = stop
         self.tenant = config.cmdb.tenant
         self.progress = progress
-        self.lists = ListApi(client, self.tenant, stop, config.watch.resync_concurrency)
+        self.lists = ListApi(client, stop, config.watch.resync_concurrency)
 
     @classmethod
     def check(cls, resource: str) -> None:

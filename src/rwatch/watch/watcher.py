@@ -33,6 +33,7 @@ from rwatch.config import ResourceConfig, RunConfig, WatchConfig
 from rwatch.errors import (
     TRANSIENT_ERRORS,
     CmdbRateLimited,
+    CmdbRefused,
     CursorExpired,
     LeaseLost,
     PermanentError,
@@ -139,6 +140,7 @@ class Watcher:
         self.publish_grace = publish_grace  # after stop: how long in-flight publishes may still confirm
         self._gap_recorded = asyncio.Event()
         self.last_poll: float | None = None  # monotonic time of the last successful watch request
+        self.refused: dict[str, object] | None = None  # while CMDB refuses us: why, and the fix (readiness)
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -373,13 +375,22 @@ class Watcher:
             self._outcomes.labels(self.resource, _outcome(exc)).inc()
             raise
         self._outcomes.labels(self.resource, "events" if reply.watched else "empty").inc()
+        if self.refused is not None:
+            self.log.info("cmdb_accepted", refused_for_s=round(self.clock() - float(str(self.refused["since"])), 1))
+            self.refused = None
         self.last_poll = time.monotonic()
         m.LAST_POLL.labels(self.resource).set(self.clock())
         return reply
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
-        return 0.0 if isinstance(exc, _Repoll) else self.backoff.next_delay()
+        if isinstance(exc, _Repoll):
+            return 0.0
+        if isinstance(exc, CmdbRefused):
+            # Minutes, not a hot loop: nothing changes until someone grants or fixes something, and then the next
+            # attempt picks it up without a restart. Jittered so replicas do not knock in step.
+            return self.client.config.refusal_retry * (0.9 + 0.2 * self.backoff.rng.random())
+        return self.backoff.next_delay()
 
     async def _sleep(self, seconds: float) -> None:
         if await sleep_or_stop(seconds, self._halt):
@@ -391,10 +402,22 @@ class Watcher:
             return
         reason = _outcome(exc)
         m.WATCH_BACKOFFS.labels(self.resource, reason).inc()
+        if isinstance(exc, CmdbRefused):
+            self._refused(exc, state.upcoming_sleep)
+            return
         fields = exc.fields() if isinstance(exc, RwatchError) else {"error": repr(exc)}
         level = self.log.error if isinstance(exc, PermanentError) else self.log.warning
         level("watch_failed", **{**fields, "outcome": reason, "mode": self.position.mode,
                                  "retry_in": round(state.upcoming_sleep, 2), "attempt": state.attempt_number})
+
+    def _refused(self, exc: CmdbRefused, retry_in: float) -> None:
+        """One clear error per attempt (every ``cmdb.refusal_retry``) naming the fix; ``/readyz`` fails with it."""
+        m.CMDB_REFUSALS.labels(self.resource, exc.reason).inc()
+        since = self.refused["since"] if self.refused is not None else self.clock()
+        self.refused = {"reason": exc.reason, "code": exc.code, "status": exc.extra.get("status"),
+                        "api": exc.extra.get("api"), "error": exc.message, "fix": exc.fix, "since": since}
+        self.log.error("cmdb_refused", **{**exc.fields(), "reason": exc.reason, "mode": self.position.mode,
+                                          "retry_in": round(retry_in, 1)})
 
     # --- cursor loss (invariant 4) ---------------------------------------------------------------------
 
@@ -627,7 +650,8 @@ class Watcher:
         event_time = self.saved.event_time if self.saved is not None else None
         age = max(0.0, now - event_time) if event_time is not None else None
         polled = time.monotonic() - self.last_poll if self.last_poll is not None else None
-        return WatchHealth(self.resource, lag, age, lag > self.watch.retention * 2 / 3, polled)
+        return WatchHealth(self.resource, lag, age, lag > self.watch.retention * 2 / 3, polled,
+                           dict(self.refused) if self.refused is not None else None)
 
     async def wait_saved(self, done: Callable[[CursorState], bool]) -> CursorState:
         """Until a saved position satisfies ``done`` (for callers that must know what is durable)."""
@@ -655,6 +679,8 @@ def _outcome(exc: BaseException | None) -> str:
         return "start_out_of_window"
     if isinstance(exc, CmdbRateLimited):
         return "rate_limited"
+    if isinstance(exc, CmdbRefused):
+        return "refused"
     if isinstance(exc, PermanentError):
         return "permanent"
     return "transient"
