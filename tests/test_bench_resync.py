@@ -23,8 +23,8 @@ async def test_resync_bench_at_tiny_scale(hosts: int, tmp_path: Path, monkeypatc
     result = await bench.main(args)
 
     rows = result["resources"]
-    assert rows["host"]["minimum"] == {"list_hosts_without_biz": -(-hosts // 500)}
-    assert rows["host_relation"]["minimum"] == {"list_hosts_without_biz": -(-hosts // 500),
+    assert rows["host"]["minimum"] == {"search_business": 1, "list_hosts_without_biz": -(-hosts // 500)}
+    assert rows["host_relation"]["minimum"] == {"search_business": 1, "list_hosts_without_biz": -(-hosts // 500),
                                                 "find_host_biz_relations": -(-hosts // 500)}
     assert rows["module"]["minimum"] == {"search_business": 1, "search_module": 2}
     for name, row in rows.items():

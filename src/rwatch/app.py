@@ -115,15 +115,17 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
             prom = [s for s in sinks.values() if isinstance(s, PromSdSink)]
             consumers = ConsumerGroup(config, sinks, stop, name=name) if consuming and not memory else None
 
+            resyncer = Resyncer(config, client, bus, stop, store=store)  # one: its concurrency bound is for all
+
             async def ready() -> dict[str, dict[str, Any]]:
-                return await readiness(config, bus if watching else None, store if watching else None, consumers)
+                return await readiness(config, bus if watching else None, store if watching else None, consumers,
+                                       resyncer if watching else None)
 
             status = Status(config, stop, role=role, owner=owner, started=started, name=f"{name} status")
             http = serve_http(config.http.listen, alive, stop, http_port, routes=sd_routes(prom), ready=ready,
                               status=status.snapshot)
             tasks.add(group.create_task(http, name="http"))
             tasks.add(group.create_task(supervise("status", status.run, stop), name="status"))
-            resyncer = Resyncer(config, client, bus, stop)  # one: its concurrency bound is for all resources
             if watching:  # the last `rwatch verify`'s result, kept in the store, as this daemon's metrics
                 verified = export_verify_metrics(store, config.cmdb.tenant, stop)
                 tasks.add(group.create_task(verified, name="verify_metrics"))
@@ -150,10 +152,18 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
 
 
 async def readiness(config: Config, bus: Bus | None, store: CursorStore | None,
-                    consumers: ConsumerGroup | None) -> dict[str, dict[str, Any]]:
+                    consumers: ConsumerGroup | None, resyncer: Resyncer | None = None) -> dict[str, dict[str, Any]]:
     """The checks of ``/readyz``: broker connected, store reachable, every followed resource polled recently,
-    and no lag past two thirds of ``watch.retention`` (``lag:<resource>``: history is about to be lost)."""
+    no lag past two thirds of ``watch.retention`` (``lag:<resource>``: history is about to be lost), CMDB not
+    refusing a watcher (``cmdb:<resource>``), and no business hidden from the user (``hidden_businesses``)."""
     checks: dict[str, dict[str, Any]] = {}
+    if resyncer is not None and resyncer.hidden:
+        # Degraded, not down: the stream flows, but resyncs sweep nothing their listing cannot see.
+        checks["hidden_businesses"] = {
+            "ok": False, "count": len(resyncer.hidden), "ids": resyncer.hidden[:100],
+            "why": "search_business does not list businesses the biz stream showed alive (no view rights in IAM, "
+                   "or deleted while history was lost); resyncs delete nothing of them",
+            "fix": f"grant user {config.cmdb.username!r} view rights on every business"}
     if bus is not None:
         checks["bus"] = {"ok": bus.connected}
     if consumers is not None and config.queue_sinks:

@@ -294,7 +294,11 @@ def resync_cmd(
         result = outcome.get(name)
         if isinstance(result, ResyncResult):
             typer.echo(f"{name}: {result.listed} objects at version {list(result.version)}, "
-                       f"{sum(result.requests.values())} list requests, {result.seconds:.1f} s")
+                       f"{sum(result.requests.values())} list requests, {result.seconds:.1f} s"
+                       + ("" if result.complete else ", INCOMPLETE: nothing swept, gaps stay open"))
+            for reason in result.reasons:
+                failed = True
+                typer.echo(f"{name}: not proved complete: {reason}", err=True)
         else:
             failed = True
             typer.echo(f"{name}: FAILED: {result!r}" if result is not None else f"{name}: stopped", err=True)

@@ -49,6 +49,11 @@ class ResyncUnsupported(PermanentError):
     """No list API covers every object of the resource, so it cannot be resynced (its gaps stay open)."""
 
 
+class ListingBroken(PermanentError):
+    """A list API answered in a way paging cannot trust (ids that do not advance, no ``info``, no count on
+    request); ``api`` names it. The resync fails rather than loop or sweep from it."""
+
+
 class CmdbError(RwatchError):
     """CMDB answered ``result: false``; ``code`` is its error code."""
 

@@ -20,6 +20,10 @@ Readiness = Callable[[], Awaitable[dict[str, dict[str, Any]]]]
 StatusDoc = Callable[[], Awaitable[dict[str, Any]]]
 
 
+# Checks that fail as "degraded": the process works, but falls behind (lag) or cannot see everything (hidden).
+DEGRADED = ("lag:", "hidden_businesses")
+
+
 async def _always_ready() -> dict[str, dict[str, Any]]:
     return {}
 
@@ -35,7 +39,7 @@ def make_app(alive: Callable[[], bool], routes: Routes = (), ready: Readiness = 
         failing = sorted(name for name, check in checks.items() if not check.get("ok"))
         if not failing:
             return web.json_response({"status": "ready", "checks": checks})
-        status = "degraded" if all(name.startswith("lag:") for name in failing) else "not_ready"
+        status = "degraded" if all(name.startswith(DEGRADED) for name in failing) else "not_ready"
         return web.json_response({"status": status, "failing": failing, "checks": checks}, status=503)
 
     async def healthz(_: web.Request) -> web.Response:

@@ -69,8 +69,13 @@ CMDB_REFUSALS = Counter(
     "retried every cmdb.refusal_retry",
     ["resource", "reason"],
 )
+HIDDEN_BUSINESSES = Gauge(
+    "rwatch_cmdb_hidden_businesses",
+    "Businesses the biz stream showed alive that search_business did not list at the last check (hidden from "
+    "the configured user by IAM, or deleted while history was lost); nothing of them is deleted downstream",
+)
 RESYNCS = Counter("rwatch_resyncs_total", "Resyncs by trigger (bootstrap, gap, periodic, manual, repair) and "
-                  "outcome (ok, failed, stopped, unsupported)", ["resource", "trigger", "outcome"])
+                  "outcome (ok, incomplete, failed, stopped, unsupported)", ["resource", "trigger", "outcome"])
 RESYNC_SECONDS = Histogram("rwatch_resync_seconds", "Duration of successful resyncs", ["resource"],
                            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
 RESYNC_OBJECTS = Counter("rwatch_resync_objects_total", "Objects published by resyncs", ["resource"])

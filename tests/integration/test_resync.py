@@ -220,10 +220,12 @@ async def test_live_changes_during_a_resync_are_never_undone(setups: MakeSetup, 
                 subscribe_sinks(resync_bus, config, {"mirror": mirror}, stop)
                 await resync_bus.start()
                 try:
-                    async with CmdbClient(config.cmdb) as client:
-                        resyncer = Resyncer(config, client, resync_bus, stop)
+                    async with CmdbClient(config.cmdb) as client, \
+                            open_store(config.store.url.get_secret_value()) as store:
+                        resyncer = Resyncer(config, client, resync_bus, stop, store=store)
                         hook = Interleaver(resyncer, change_behind_the_snapshot)
                         result = await resyncer.run("host")
+                        assert result.complete  # so the mark went out and the sink swept
                 finally:
                     await mirror.close()
                 assert hook.calls >= 3 and len(listed) == 3

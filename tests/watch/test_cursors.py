@@ -20,6 +20,7 @@ import pytest
 from rwatch.cmdb.protocol import NO_EVENT_CURSOR, Cursor
 from rwatch.errors import ConfigError, LeaseLost, PermanentError, StoreError, TransientError
 from rwatch.watch.cursors import (
+    BizSighting,
     CursorState,
     CursorStore,
     PostgresCursorStore,
@@ -616,3 +617,17 @@ async def test_a_call_whose_caller_is_cancelled_runs_to_its_end_and_leaves_no_lo
     async with open_store(f"sqlite:///{path}", timeout=0.5) as other:
         assert await other.load("0", "host") == state(n=2)  # the cancelled call's statement did finish
         await other.acquire("0", "plat", "other", 30)  # and left no lock behind
+
+
+async def test_business_sightings_keep_the_newest_per_business(store: CursorStore) -> None:
+    """The record a resync compares its business listing with: version-fenced, per tenant."""
+    await store.note_businesses("0", [BizSighting(7, True, (100, 1), False), BizSighting(8, True, (100, 2), True)])
+    await store.note_businesses("0", [BizSighting(7, False, (105, 1), False)])  # deleted later
+    await store.note_businesses("0", [BizSighting(7, True, (101, 0), False)])  # an older listing: no effect
+    await store.note_businesses("t2", [BizSighting(7, True, (90, 0), False)])
+    # Two sightings of one business in one call: the newest is kept, whatever their order.
+    await store.note_businesses("0", [BizSighting(9, False, (120, 0), False), BizSighting(9, True, (110, 0), False)])
+    assert await store.businesses("0") == [BizSighting(7, False, (105, 1), False),
+                                           BizSighting(8, True, (100, 2), True),
+                                           BizSighting(9, False, (120, 0), False)]
+    assert await store.businesses("t2") == [BizSighting(7, True, (90, 0), False)]

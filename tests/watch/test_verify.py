@@ -25,6 +25,7 @@ from rwatch.config import Config, load_config
 from rwatch.events import Event, iso_utc
 from rwatch.sim.server import SimOptions, Simulator
 from rwatch.sinks.mirror import MirrorSink
+from rwatch.watch.cursors import open_store
 from rwatch.watch.resync import Resyncer
 from rwatch.watch.verify import verify
 from tests.entrypoint import RWATCH
@@ -69,10 +70,10 @@ async def fill_mirror(config: Config) -> None:
     subscribe_sinks(bus, config, sinks, stop)
     await bus.start()
     try:
-        async with CmdbClient(config.cmdb) as client:
-            resyncer = Resyncer(config, client, bus, stop)
+        async with CmdbClient(config.cmdb) as client, open_store(config.store.url.get_secret_value()) as store:
+            resyncer = Resyncer(config, client, bus, stop, store=store)
             for resource in RESOURCES:
-                await resyncer.run(resource, trigger="test")
+                assert (await resyncer.run(resource, trigger="test")).complete
     finally:
         await bus.close()
         for sink in sinks.values():

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, ParamSpec, Protocol, TypeVar
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Double,
     Index,
@@ -157,6 +158,18 @@ class VerifyResult:
         return self.missing + self.extra + self.changed
 
 
+@dataclass(frozen=True, slots=True)
+class BizSighting:
+    """What the biz stream (or a listing) last showed of one business: alive or deleted, as of ``version``.
+    A resync compares these with what ``search_business`` lists: a live business it does not list is hidden
+    from the configured user (or was deleted while history was lost), never proof that it is gone."""
+
+    biz_id: int
+    live: bool
+    version: tuple[int, int]
+    pool: bool  # the resource pool (default != 0): search_business never lists it
+
+
 class CursorStore(Protocol):
     async def open(self) -> None:
         """Connect and create the tables if missing (idempotent, safe with concurrent openers)."""
@@ -199,6 +212,11 @@ class CursorStore(Protocol):
         """Keep the last ``rwatch verify`` result per (tenant, sink, resource), for the daemon's metrics."""
 
     async def verify_results(self, tenant: str | None = None) -> list[VerifyResult]: ...
+
+    async def note_businesses(self, tenant: str, sightings: Sequence[BizSighting]) -> None:
+        """Record businesses the stream or a listing showed; a sighting older than the one kept changes nothing."""
+
+    async def businesses(self, tenant: str) -> list[BizSighting]: ...
 
     async def ping(self) -> None:
         """Raise StoreError when the store cannot be reached (readiness)."""
@@ -260,6 +278,18 @@ verify_table = Table(
     Column("checked_at", Double, nullable=False),
 )
 
+businesses_table = Table(
+    "rwatch_businesses",
+    metadata,
+    Column("tenant", Text, primary_key=True),
+    Column("bk_biz_id", BigInteger, primary_key=True),
+    Column("live", Boolean, nullable=False),
+    Column("pool", Boolean, nullable=False),
+    Column("version_s", BigInteger, nullable=False),
+    Column("version_i", BigInteger, nullable=False),
+    Column("noted_at", Double, nullable=False),
+)
+
 # Both dialects' insert() has on_conflict_do_update (and .excluded).
 _DIALECT_INSERTS: dict[str, Callable[[Table], Any]] = {
     "sqlite": sqlite.insert,
@@ -269,6 +299,7 @@ _C = cursors_table.c
 _G = gaps_table.c
 _L = leases_table.c
 _V = verify_table.c
+_B = businesses_table.c
 
 # The fenced save, one statement on both backends: the row to write comes out of the lease check, so a stale
 # fence inserts and updates nothing (RETURNING then yields no row). PostgreSQL locks the lease row FOR SHARE
@@ -610,6 +641,37 @@ class SqlCursorStore:
                 rows = (await conn.execute(query)).all()
         return [VerifyResult(r.tenant, r.sink, r.resource, int(r.missing), int(r.extra), int(r.changed),
                              float(r.checked_at)) for r in rows]
+
+    @_whole
+    async def note_businesses(self, tenant: str, sightings: Sequence[BizSighting]) -> None:
+        if not sightings:
+            return
+        engine = self._live("note_businesses", tenant)
+        insert = _DIALECT_INSERTS[self.backend](businesses_table)
+        new = insert.excluded
+        upsert = insert.on_conflict_do_update(
+            index_elements=[_B.tenant, _B.bk_biz_id],
+            set_={name: new[name] for name in ("live", "pool", "version_s", "version_i", "noted_at")},
+            # The version fence: a replayed or listed sighting older than the kept one changes nothing.
+            where=or_(_B.version_s < new.version_s, and_(_B.version_s == new.version_s, _B.version_i < new.version_i)),
+        )
+        now = time.time()
+        rows = {s.biz_id: {"tenant": tenant, "bk_biz_id": s.biz_id, "live": s.live, "pool": s.pool,
+                           "version_s": s.version[0], "version_i": s.version[1], "noted_at": now}
+                for s in sorted(sightings, key=lambda s: s.version)}  # one row per id: the newest sighting
+        with self._errors("note_businesses", tenant):
+            async with engine.connect() as conn:
+                await conn.execute(upsert, list(rows.values()))
+
+    @_whole
+    async def businesses(self, tenant: str) -> list[BizSighting]:
+        engine = self._live("businesses", tenant)
+        query = select(businesses_table).where(_B.tenant == tenant).order_by(_B.bk_biz_id)
+        with self._errors("businesses", tenant):
+            async with engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        return [BizSighting(int(r.bk_biz_id), bool(r.live), (int(r.version_s), int(r.version_i)), bool(r.pool))
+                for r in rows]
 
     @_whole
     async def ping(self) -> None:

@@ -16,6 +16,11 @@ The Kubernetes informer's pattern, on CMDB's APIs (README "Resync"):
    it; it ends deleted at ``V``. The mark's ``scope`` keeps the sweep to what the lists could see.
 
 The watch goes on from where it stood meanwhile; replayed events older than ``V`` are fenced out.
+
+The mark is published only when every listing proved itself complete (``rwatch.cmdb.listing``) and no business
+the stream showed alive is missing from ``search_business``: a user who is not a CMDB administrator sees only the
+businesses IAM lets it view, so a business missing from its list is not evidence of a delete (cmdb-watch-api
+§10.5). Otherwise the snapshot rows are published, nothing is swept, the gap stays open, and the result says why.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -34,12 +39,13 @@ from rwatch import metrics as m
 from rwatch.bus import Bus
 from rwatch.cmdb import protocol as p
 from rwatch.cmdb.client import CmdbClient
+from rwatch.cmdb.listing import LIMITS, ListApi, Proof
 from rwatch.config import Config
 from rwatch.errors import TRANSIENT_ERRORS, CmdbError, ResyncUnsupported, RwatchError, Stopping
 from rwatch.events import Event, ResyncMark, iso_utc, resync_event_id
 from rwatch.failpoints import failpoint
 from rwatch.retry import HealthyResetWait, sleep_or_stop
-from rwatch.watch.cursors import Gap, open_store
+from rwatch.watch.cursors import BizSighting, CursorStore, Gap, open_store
 
 log = structlog.get_logger("rwatch.resync")
 
@@ -48,17 +54,6 @@ Scope = dict[str, list[Any]] | None
 # (resource, objects listed so far, total when the API told it)
 Progress = Callable[[str, int, int | None], None]
 
-# Page sizes: the documented maximum of each API (cmdb-watch-api.md §6), never the system-wide 1000.
-LIMITS: Final[dict[str, int]] = {
-    "search_business": 200,
-    "list_business_set": 500,
-    "search_set": 500,
-    "search_module": 500,
-    "list_hosts_without_biz": 500,
-    "find_host_biz_relations": 500,  # host ids per request
-    "search_cloud_area": 200,
-    "list_project": 500,
-}
 # A value no business has: a filter on bk_data_status is what makes search_business show archived ones.
 _ANY_STATUS: Final = {"field": "bk_data_status", "operator": "not_equal", "value": "__rwatch_any__"}
 
@@ -73,6 +68,10 @@ class ResyncResult:
     seconds: float
     scope: Scope
     started_at: float
+    # False: a listing could not prove itself complete (``reasons``): rows published, no mark, gaps stay open.
+    complete: bool = True
+    reasons: list[str] = field(default_factory=list)
+    hidden: list[int] = field(default_factory=list)  # businesses the stream showed alive that were not listed
 
 
 @dataclass(slots=True)
@@ -91,78 +90,8 @@ class Snapshot:
     total: int | None = None
     invalid: int = 0
     requests: Counter[str] = field(default_factory=Counter)
-
-
-class ListApi:
-    """The list APIs: one request at a time per caller, ``concurrency`` in flight in all, transient errors
-    retried with backoff until ``stop``; anything else raises."""
-
-    def __init__(self, client: CmdbClient, stop: asyncio.Event, concurrency: int) -> None:
-        self.client = client
-        self.supplier_account = client.config.supplier_account
-        self.stop = stop
-        self._slots = asyncio.Semaphore(concurrency)
-
-    async def call(self, api: str, body: dict[str, Any], requests: Counter[str], **path: Any) -> Any:
-        url = self.client.api_url(p.LIST_PATHS[api].format(bk_supplier_account=self.supplier_account, **path), api)
-        body = {**path, **body}
-        wait = HealthyResetWait(initial=0.5, maximum=15.0)
-        while True:
-            try:
-                async with self._slots:
-                    requests[api] += 1
-                    m.RESYNC_REQUESTS.labels(api).inc()
-                    return await self.client.call(url, body, api=api)
-            except TRANSIENT_ERRORS as exc:
-                delay = wait.next_delay()
-                fields = exc.fields() if isinstance(exc, RwatchError) else {"error": repr(exc)}
-                log.warning("resync_list_failed", **{**fields, "api": api, "retry_in": round(delay, 2)})
-                if await sleep_or_stop(delay, self.stop):
-                    raise Stopping("stopping") from exc
-
-    async def pages(self, api: str, id_field: str, requests: Counter[str], *, body: dict[str, Any] | None = None,
-                    style: str = "filter", param: str = "filter", **path: Any) -> AsyncIterator[tuple[list[Doc], int]]:
-        """Every object, keyset-paged by ``id_field``: (page, how many remained including it). The next page is
-        requested while the caller handles this one (publishing overlaps listing; one page in hand)."""
-        limit = LIMITS[api]
-
-        def request(last: Any) -> asyncio.Task[Any]:
-            query = dict(body or {})
-            if last is not None:
-                if style == "condition":
-                    query[param] = {**query.get(param, {}), id_field: {"$gt": last}}
-                else:
-                    rule = {"field": id_field, "operator": "greater", "value": last}
-                    given = query.get(param)
-                    query[param] = {"condition": "AND", "rules": [given, rule] if given else [rule]}
-            query["page"] = {"start": 0, "limit": limit, "sort": id_field}
-            return asyncio.ensure_future(self.call(api, query, requests, **path))
-
-        pending = request(None)
-        try:
-            while True:
-                info, count = _info(await pending, api)
-                more = len(info) < count and bool(info)
-                if more:
-                    last = info[-1].get(id_field)
-                    if last is None:
-                        raise ValueError(f"{api} returned an object without {id_field}")
-                    pending = request(last)
-                yield info, count
-                if not more:
-                    return
-        finally:
-            if not pending.done():
-                pending.cancel()
-                await asyncio.gather(pending, return_exceptions=True)
-
-
-def _info(data: Any, api: str) -> tuple[list[Doc], int]:
-    if not isinstance(data, dict) or not isinstance(data.get("info"), list):
-        raise ValueError(f"{api} answered without data.info")
-    info = [d for d in data["info"] if isinstance(d, dict)]
-    count = data.get("count")
-    return info, int(count) if isinstance(count, int) else len(info)
+    proof: Proof = field(default_factory=Proof)
+    hidden: list[int] = field(default_factory=list)
 
 
 class Resyncer:
@@ -171,7 +100,7 @@ class Resyncer:
     SUPPORTED: Final = frozenset({"host", "host_relation", "biz", "set", "module", "plat", "project", "biz_set"})
 
     def __init__(self, config: Config, client: CmdbClient, bus: Bus, stop: asyncio.Event, *,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, store: CursorStore | None = None) -> None:
         self.config = config
         self.client = client
         self.bus = bus
@@ -179,6 +108,10 @@ class Resyncer:
         self.tenant = config.cmdb.tenant
         self.progress = progress
         self.lists = ListApi(client, stop, config.watch.resync_concurrency)
+        # The record of businesses the stream showed (``BizSighting``): without it, hidden businesses cannot be
+        # told apart and a business resync never sweeps (only a test's bare resyncer has none).
+        self.store = store
+        self.hidden: list[int] | None = None  # the last check's hidden businesses (None: not checked yet)
 
     @classmethod
     def check(cls, resource: str) -> None:
@@ -196,10 +129,12 @@ class Resyncer:
         try:
             snapshot = await self.snapshot(resource, self.bus.publish, on_head=lambda v: bound.info(
                 "resync_started", version=list(v), occurred_at=iso_utc(v[0])))
-            mark = ResyncMark(id=resync_event_id(resource, f"mark:{resync_id}", snapshot.version), resource=resource,
-                              tenant=self.tenant, version=snapshot.version, resync_id=resync_id, scope=snapshot.scope,
-                              listed=snapshot.listed, started_at=iso_utc(started), observed_at=iso_utc(time.time()))
-            await self.bus.publish([mark])
+            if snapshot.proof.complete:
+                mark = ResyncMark(id=resync_event_id(resource, f"mark:{resync_id}", snapshot.version),
+                                  resource=resource, tenant=self.tenant, version=snapshot.version,
+                                  resync_id=resync_id, scope=snapshot.scope, listed=snapshot.listed,
+                                  started_at=iso_utc(started), observed_at=iso_utc(time.time()))
+                await self.bus.publish([mark])
         except (Stopping, asyncio.CancelledError):
             m.RESYNCS.labels(resource, trigger, "stopped").inc()
             raise
@@ -209,13 +144,21 @@ class Resyncer:
             bound.error("resync_failed", **facts)
             raise
         seconds = time.monotonic() - clock
+        result = ResyncResult(resource, resync_id, snapshot.version, snapshot.listed, snapshot.requests, seconds,
+                              snapshot.scope, started, snapshot.proof.complete, snapshot.proof.reasons,
+                              snapshot.hidden)
+        facts = {"listed": snapshot.listed, "invalid": snapshot.invalid, "requests": sum(snapshot.requests.values()),
+                 "seconds": round(seconds, 3), "scope": _scope_summary(snapshot.scope),
+                 "version": list(snapshot.version)}
+        if not result.complete:
+            # Published, but nothing is swept from it: a deletion needs proof (README "Resync").
+            m.RESYNCS.labels(resource, trigger, "incomplete").inc()
+            bound.error("resync_incomplete", **facts, reasons=result.reasons, hidden=result.hidden[:50])
+            return result
         m.RESYNCS.labels(resource, trigger, "ok").inc()
         m.RESYNC_SECONDS.labels(resource).observe(seconds)
-        bound.info("resync_finished", listed=snapshot.listed, invalid=snapshot.invalid,
-                   requests=sum(snapshot.requests.values()), seconds=round(seconds, 3),
-                   scope=_scope_summary(snapshot.scope), version=list(snapshot.version))
-        return ResyncResult(resource, resync_id, snapshot.version, snapshot.listed, snapshot.requests, seconds,
-                            snapshot.scope, started)
+        bound.info("resync_finished", **facts)
+        return result
 
     async def snapshot(self, resource: str, out: Callable[[list[Event]], Awaitable[None]], *,
                        on_head: Callable[[tuple[int, int]], object] | None = None) -> Snapshot:
@@ -280,16 +223,16 @@ class Resyncer:
     async def _paged(self, run: Snapshot, api: str, id_field: str, **kwargs: Any) -> None:
         """List every page and publish it as it comes."""
         first = True
-        async for info, count in self.lists.pages(api, id_field, run.requests, **kwargs):
+        async for info, count in self.lists.pages(api, id_field, run.requests, run.proof, **kwargs):
             if first:
-                run.total = (run.total or 0) + count
+                run.total = (run.total or 0) + (count if count is not None else len(info))
             first = False
             await self._emit(run, info)
 
     async def _all(self, run: Snapshot, api: str, id_field: str, **kwargs: Any) -> list[Doc]:
         """Every page of a list, kept (for ids that the next step needs), not published."""
         docs: list[Doc] = []
-        async for info, _ in self.lists.pages(api, id_field, run.requests, **kwargs):
+        async for info, _ in self.lists.pages(api, id_field, run.requests, run.proof, **kwargs):
             docs.extend(info)
         return docs
 
@@ -299,12 +242,14 @@ class Resyncer:
     # --- one lister per resource: publish the snapshot, return the sweep's scope ----------------------------
 
     async def _list_host(self, run: Snapshot) -> Scope:
-        # list_hosts_without_biz with no business: every host, the resource pool's included.
+        # list_hosts_without_biz with no business: every host the user may see, the resource pool's included.
+        await self._check_hidden(run, await self._businesses(run), sweeps_hidden=True)
         await self._paged(run, "list_hosts_without_biz", "bk_host_id", body=self._fields(run, "bk_host_id"),
                           param="host_property_filter")
         return None
 
     async def _list_host_relation(self, run: Snapshot) -> Scope:
+        await self._check_hidden(run, await self._businesses(run), sweeps_hidden=True)
         hosts = await self._all(run, "list_hosts_without_biz", "bk_host_id", body={"fields": ["bk_host_id"]},
                                 param="host_property_filter")
         ids = [h["bk_host_id"] for h in hosts if isinstance(h.get("bk_host_id"), int)]
@@ -327,20 +272,65 @@ class Resyncer:
                                "biz_property_filter": _ANY_STATUS}, param="biz_property_filter")
         return sorted({b["bk_biz_id"] for b in bizs if isinstance(b.get("bk_biz_id"), int)})
 
+    async def _check_hidden(self, run: Snapshot, listed: Sequence[int], *, sweeps_hidden: bool) -> None:
+        """Compare the business listing with what the stream showed alive. A business missing from the list is
+        hidden from the configured user by IAM (or was deleted while history was lost): never proof of a
+        delete. Where the resource's sweep would reach such businesses' objects (``sweeps_hidden``), the
+        listing is not proved complete; either way the ids are reported (log, metric, /readyz)."""
+        if self.store is None:
+            if sweeps_hidden:
+                run.proof.fail("no record of the businesses the stream showed, so hidden ones cannot be ruled out")
+            return
+        await self.store.note_businesses(self.tenant, [BizSighting(b, True, run.version, False) for b in listed])
+        shown = set(listed)
+        hidden = sorted(s.biz_id for s in await self.store.businesses(self.tenant)
+                        if s.live and not s.pool and s.biz_id not in shown)
+        run.hidden = hidden
+        self.hidden = hidden
+        m.HIDDEN_BUSINESSES.set(len(hidden))
+        if not hidden:
+            return
+        log.error("businesses_hidden", resource=run.resource, count=len(hidden), ids=hidden[:50],
+                  username=self.config.cmdb.username,
+                  why="search_business does not list businesses the biz stream showed alive: the user lacks view "
+                      "rights on them in IAM, or they were deleted while history was lost; nothing of them is "
+                      "deleted downstream",
+                  fix=f"grant user {self.config.cmdb.username!r} view rights on every business (a CMDB "
+                      "administrator sees all), or use such a user in cmdb.username")
+        if sweeps_hidden:
+            run.proof.fail(f"search_business does not list {len(hidden)} businesses the stream showed alive "
+                           f"({_ids(hidden)}): their objects may be missing from this listing, so it sweeps nothing")
+
     async def _list_biz(self, run: Snapshot) -> Scope:
         body = {**self._fields(run, "bk_biz_id", "default"), "biz_property_filter": _ANY_STATUS}
-        await self._paged(run, "search_business", "bk_biz_id", body=body, param="biz_property_filter")
+        listed: list[int] = []
+        out = run.out
+
+        async def keep(events: list[Event]) -> None:
+            listed.extend(int(e.key) for e in events)
+            await out(events)
+
+        run.out = keep
+        try:
+            await self._paged(run, "search_business", "bk_biz_id", body=body, param="biz_property_filter")
+        finally:
+            run.out = out
+        await self._check_hidden(run, listed, sweeps_hidden=True)
         return {"default": [0]}
 
     async def _per_biz(self, run: Snapshot, list_one: Callable[[int], Awaitable[None]]) -> Scope:
         bizs = await self._businesses(run)
+        # The sweep is scoped to the listed businesses: hidden ones are reported, and nothing of them is touched.
+        await self._check_hidden(run, bizs, sweeps_hidden=False)
         await _gather_bounded([list_one(b) for b in bizs], self.config.watch.resync_concurrency)
         return {"bk_biz_id": bizs}
 
     async def _list_set(self, run: Snapshot) -> Scope:
         async def one(biz: int) -> None:
-            await self._paged(run, "search_set", "bk_set_id", body=self._fields(run, "bk_set_id", "bk_biz_id"),
-                              bk_biz_id=biz)
+            # By a legacy condition: the ESB's search_set forwards only fields, condition and page and drops a
+            # filter (cmdb-watch-api §10.3); the gateway accepts either.
+            await self._paged(run, "search_set", "bk_set_id", style="condition", param="condition",
+                              body=self._fields(run, "bk_set_id", "bk_biz_id"), bk_biz_id=biz)
         return await self._per_biz(run, one)
 
     async def _list_module(self, run: Snapshot) -> Scope:
@@ -382,6 +372,11 @@ async def _gather_bounded(jobs: Sequence[Awaitable[None]], limit: int) -> None:
             if asyncio.iscoroutine(job):
                 job.close()
         raise group_exc.exceptions[0] from None
+
+
+def _ids(ids: Sequence[int], most: int = 20) -> str:
+    shown = ", ".join(str(i) for i in ids[:most])
+    return f"{shown}, ... ({len(ids)} in all)" if len(ids) > most else shown
 
 
 def _scope_summary(scope: Scope) -> dict[str, int] | None:
@@ -440,7 +435,7 @@ async def resync_now(config: Config, resources: Sequence[str], stop: asyncio.Eve
         await bus.start()
         async with CmdbClient(config.cmdb) as client:
             await probe(client, config, resources)
-            resyncer = Resyncer(config, client, bus, stop, progress=progress)
+            resyncer = Resyncer(config, client, bus, stop, progress=progress, store=store)
 
             async def one(resource: str) -> None:
                 gaps = await store.gaps(config.cmdb.tenant, resource)
@@ -449,8 +444,9 @@ async def resync_now(config: Config, resources: Sequence[str], stop: asyncio.Eve
                 except Exception as exc:  # logged by the resyncer; the others go on
                     outcome[resource] = exc
                     return
-                await fill_gaps(gaps, result, lambda gap: store.fill_gap(gap.id, time.time()),
-                                log.bind(resource=resource))
+                if result.complete:  # else nothing was swept: the gaps stay open (resync_incomplete says why)
+                    await fill_gaps(gaps, result, lambda gap: store.fill_gap(gap.id, time.time()),
+                                    log.bind(resource=resource))
 
             await asyncio.gather(*(one(r) for r in resources))
     finally:

@@ -31,7 +31,7 @@ from rwatch.events import Event, ResyncMark
 from rwatch.logs import get_logger
 from rwatch.sinks.base import Sink
 from rwatch.sinks.mirror import MirrorSink
-from rwatch.watch.cursors import CursorStore
+from rwatch.watch.cursors import CursorStore, VerifyResult, open_store
 from rwatch.watch.resync import Resyncer, Scope, probe
 
 log = get_logger("rwatch.verify")
@@ -63,11 +63,14 @@ class ResourceReport:
     mirror: int
     ignored: int  # mirror rows newer than the snapshot: changed after the head, not compared
     out_of_scope: int  # live mirror rows the lists could not see
+    hidden: int  # live mirror rows in businesses hidden from the user (not listed, so not compared)
     groups: list[GroupReport]
     missing: list[str]
     extra: list[str]
     changed: list[str]
     seconds: float
+    hidden_businesses: list[int] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # why the listing is not proved complete (empty: it is)
 
     @property
     def drift(self) -> int:
@@ -148,13 +151,16 @@ async def verify(config: Config, *, sink: str | None = None, resources: Sequence
     assert isinstance(mirror, MirrorSink)
     bus: Bus = make_bus(config, stop=stop, name="rwatch verify") if repair else MemoryBus(stop=stop)
     opened: list[Sink] = []
+    # The record of the businesses the stream showed: what search_business hides is reported, not drift.
+    store = open_store(config.store.url.get_secret_value())
     try:
+        await store.open()
         for one in (sinks or {sink: mirror}).values():
             await one.open()
             opened.append(one)
         async with CmdbClient(config.cmdb) as client:
             await probe(client, config, chosen)
-            resyncer = Resyncer(config, client, bus, stop)
+            resyncer = Resyncer(config, client, bus, stop, store=store)
             report = await _pass(resyncer, mirror, sink, chosen, skipped)
             if repair and report.drift:
                 if isinstance(bus, MemoryBus):
@@ -174,7 +180,7 @@ async def verify(config: Config, *, sink: str | None = None, resources: Sequence
                     if not report.after.drift or time.monotonic() >= deadline:
                         break
                     await asyncio.sleep(1.0)
-        await _remember(config, report.final)
+        await _remember(store, report.final)
         return report
     except Stopping as exc:  # pragma: no cover - nothing sets stop but a failure elsewhere
         raise RwatchError(f"verify stopped: {exc}") from None
@@ -183,22 +189,17 @@ async def verify(config: Config, *, sink: str | None = None, resources: Sequence
         await bus.close()
         for one in reversed(opened):
             await one.close()
+        await store.close()
 
 
-async def _remember(config: Config, report: VerifyReport) -> None:
+async def _remember(store: CursorStore, report: VerifyReport) -> None:
     """Keep the result in the store: the daemon's /metrics shows the last verify (this process ends now)."""
-    from rwatch.watch.cursors import VerifyResult, open_store
-
     results = [VerifyResult(report.tenant, report.sink, r.resource, len(r.missing), len(r.extra), len(r.changed),
                             report.finished_at) for r in report.resources]
-    store = open_store(config.store.url.get_secret_value())
     try:
-        await store.open()
         await store.record_verify(results)
     except RwatchError as exc:  # the report stands; only the daemon's metric misses it
         log.warning("verify_not_recorded", **exc.fields())
-    finally:
-        await store.close()
 
 
 async def export_verify_metrics(store: CursorStore, tenant: str, stop: asyncio.Event, every: float = 30.0) -> None:
@@ -247,6 +248,7 @@ async def _resource(resyncer: Resyncer, mirror: MirrorSink, resource: str) -> Re
     snap = await resyncer.snapshot(resource, collect)
     # Read after the listing: whatever the mirror took since the head is newer than the snapshot.
     rows = await mirror.objects(resource, resyncer.tenant, include_deleted=True)
+    hidden_keys = await _in_hidden(mirror, resyncer.tenant, resource, rows, set(snap.hidden))
     # in_scope: the very rule the sweep of a resync applies
     mark = ResyncMark.model_construct(id="", resource=resource, version=snap.version, resync_id="verify",
                                       scope=snap.scope, started_at="", observed_at="")
@@ -254,7 +256,7 @@ async def _resource(resyncer: Resyncer, mirror: MirrorSink, resource: str) -> Re
     held: dict[str, Entry] = {}
     out_of_scope = 0
     for key, row in rows.items():
-        if row.deleted or key in ignored:
+        if row.deleted or key in ignored or key in hidden_keys:
             continue
         if not mark.in_scope(row.data or {}):
             out_of_scope += 1
@@ -264,9 +266,25 @@ async def _resource(resyncer: Resyncer, mirror: MirrorSink, resource: str) -> Re
         cmdb.pop(key, None)
     return ResourceReport(
         resource, snap.version, snap.scope, len(cmdb), len(held), len(ignored), out_of_scope,
-        _groups(cmdb, held), _sorted(cmdb.keys() - held.keys()), _sorted(held.keys() - cmdb.keys()),
-        _sorted(k for k in cmdb.keys() & held.keys() if cmdb[k][0] != held[k][0]),
-        round(time.monotonic() - clock, 3))
+        sum(1 for k in hidden_keys if not rows[k].deleted), _groups(cmdb, held), _sorted(cmdb.keys() - held.keys()),
+        _sorted(held.keys() - cmdb.keys()), _sorted(k for k in cmdb.keys() & held.keys() if cmdb[k][0] != held[k][0]),
+        round(time.monotonic() - clock, 3), list(snap.hidden),
+        [r for r in snap.proof.reasons if not r.startswith("search_business does not list")])
+
+
+async def _in_hidden(mirror: MirrorSink, tenant: str, resource: str, rows: dict[str, Any],
+                     hidden: set[int]) -> set[str]:
+    """The mirror's keys that belong to businesses hidden from the user: the lists cannot show them, so they are
+    neither compared nor counted as drift (hosts belong to a business through their host_relation rows)."""
+    if not hidden:
+        return set()
+    if resource == "biz":
+        return {k for k in rows if k.isdigit() and int(k) in hidden}
+    if resource == "host":
+        relations = await mirror.objects("host_relation", tenant)
+        return {str(r.data.get("bk_host_id")) for r in relations.values()
+                if r.data and r.data.get("bk_biz_id") in hidden} & rows.keys()
+    return {k for k, row in rows.items() if row.data and row.data.get("bk_biz_id") in hidden}
 
 
 def _entry(resource: str, data: dict[str, Any]) -> Entry:

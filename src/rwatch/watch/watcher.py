@@ -47,7 +47,7 @@ from rwatch.events import Action, Event, iso_utc, watch_event_id
 from rwatch.failpoints import failpoint
 from rwatch.metrics import WATCHERS, WatchHealth
 from rwatch.retry import HealthyResetWait, finish_or_abandon, sleep_or_stop
-from rwatch.watch.cursors import CursorState, CursorStore, Gap
+from rwatch.watch.cursors import BizSighting, CursorState, CursorStore, Gap
 from rwatch.watch.resync import Resyncer, fill_gaps
 
 PAGE_SIZE = 200  # the server's eventStep: a full page means more is waiting
@@ -141,6 +141,7 @@ class Watcher:
         self._gap_recorded = asyncio.Event()
         self.last_poll: float | None = None  # monotonic time of the last successful watch request
         self.refused: dict[str, object] | None = None  # while CMDB refuses us: why, and the fix (readiness)
+        self._businesses: dict[str, tuple[bool, bool]] = {}  # biz: (live, pool) as last noted in the store
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -521,6 +522,8 @@ class Watcher:
             return None
         except Exception:  # logged and counted by the resyncer; the watch itself goes on
             return False
+        if not result.complete:  # published, nothing swept (resync_incomplete says why): the gaps stay open
+            return False
         try:
             await fill_gaps(gaps, result, self._fill_gap, self.log)
         except Stopping:
@@ -607,6 +610,8 @@ class Watcher:
             batch = getter.result()
             if not await self.publish_batch(batch):
                 return
+            if self.resource == "biz" and batch.events and not await self.note_businesses(batch.events):
+                return
             if batch.state is not None and not await self.save_cursor(batch.state):
                 return
 
@@ -628,6 +633,25 @@ class Watcher:
         except Stopping:
             return False
         failpoint("watch.after_publish")
+        return True
+
+    async def note_businesses(self, events: list[Event]) -> bool:
+        """Record which businesses the stream showed alive or deleted (only changes reach the store): a resync
+        compares them with ``search_business``, which hides what the user may not view (README "Resync")."""
+        sightings = []
+        for event in events:
+            live = event.action != "delete"
+            default = event.data.get("default")
+            pool = isinstance(default, int) and not isinstance(default, bool) and default != 0
+            if self._businesses.get(event.key) != (live, pool):
+                self._businesses[event.key] = (live, pool)
+                sightings.append(BizSighting(int(event.key), live, event.version, pool))
+        if not sightings:
+            return True
+        try:
+            await self._retry_store(lambda: self.store.note_businesses(self.tenant, sightings))
+        except Stopping:
+            return False
         return True
 
     async def save_cursor(self, state: CursorState) -> bool:
