@@ -386,11 +386,44 @@ def _print_verify(report: object) -> None:
                     typer.echo(f"{r.resource} {kind} ({len(keys)}): {' '.join(keys[:20])}{more}")
         for name, why in one.skipped.items():
             typer.echo(f"skipped {name}: {why}")
+        for r in one.resources:
+            if r.hidden_businesses:
+                typer.echo(f"{r.resource}: {r.hidden} mirror rows in {len(r.hidden_businesses)} businesses hidden "
+                           f"from the user, not compared: {' '.join(map(str, r.hidden_businesses[:20]))}")
+            for reason in r.reasons:
+                typer.echo(f"{r.resource}: CMDB's listing is not proved complete: {reason}")
         typer.echo("no drift" if not one.drift else f"drift: {one.drift} object(s) in "
                    f"{', '.join(r.resource for r in one.resources if r.drift)}")
 
 
 # --- end of rwatch verify --------------------------------------------------------------------------------
+
+
+@app.command()
+def doctor(
+    config: ConfigOption = None,
+    resource: Annotated[list[str] | None, typer.Option(
+        "--resource", "-r", help="check this resource (repeatable; default: every enabled one)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON document instead of a table")] = False,
+) -> None:
+    """Check a real CMDB before `rwatch run`: reachability, channel, credentials, tenant, clock, the gateway grant
+    and IAM action of every resource, the list APIs of resyncs, and businesses hidden from the user. A verdict and
+    a fix per line. Exit 0: rwatch can run, 1: it cannot."""
+    import asyncio
+    import json
+
+    from rwatch.doctor import diagnose, render
+    from rwatch.logs import setup_logging
+
+    cfg = _load(config)
+    setup_logging("error", cfg.log.format, sys.stderr)  # stdout is the report's
+    for name in resource or ():
+        if name not in cfg.watch.resources:
+            typer.echo(f"rwatch doctor: --resource {name!r}: no such resource", err=True)
+            raise typer.Exit(2)
+    report = asyncio.run(diagnose(cfg, list(resource) if resource else None))
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else render(report))
+    raise typer.Exit(0 if report.ok else 1)
 
 
 @app.command()

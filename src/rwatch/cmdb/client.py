@@ -157,6 +157,7 @@ class CmdbClient:
         self._owns_session = session is None
         self._limiter = RateLimiter(config.rate_limit)
         self.skew = 0.0  # server clock minus ours, from the Date header, when it is off by more than a few seconds
+        self.measured_skew: float | None = None  # the last Date header's difference, however small (doctor)
         self.refusals = Refusals(config)
         auth = {"bk_app_code": config.app_code, "bk_app_secret": config.app_secret.get_secret_value(),
                 "bk_username": config.username}
@@ -301,4 +302,5 @@ class CmdbClient:
         except (TypeError, ValueError, IndexError):
             return
         skew = server - time.time()
+        self.measured_skew = skew
         self.skew = skew if abs(skew) > _SKEW_THRESHOLD else 0.0

@@ -94,11 +94,12 @@ class ListApi:
 
     async def pages(self, api: str, id_field: str, requests: Counter[str], proof: Proof, *,
                     body: dict[str, Any] | None = None, style: str = "filter", param: str = "filter",
-                    **path: Any) -> AsyncIterator[tuple[list[Doc], int | None]]:
+                    limit: int | None = None, **path: Any) -> AsyncIterator[tuple[list[Doc], int | None]]:
         """Every object, keyset-paged by ``id_field``: (page, the server's count of what remained including it,
         when the API gives one). The next page is requested while the caller handles this one (publishing
-        overlaps listing; one page in hand). What the listing could not prove goes to ``proof``."""
-        limit = LIMITS[api]
+        overlaps listing; one page in hand). What the listing could not prove goes to ``proof``. ``limit``
+        (default: the API's documented maximum) is smaller only for ``rwatch doctor``'s probes."""
+        limit = limit or LIMITS[api]
         counted = api not in COUNT_ON_REQUEST
         where = _where(path)
 

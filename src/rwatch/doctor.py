@@ -1,0 +1,418 @@
+"""``rwatch doctor``: one run against a real CMDB before ``rwatch run``, a verdict and a fix for every line.
+
+It asks what rwatch will ask, the way rwatch asks it (the same client, the same paging), and reads each answer
+as the daemon would: reachability and the channel (a 404 or a web page where the API should be), the
+credentials, the tenant header, the clock (``Date``), the gateway grant and the IAM ``watch_*_event`` action of
+every enabled resource, every list API a resync of them uses (answers, and pages: ids that advance, the count
+where the API gives one), and whether the configured user sees every business (compared with what the biz
+stream showed in the retention window and what a running rwatch recorded). Secrets are never printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final, Literal, TypeVar
+
+from rwatch.cmdb import protocol as p
+from rwatch.cmdb.client import CmdbClient
+from rwatch.cmdb.listing import COUNT_ON_REQUEST, ListApi, Proof
+from rwatch.config import Config
+from rwatch.errors import (
+    AuthFailed,
+    CmdbError,
+    CmdbRefused,
+    CmdbTransientError,
+    EndpointNotFound,
+    ListingBroken,
+    RwatchError,
+    TenantRefused,
+)
+from rwatch.events import iso_utc
+from rwatch.watch.cursors import open_store
+from rwatch.watch.resync import Resyncer
+
+Verdict = Literal["ok", "warn", "fail", "skip"]
+T = TypeVar("T")
+
+# The list APIs a resync of each resource calls (README "Resync").
+RESYNC_APIS: Final[dict[str, tuple[str, ...]]] = {
+    "host": ("search_business", "list_hosts_without_biz"),
+    "host_relation": ("search_business", "list_hosts_without_biz", "find_host_biz_relations"),
+    "biz": ("search_business",),
+    "set": ("search_business", "search_set"),
+    "module": ("search_business", "search_module"),
+    "plat": ("search_cloud_area",),
+    "project": ("list_project",),
+    "biz_set": ("list_business_set",),
+}
+_ANY_STATUS: Final = {"field": "bk_data_status", "operator": "not_equal", "value": "__rwatch_any__"}
+# How each list API is paged (by which id, through which parameter), as the resyncer pages it.
+_PAGING: Final[dict[str, dict[str, Any]]] = {
+    "search_business": {"id_field": "bk_biz_id", "param": "biz_property_filter",
+                        "body": {"fields": ["bk_biz_id", "bk_biz_name", "default"],
+                                 "biz_property_filter": _ANY_STATUS}},
+    "search_set": {"id_field": "bk_set_id", "style": "condition", "param": "condition",
+                   "body": {"fields": ["bk_set_id"]}},
+    "search_module": {"id_field": "bk_module_id", "style": "condition", "param": "condition",
+                      "body": {"fields": ["bk_module_id"]}},
+    "list_hosts_without_biz": {"id_field": "bk_host_id", "param": "host_property_filter",
+                               "body": {"fields": ["bk_host_id"]}},
+    "search_cloud_area": {"id_field": "bk_cloud_id", "style": "condition", "param": "condition",
+                          "body": {"fields": ["bk_cloud_id"]}},
+    "list_project": {"id_field": "id", "body": {"fields": ["id"]}},
+    "list_business_set": {"id_field": "bk_biz_set_id", "param": "bk_biz_set_filter",
+                          "body": {"fields": ["bk_biz_set_id"]}},
+}
+PROBE_LIMIT: Final = 2  # a small page, so that even a small CMDB shows whether paging advances
+WINDOW_PAGES: Final = 50  # at most this many biz-stream pages are read for the visibility check
+ATTEMPTS: Final = 4  # a transient failure (a rate limit, a backend hiccup) is retried this often per request
+
+
+@dataclass(slots=True)
+class Check:
+    check: str  # reach, channel, credentials, tenant, clock, watch, list, businesses
+    subject: str
+    verdict: Verdict
+    detail: str
+    fix: str = ""
+    code: int | None = None
+
+
+@dataclass(slots=True)
+class Report:
+    cmdb: dict[str, Any]
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """rwatch can run: nothing failed (warnings are for the operator to weigh)."""
+        return all(c.verdict != "fail" for c in self.checks)
+
+    def add(self, check: str, subject: str, verdict: Verdict, detail: str, fix: str = "",
+            code: int | None = None) -> None:
+        self.checks.append(Check(check, subject, verdict, detail, fix, code))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "cmdb": self.cmdb, "checks": [asdict(c) for c in self.checks]}
+
+
+class Doctor:
+    def __init__(self, config: Config, client: CmdbClient, resources: list[str]) -> None:
+        self.config = config
+        self.client = client
+        self.resources = resources
+        self.stop = asyncio.Event()
+        self.lists = ListApi(client, self.stop, 1)
+        cfg = config.cmdb
+        self.report = Report({"base_url": cfg.base_url, "api": cfg.api, "app_code": cfg.app_code,
+                              "username": cfg.username, "supplier_account": cfg.supplier_account,
+                              "tenant_id": cfg.tenant_id, "resources": resources})
+
+    async def run(self) -> Report:
+        if not await self.connect():
+            return self.report
+        self.clock()
+        for resource in self.resources:
+            await self.watch(resource)
+        await self.list_apis()
+        await self.businesses()
+        return self.report
+
+    # --- the first request: reach, channel, credentials, tenant ------------------------------------------
+
+    async def connect(self) -> bool:
+        """One from-now watch of the first resource; False when nothing else can be checked."""
+        add, cfg = self.report.add, self.config.cmdb
+        resource = self.resources[0] if self.resources else "biz"
+        channel = "API gateway" if cfg.api == "apigw" else "ESB"
+        try:
+            await self._retry(lambda: self._watch(resource))
+        except CmdbTransientError as exc:
+            if exc.extra.get("reason") in ("connection", "timeout"):
+                add("reach", cfg.base_url, "fail", exc.message,
+                    "check cmdb.base_url, DNS, the firewall and TLS (cmdb.verify_tls)")
+                return self._skip_rest("CMDB cannot be reached")
+            add("reach", cfg.base_url, "ok", "something answers")
+            if exc.extra.get("reason") == "malformed":
+                add("channel", channel, "fail", exc.message, _channel_fix(cfg.base_url, cfg.api), exc.code)
+                return self._skip_rest("the answer is not CMDB's API")
+            add("channel", channel, "warn", f"answered with a transient failure: {exc.message}",
+                "run doctor again; if it persists the gateway or CMDB backend is failing", exc.code)
+            return self._skip_rest("CMDB failed transiently")
+        except EndpointNotFound as exc:
+            add("reach", cfg.base_url, "ok", "something answers")
+            add("channel", channel, "fail", exc.message, exc.fix, exc.code)
+            return self._skip_rest("nothing that speaks CMDB's API answers at this URL")
+        except AuthFailed as exc:
+            add("reach", cfg.base_url, "ok", "something answers")
+            add("channel", channel, "ok", "answers in CMDB's format")
+            add("credentials", f"app {cfg.app_code!r}, user {cfg.username!r}", "fail", exc.message, exc.fix, exc.code)
+            return self._skip_rest("the credentials were refused")
+        except TenantRefused as exc:
+            add("reach", cfg.base_url, "ok", "something answers")
+            add("channel", channel, "ok", "answers in CMDB's format")
+            # CMDB's own 1100005 comes after the gateway accepted the app; the gateway's 1640302 may come first.
+            verified = exc.code == p.CODE_INVALID_TENANT
+            add("credentials", f"app {cfg.app_code!r}, user {cfg.username!r}", "ok" if verified else "skip",
+                "accepted" if verified else "not checked: the tenant was refused first")
+            add("tenant", _tenant_subject(cfg.tenant_id), "fail", exc.message, exc.fix, exc.code)
+            return self._skip_rest("the tenant was refused")
+        except (CmdbRefused, CmdbError):
+            pass  # grant, IAM or a CMDB error about the request itself: the watch line of the resource says it
+        add("reach", cfg.base_url, "ok", "something answers")
+        add("channel", channel, "ok", "answers in CMDB's format")
+        add("credentials", f"app {cfg.app_code!r}, user {cfg.username!r}", "ok", "accepted")
+        add("tenant", _tenant_subject(cfg.tenant_id), "ok",
+            "accepted" if cfg.tenant_id else "single-tenant: X-Bk-Tenant-Id is not sent")
+        return True
+
+    def _skip_rest(self, why: str) -> bool:
+        names = [("credentials", "app"), ("tenant", "X-Bk-Tenant-Id"), ("clock", "Date header")]
+        names += [("watch", r) for r in self.resources]
+        done = {c.check for c in self.report.checks}
+        for check, subject in names:
+            if check not in done or check == "watch":
+                self.report.add(check, subject, "skip", f"not checked: {why}")
+        return False
+
+    def clock(self) -> None:
+        skew = self.client.measured_skew
+        if skew is None:
+            self.report.add("clock", "Date header", "warn", "CMDB sent no Date header: its clock is unknown",
+                            "nothing to do unless start times are refused (1199006); keep NTP running")
+        elif abs(skew) <= 5:
+            self.report.add("clock", "Date header", "ok", f"CMDB's clock is {skew:+.1f} s from ours")
+        else:
+            self.report.add("clock", "Date header", "warn", f"CMDB's clock is {skew:+.0f} s from ours; rwatch "
+                            "computes start times on CMDB's clock", "synchronise both clocks (NTP)")
+
+    # --- per resource ------------------------------------------------------------------------------------
+
+    async def _watch(self, resource: str, **kw: Any) -> p.WatchReply:
+        settings = self.config.watch.resources[resource]
+        return await self.client.watch(resource, fields=settings.fields, event_types=settings.event_types,
+                                       sub_resource=settings.sub_resource, **kw)
+
+    async def watch(self, resource: str) -> None:
+        action = p.IAM_WATCH_ACTIONS.get(resource, f"watch_{resource}_event")
+        try:
+            reply = await self._retry(lambda: self._watch(resource))
+        except CmdbRefused as exc:
+            self.report.add("watch", resource, "fail", exc.message, exc.fix, exc.code)
+            return
+        except (CmdbError, RwatchError) as exc:
+            self.report.add("watch", resource, "fail", exc.message, _generic_fix(exc), getattr(exc, "code", None))
+            return
+        newest = reply.last_cursor
+        decoded = p.decode_cursor(newest) if newest and newest != p.NO_EVENT_CURSOR else None
+        seen = f"newest event {iso_utc(decoded.sec)}" if decoded else "no event in CMDB's window yet"
+        self.report.add("watch", resource, "ok", f"gateway grant and IAM {action} in place; {seen}")
+
+    # --- list APIs -----------------------------------------------------------------------------------------
+
+    async def list_apis(self) -> None:
+        apis = list(dict.fromkeys(a for r in self.resources if r in Resyncer.SUPPORTED for a in RESYNC_APIS[r]))
+        unsupported = [r for r in self.resources if r not in Resyncer.SUPPORTED]
+        if unsupported:
+            self.report.add("list", ", ".join(unsupported), "warn",
+                            "no list API covers every object: gaps of these cannot be filled by a resync",
+                            "nothing to configure; keep rwatch's lag well below CMDB's retention")
+        context: dict[str, Any] = {}
+        for api in apis:
+            await self.list_api(api, context)
+
+    async def list_api(self, api: str, context: dict[str, Any]) -> None:
+        users = ", ".join(r for r in self.resources if api in RESYNC_APIS.get(r, ()))
+        subject = f"{api} ({users})"
+        try:
+            detail = await asyncio.wait_for(self._probe_api(api, context), 120)
+        except CmdbRefused as exc:
+            self.report.add("list", subject, "fail", exc.message, exc.fix, exc.code)
+        except ListingBroken as exc:
+            self.report.add("list", subject, "fail", exc.message,
+                            f"rwatch cannot resync {users} through this API as it answers here; report it with the "
+                            "CMDB and gateway versions")
+        except TimeoutError:
+            self.report.add("list", subject, "fail", "kept failing transiently for 2 minutes",
+                            "run doctor again; if it persists the gateway or CMDB backend is failing")
+        except (CmdbError, RwatchError) as exc:
+            self.report.add("list", subject, "fail", exc.message, _generic_fix(exc), getattr(exc, "code", None))
+        else:
+            verdict: Verdict = "skip" if detail.startswith("not checked") else "ok"
+            self.report.add("list", subject, verdict, detail)
+
+    async def _probe_api(self, api: str, context: dict[str, Any]) -> str:
+        requests: Counter[str] = Counter()
+        if api == "find_host_biz_relations":
+            hosts = context.get("hosts")
+            if not hosts:
+                return "not checked: no host to ask about"
+            rows = await self.lists.call(api, {"bk_host_id": hosts}, requests)
+            if not isinstance(rows, list):
+                raise ListingBroken(f"{api} answered without a list", api=api)
+            return f"answers ({len(rows)} relation rows for {len(hosts)} hosts)"
+        path: dict[str, Any] = {}
+        if api in ("search_set", "search_module"):
+            if not context.get("bizs"):
+                return "not checked: no business to list in"
+            path = {"bk_biz_id": context["bizs"][0]}
+            if api == "search_module":
+                path["bk_set_id"] = 0
+        paging = dict(_PAGING[api])
+        id_field, body = paging.pop("id_field"), paging.pop("body")
+        proof, pages, ids = Proof(), 0, list[int]()
+        async for info, _ in self.lists.pages(api, id_field, requests, proof, body=body, limit=PROBE_LIMIT,
+                                              **paging, **path):
+            pages += 1
+            ids.extend(d[id_field] for d in info)
+            if api in ("search_business", "list_hosts_without_biz"):
+                context.setdefault("bizs" if api == "search_business" else "hosts", []).extend(
+                    d[id_field] for d in info)
+            if pages == 2:
+                break
+        if not proof.complete:
+            raise ListingBroken("; ".join(proof.reasons), api=api)
+        counted = ""
+        if api in COUNT_ON_REQUEST:
+            counted = f"; count on request: {await self.lists.count(api, body, requests, **path)}"
+        paged = "ids advance from page to page" if pages == 2 else "all in one page: paging not exercised"
+        return f"answers and pages ({len(ids)} objects in {pages} page(s) of {PROBE_LIMIT}: {paged}{counted})"
+
+    # --- businesses the user cannot see ------------------------------------------------------------------
+
+    async def businesses(self) -> None:
+        subject = f"user {self.config.cmdb.username!r}"
+        try:
+            listed = await asyncio.wait_for(self._listed_businesses(), 300)
+        except (CmdbError, RwatchError, TimeoutError) as exc:
+            fix = exc.fix if isinstance(exc, CmdbRefused) else "see the search_business line"
+            self.report.add("businesses", subject, "fail", f"search_business failed: {exc}", fix)
+            return
+        shown, sources = await self._shown_businesses()
+        hidden = sorted(b for b, live in shown.items() if live and b not in listed)
+        if hidden:
+            ids = ", ".join(str(b) for b in hidden[:30]) + (f" ... ({len(hidden)} in all)" if len(hidden) > 30 else "")
+            self.report.add(
+                "businesses", subject, "warn",
+                f"{len(hidden)} businesses shown alive by {sources} are not listed by search_business: {ids}. "
+                "The user is not a CMDB administrator and IAM does not let it view them (or they were deleted "
+                "while history was lost). rwatch still follows their events, but its resyncs delete nothing there "
+                "and /readyz reports them",
+                f"grant user {self.config.cmdb.username!r} view rights on every business (or use a CMDB "
+                "administrator as cmdb.username)")
+            return
+        checked = f"; all {sum(shown.values())} shown alive by {sources} are among them" if shown else \
+            f"; {sources} showed none to compare with"
+        self.report.add("businesses", subject, "ok", f"search_business lists {len(listed)} businesses{checked}")
+
+    async def _listed_businesses(self) -> set[int]:
+        paging = dict(_PAGING["search_business"])
+        id_field, body = paging.pop("id_field"), paging.pop("body")
+        listed: set[int] = set()
+        async for info, _ in self.lists.pages("search_business", id_field, Counter(), Proof(), body=body, **paging):
+            listed.update(int(d[id_field]) for d in info)
+        return listed
+
+    async def _shown_businesses(self) -> tuple[dict[int, bool], str]:
+        """Business id -> alive, from the biz stream's window and from a running rwatch's record."""
+        shown: dict[int, tuple[tuple[int, int], bool]] = {}
+        sources = []
+        try:
+            start = int(self.client.server_now() - self.config.watch.retention + 120)
+            reply = await self._retry(lambda: self._watch("biz", start_from=start))
+            pages = 1
+            while True:
+                for event in reply.events if reply.watched else []:
+                    cur = p.decode_cursor(event.cursor)
+                    biz = event.detail.get("bk_biz_id")
+                    if not isinstance(biz, int) or event.event_type not in p.EVENT_TYPES:
+                        continue
+                    default = event.detail.get("default")
+                    if isinstance(default, int) and default != 0:
+                        continue  # the resource pool: never listed
+                    shown[biz] = ((cur.sec, cur.inc) if cur else (0, pages), event.event_type != "delete")
+                if len(reply.events) < 200 or pages >= WINDOW_PAGES or not reply.last_cursor:
+                    break
+                reply = await self._retry(functools.partial(self._watch, "biz", cursor=reply.last_cursor))
+                pages += 1
+            sources.append("the biz stream's window")
+        except (CmdbError, RwatchError):
+            pass  # the watch line of biz says why
+        try:
+            async with asyncio.timeout(10), open_store(self.config.store.url.get_secret_value(), timeout=5) as store:
+                recorded = await store.businesses(self.config.cmdb.tenant)
+            for sighting in recorded:
+                if sighting.pool:
+                    continue
+                if sighting.biz_id not in shown or shown[sighting.biz_id][0] < sighting.version:
+                    shown[sighting.biz_id] = (sighting.version, sighting.live)
+            if recorded:
+                sources.append("rwatch's record")
+        except (RwatchError, TimeoutError, OSError):
+            pass  # no store yet (rwatch never ran here): the window is the evidence
+        return {b: live for b, (_, live) in shown.items()}, " and ".join(sources) or "nothing"
+
+    async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A transient failure (rate limit, backend hiccup) is retried a few times: doctor judges the setup."""
+        for attempt in range(ATTEMPTS):
+            try:
+                return await call()
+            except CmdbTransientError as exc:
+                if attempt == ATTEMPTS - 1 or exc.extra.get("reason") in ("connection", "malformed"):
+                    raise
+                await asyncio.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _tenant_subject(tenant_id: str | None) -> str:
+    return f"X-Bk-Tenant-Id {tenant_id!r}" if tenant_id else "X-Bk-Tenant-Id (not sent)"
+
+
+def _channel_fix(base_url: str, api: str) -> str:
+    return (f"cmdb.base_url = {base_url!r} (cmdb.api = {api!r}) answers with a page, not CMDB's API: the gateway's "
+            "base URL ends in /api/bk-cmdb/<stage> (e.g. https://bkapi.example.com/api/bk-cmdb/prod, api 'apigw'); "
+            "the ESB's is the PaaS host (api 'esb')")
+
+
+def _generic_fix(exc: BaseException) -> str:
+    if isinstance(exc, CmdbTransientError):
+        return "run doctor again; if it persists the gateway or CMDB backend is failing"
+    return "see the error; check cmdb.* against the CMDB version (README \"Connecting to a real CMDB\")"
+
+
+async def diagnose(config: Config, resources: list[str] | None = None) -> Report:
+    """Every check, in order; ``resources`` defaults to the enabled ones."""
+    chosen = resources or config.watch.enabled
+    async with CmdbClient(config.cmdb) as client:
+        return await Doctor(config, client, chosen).run()
+
+
+_STYLES: Final = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+
+
+def render(report: Report, width: int = 160) -> str:
+    """The report as a table for people (``--json`` is for automation)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cmdb = report.cmdb
+    tenant = f"tenant {cmdb['tenant_id']!r}" if cmdb["tenant_id"] else "single-tenant"
+    title = (f"rwatch doctor: {cmdb['base_url']} ({cmdb['api']}, app {cmdb['app_code']!r}, user "
+             f"{cmdb['username']!r}, {tenant})")
+    table = Table(title=title, title_justify="left", show_lines=True)
+    for name in ("check", "subject", "verdict", "detail", "fix"):
+        table.add_column(name, overflow="fold")
+    for c in report.checks:
+        table.add_row(c.check, c.subject, f"[{_STYLES[c.verdict]}]{c.verdict}[/]", c.detail, c.fix)
+    console = Console(width=width, record=True, file=io.StringIO())  # recorded and returned, not printed
+    console.print(table)
+    failed = sum(c.verdict == "fail" for c in report.checks)
+    warned = sum(c.verdict == "warn" for c in report.checks)
+    console.print("rwatch can run" + (f" ({warned} warning(s) to read)" if warned else "") if report.ok
+                  else f"rwatch cannot run: {failed} check(s) failed; each line says what to fix")
+    return console.export_text().rstrip()
