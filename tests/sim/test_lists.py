@@ -196,6 +196,8 @@ async def test_list_auth_and_bad_input(make_sim, http):
     sim = await make_sim(app_code="a", app_secret="b")
     async with http.post(sim.url + GW + "/api/v3/findmany/project", json={}) as resp:
         assert resp.status == 401
+        assert (await resp.json())["code"] == 1640101
+    assert (sim.stats.lists["list_project"], sim.stats.refused_count("list_project", "auth")) == (0, 1)
     headers = {
         "X-Bkapi-Authorization": json.dumps({"bk_app_code": "a", "bk_app_secret": "b", "bk_username": "u"})
     }

@@ -21,9 +21,10 @@ import orjson
 from aiohttp import web
 
 from rwatch.cmdb.protocol import CODE_JSON_DECODE, CODE_PAGE_LIMIT, CODE_START_FROM_INVALID
+from rwatch.sim.gate import admit
 from rwatch.sim.query import compile_filter, match_condition, mentions, project
 from rwatch.sim.state import SimError
-from rwatch.sim.wire import MESSAGES, auth_refused, check_auth, envelope
+from rwatch.sim.wire import MESSAGES, envelope
 
 if TYPE_CHECKING:
     from rwatch.sim.server import Simulator
@@ -338,15 +339,15 @@ def _handler(
     sim: Simulator, name: str, fn: Callable[[Simulator, Params], Any]
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
-        sim.stats.lists[name] += 1
         raw = await request.read()
         try:
             body: Any = orjson.loads(raw) if raw.strip() else {}
         except orjson.JSONDecodeError:
             body = None
-        refused = check_auth(request, body, sim.options.app_code, sim.options.app_secret)
+        refused = admit(sim, request, body, name)
         if refused is not None:
-            return auth_refused(request, refused)
+            return refused
+        sim.stats.lists[name] += 1
         if not isinstance(body, dict):
             return envelope(request, code=CODE_JSON_DECODE, message=MESSAGES[CODE_JSON_DECODE])
         fault = sim.faults.take("list", None)

@@ -26,6 +26,7 @@ from rwatch.cmdb.protocol import (
 from rwatch.logs import get_logger
 from rwatch.sim import admin, lists
 from rwatch.sim.faults import Fault, FaultPlan
+from rwatch.sim.gate import WATCH_API, admit
 from rwatch.sim.load import LoadGenerator, build_topology
 from rwatch.sim.state import SimState
 from rwatch.sim.stats import Stats
@@ -42,7 +43,7 @@ from rwatch.sim.watch import (
     placeholder,
     scan,
 )
-from rwatch.sim.wire import MESSAGES, auth_refused, check_auth, envelope, is_esb, permission
+from rwatch.sim.wire import MESSAGES, envelope, is_esb, permission
 
 log = get_logger("rwatch.sim")
 
@@ -161,11 +162,10 @@ class Simulator:
             resource = str(body.get("bk_resource") or "") if isinstance(body, dict) else ""
         else:
             resource = request.match_info["resource"]
-        refused = check_auth(request, body, self.options.app_code, self.options.app_secret)
-        mode: str = body_mode(body) if isinstance(body, dict) else "invalid"
+        refused = admit(self, request, body, WATCH_API)
         if refused is not None:
-            self.stats.record_watch(resource, mode, "error:auth")
-            return auth_refused(request, refused)
+            return refused
+        mode: str = body_mode(body) if isinstance(body, dict) else "invalid"
         self.stats.begin(resource)
         try:
             if not isinstance(body, dict):
