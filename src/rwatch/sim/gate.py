@@ -6,16 +6,58 @@ it uses up no fault, draws nothing from a random generator and counts only in ``
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
+from rwatch.cmdb.protocol import GW_APP_NO_PERMISSION, RESOURCE_TYPES
 from rwatch.sim.wire import GW_ERRORS, check_auth, gateway_error
 
 if TYPE_CHECKING:
     from rwatch.sim.server import Simulator
 
 WATCH_API: Final = "resource_watch"  # the gateway resource (and ESB component) name of the watch API
+ALL_APIS: Final = "*"
+
+
+@dataclass
+class Permissions:
+    """What the calling app and user may do: the app's gateway grants and the user's IAM permissions.
+
+    ``deny``: resources whose IAM watch action is refused (CMDB answers 9900403). ``deny_apis``: gateway
+    resources the app is not granted (the gateway answers 403 1640301; ``*`` = every one).
+    """
+
+    apis: frozenset[str]  # the API names the simulator serves, for validation
+    deny: set[str] = field(default_factory=set)
+    deny_apis: set[str] = field(default_factory=set)
+
+    def update(self, spec: Mapping[str, Any]) -> None:
+        """Replace the sets ``spec`` names (the others stay); ValueError, changing nothing, when one is bad."""
+        deny = _names(spec, "deny", set(RESOURCE_TYPES))
+        deny_apis = _names(spec, "deny_apis", {*self.apis, ALL_APIS})
+        self.deny = self.deny if deny is None else deny
+        self.deny_apis = self.deny_apis if deny_apis is None else deny_apis
+
+    def granted(self, api: str) -> bool:
+        return ALL_APIS not in self.deny_apis and api not in self.deny_apis
+
+    def to_json(self) -> dict[str, Any]:
+        return {"deny": sorted(self.deny), "deny_apis": sorted(self.deny_apis)}
+
+
+def _names(spec: Mapping[str, Any], key: str, known: set[str]) -> set[str] | None:
+    if key not in spec:
+        return None
+    value = spec[key]
+    if not isinstance(value, Iterable) or isinstance(value, str | bytes | Mapping):
+        raise ValueError(f"{key} must be a list")
+    unknown = sorted(str(v) for v in value if v not in known)
+    if unknown:
+        raise ValueError(f"{key}: unknown names {unknown}; known: {sorted(known)}")
+    return set(value)
 
 
 def admit(sim: Simulator, request: web.Request, body: Any, api: str) -> web.Response | None:
@@ -25,6 +67,9 @@ def admit(sim: Simulator, request: web.Request, body: Any, api: str) -> web.Resp
     if failed is not None:
         code, reason = failed
         return _refuse(sim, api, "auth", gateway_error(request, GW_ERRORS[code], reason))
+    if not sim.permissions.granted(api):
+        reason = f"the app is not granted the gateway resource {api}; apply for it on the gateway"
+        return _refuse(sim, api, "grant", gateway_error(request, GW_ERRORS[GW_APP_NO_PERMISSION], reason))
     return None
 
 

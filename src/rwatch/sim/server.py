@@ -26,7 +26,7 @@ from rwatch.cmdb.protocol import (
 from rwatch.logs import get_logger
 from rwatch.sim import admin, lists
 from rwatch.sim.faults import Fault, FaultPlan
-from rwatch.sim.gate import WATCH_API, admit
+from rwatch.sim.gate import WATCH_API, Permissions, admit
 from rwatch.sim.load import LoadGenerator, build_topology
 from rwatch.sim.state import SimState
 from rwatch.sim.stats import Stats
@@ -72,6 +72,7 @@ class SimOptions:
     load_mix: dict[str, float] | None = None  # operation -> weight
     detail_mode: Literal["snapshot", "latest"] = "snapshot"  # per-event snapshot (<=3.13) or latest (3.14+)
     denied_resources: frozenset[str] = field(default_factory=frozenset)  # watching these answers 9900403
+    denied_apis: frozenset[str] = field(default_factory=frozenset)  # not granted on the gateway: 403 1640301
 
 
 class Simulator:
@@ -90,7 +91,8 @@ class Simulator:
         self.faults = FaultPlan(options.seed, self.state.faults)
         self.load = LoadGenerator(self.state, seed=options.seed, mix=options.load_mix)
         self.stats = Stats()
-        self.denied: set[str] = set(options.denied_resources)
+        self.permissions = Permissions(frozenset({WATCH_API, *lists.APIS}))
+        self.permissions.update({"deny": options.denied_resources, "deny_apis": options.denied_apis})
         self.url = ""
         self._wakers: dict[str, asyncio.Event] = {}
         self._closing = False
@@ -178,7 +180,7 @@ class Simulator:
                 if response is not None:
                     self.stats.record_watch(resource, mode, f"fault:{fault.kind}")
                     return response
-            if resource in self.denied:
+            if resource in self.permissions.deny:
                 return await self._error(
                     request,
                     resource,
