@@ -74,3 +74,68 @@ def test_unknown_api_names_are_refused_at_start():
 
     with pytest.raises(ValueError, match="deny_apis"):
         Simulator(SimOptions(port=0, denied_apis=frozenset({"watch"})))
+
+
+PATHS = [GW + WATCH.format("plat"), WATCH.format("plat"), ESB.format("resource_watch")]
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_app_of_one_tenant_must_name_it(make_sim, http, path):
+    sim = await make_sim(tenant_mode="multi", tenant="acme", app_tenant="acme")
+    body = {"bk_resource": "plat", **CREDS}
+    esb = path.startswith("/api/c/")
+    status, _, reply = await post(http, sim, path, body, {"X-Bk-Tenant-Id": "acme"})
+    assert (status, reply["result"]) == (200, True)
+    for headers in ({}, {"X-Bk-Tenant-Id": ""}, {"X-Bk-Tenant-Id": "other"}):
+        status, resp_headers, reply = await post(http, sim, path, body, headers)
+        assert status == (200 if esb else 403), headers
+        assert (reply["code"], reply["code_name"]) == (1640302, "CROSS_TENANT_FORBIDDEN")
+        assert resp_headers["X-Bkapi-Error-Code"] == "1640302"
+    assert sim.stats.refused_count("resource_watch", "tenant") == 3
+    assert sim.stats.watch_requests() == 1
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_app_of_every_tenant_must_name_one_and_cmdb_checks_it(make_sim, http, path):
+    sim = await make_sim(tenant_mode="multi", tenant="default")
+    body = {"bk_resource": "plat", **CREDS}
+    esb = path.startswith("/api/c/")
+    status, _, reply = await post(http, sim, path, body)
+    assert (status, reply["code"]) == (200 if esb else 403, 1640302)  # no header: refused by the gateway
+    status, _, reply = await post(http, sim, path, body, {"X-Bk-Tenant-Id": "default"})
+    assert (status, reply["result"]) == (200, True)
+    # Any other tenant passes the gateway, and CMDB refuses it in its own envelope at HTTP 200.
+    status, _, reply = await post(http, sim, path, body, {"X-Bk-Tenant-Id": "nope"})
+    assert (status, reply["result"], reply["code"], reply["data"]) == (200, False, 1100005, None)
+    assert "invalid tenant" in reply["message"]
+    assert ("request_id" in reply) == esb
+    assert sim.stats.refused_count(reason="tenant") == 2
+    assert sim.stats.watch_requests() == 1
+
+
+async def test_tenant_refusals_hold_for_list_apis_too(make_sim, http):
+    sim = await make_sim(tenant_mode="multi", tenant="acme", app_tenant="acme")
+    status, _, reply = await post(http, sim, GW + "/api/v3/findmany/cloudarea")
+    assert (status, reply["code"]) == (403, 1640302)
+    status, _, reply = await post(http, sim, ESB.format("search_cloud_area"), CREDS)
+    assert (status, reply["code"]) == (200, 1640302)
+    _, _, reply = await post(http, sim, GW + "/api/v3/findmany/cloudarea", headers={"X-Bk-Tenant-Id": "acme"})
+    assert reply["result"] is True
+    assert sim.stats.lists["search_cloud_area"] == 1
+    assert sim.stats.refused_count("search_cloud_area", "tenant") == 2
+
+
+async def test_single_tenant_ignores_the_header(sim, http):
+    # The gateway overwrites X-Bk-Tenant-Id with "default" (bk-default-tenant): whatever a client sends is harmless.
+    for headers in ({}, {"X-Bk-Tenant-Id": "0"}, {"X-Bk-Tenant-Id": "whatever"}):
+        status, _, reply = await post(http, sim, GW + WATCH.format("plat"), headers=headers)
+        assert (status, reply["result"]) == (200, True)
+
+
+def test_bad_tenant_options_are_refused():
+    from rwatch.sim.server import SimOptions, Simulator
+
+    with pytest.raises(ValueError, match="tenant_mode"):
+        Simulator(SimOptions(port=0, tenant_mode="mixed"))
+    with pytest.raises(ValueError, match="empty"):
+        Simulator(SimOptions(port=0, tenant_mode="multi", app_tenant=""))

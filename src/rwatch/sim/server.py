@@ -73,12 +73,19 @@ class SimOptions:
     detail_mode: Literal["snapshot", "latest"] = "snapshot"  # per-event snapshot (<=3.13) or latest (3.14+)
     denied_resources: frozenset[str] = field(default_factory=frozenset)  # watching these answers 9900403
     denied_apis: frozenset[str] = field(default_factory=frozenset)  # not granted on the gateway: 403 1640301
+    tenant_mode: Literal["single", "multi"] = "single"  # multi: X-Bk-Tenant-Id is checked (§10.2)
+    tenant: str = "default"  # the one tenant whose data the simulator holds
+    app_tenant: str | None = None  # the calling app's tenant; None = an app valid in every tenant
 
 
 class Simulator:
     """A running simulated CMDB: ``async with Simulator(options) as sim: ... sim.url ...``."""
 
     def __init__(self, options: SimOptions) -> None:
+        if options.tenant_mode not in ("single", "multi"):
+            raise ValueError(f"tenant_mode must be single or multi, not {options.tenant_mode!r}")
+        if not options.tenant or options.app_tenant == "":
+            raise ValueError("tenant and app_tenant must not be empty")
         self.options = options
         self.state = SimState(retention=options.retention, detail_mode=options.detail_mode, seed=options.seed)
         build_topology(

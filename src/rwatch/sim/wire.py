@@ -13,6 +13,7 @@ from rwatch.cmdb.protocol import (
     CODE_CURSOR_EXPIRED,
     CODE_DB_READ,
     CODE_DETAIL_NOT_EXIST,
+    CODE_INVALID_TENANT,
     CODE_JSON_DECODE,
     CODE_NO_PERMISSION,
     CODE_PROXY_FAILED,
@@ -66,6 +67,7 @@ MESSAGES: Final[dict[int, str]] = {
     CODE_TOO_MANY_REQUESTS: "too many requests",
     CODE_PROXY_FAILED: "proxy request failed",
     CODE_BAD_OPTIONS: "unknown or unrecognized error",
+    CODE_INVALID_TENANT: "invalid tenant",
 }
 
 # IAM action per resource (§1.2).
