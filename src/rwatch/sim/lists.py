@@ -21,10 +21,11 @@ import orjson
 from aiohttp import web
 
 from rwatch.cmdb.protocol import CODE_JSON_DECODE, CODE_PAGE_LIMIT, CODE_START_FROM_INVALID
+from rwatch.sim import esb
 from rwatch.sim.gate import admit
 from rwatch.sim.query import compile_filter, match_condition, mentions, project
 from rwatch.sim.state import SimError
-from rwatch.sim.wire import MESSAGES, envelope
+from rwatch.sim.wire import MESSAGES, envelope, is_esb
 
 if TYPE_CHECKING:
     from rwatch.sim.server import Simulator
@@ -355,9 +356,12 @@ def _handler(
             response = await sim.inject(request, fault, name, body)
             if response is not None:
                 return response
-        params = {k: v for k, v in body.items() if not k.startswith(("bk_app_", "bk_token", "bk_username"))}
-        params.update(request.match_info)
-        params.pop("stage", None)
+        if is_esb(request):
+            params = esb.forward(name, body)
+        else:
+            params = {k: v for k, v in body.items() if k not in esb.CREDENTIALS}
+            params.update(request.match_info)
+            params.pop("stage", None)
         try:
             return envelope(request, data=fn(sim, params))
         except ListError as err:
