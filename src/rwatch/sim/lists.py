@@ -23,6 +23,7 @@ from aiohttp import web
 from rwatch.cmdb.protocol import CODE_JSON_DECODE, CODE_PAGE_LIMIT, CODE_START_FROM_INVALID
 from rwatch.sim import esb
 from rwatch.sim.gate import admit
+from rwatch.sim.inject import inject
 from rwatch.sim.query import compile_filter, match_condition, mentions, project
 from rwatch.sim.state import SimError
 from rwatch.sim.wire import MESSAGES, envelope, is_esb
@@ -353,7 +354,7 @@ def _handler(
             return envelope(request, code=CODE_JSON_DECODE, message=MESSAGES[CODE_JSON_DECODE])
         fault = sim.faults.take("list", None)
         if fault is not None:
-            response = await sim.inject(request, fault, name, body)
+            response = await inject(sim, request, fault, name)
             if response is not None:
                 return response
         if is_esb(request):

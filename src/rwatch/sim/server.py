@@ -17,16 +17,15 @@ import orjson
 from aiohttp import web
 
 from rwatch.cmdb.protocol import (
-    CODE_CURSOR_EXPIRED,
-    CODE_DETAIL_NOT_EXIST,
     CODE_JSON_DECODE,
     CODE_NO_PERMISSION,
     RESOURCE_TYPES,
 )
 from rwatch.logs import get_logger
 from rwatch.sim import admin, lists
-from rwatch.sim.faults import Fault, FaultPlan
+from rwatch.sim.faults import FaultPlan
 from rwatch.sim.gate import WATCH_API, Permissions, admit
+from rwatch.sim.inject import inject
 from rwatch.sim.load import LoadGenerator, build_topology
 from rwatch.sim.state import SimState
 from rwatch.sim.stats import Stats
@@ -43,7 +42,7 @@ from rwatch.sim.watch import (
     placeholder,
     scan,
 )
-from rwatch.sim.wire import MESSAGES, envelope, is_esb, permission
+from rwatch.sim.wire import MESSAGES, envelope, is_esb, watch_permission
 
 log = get_logger("rwatch.sim")
 
@@ -76,6 +75,7 @@ class SimOptions:
     tenant_mode: Literal["single", "multi"] = "single"  # multi: X-Bk-Tenant-Id is checked (§10.2)
     tenant: str = "default"  # the one tenant whose data the simulator holds
     app_tenant: str | None = None  # the calling app's tenant; None = an app valid in every tenant
+    gateway_error_rate: float = 0.0  # probability of a gateway fault on any CMDB request, seeded by seed
 
 
 class Simulator:
@@ -95,7 +95,7 @@ class Simulator:
             modules_per_set=options.modules_per_set,
             hosts=options.hosts,
         )
-        self.faults = FaultPlan(options.seed, self.state.faults)
+        self.faults = FaultPlan(options.seed, self.state.faults, options.gateway_error_rate)
         self.load = LoadGenerator(self.state, seed=options.seed, mix=options.load_mix)
         self.stats = Stats()
         self.permissions = Permissions(frozenset({WATCH_API, *lists.APIS}))
@@ -183,7 +183,7 @@ class Simulator:
                 )
             fault = self.faults.take("watch", resource, mode, self._is_newest(resource, body))
             if fault is not None:
-                response = await self.inject(request, fault, resource, body)
+                response = await inject(self, request, fault, resource)
                 if response is not None:
                     self.stats.record_watch(resource, mode, f"fault:{fault.kind}")
                     return response
@@ -194,7 +194,7 @@ class Simulator:
                     mode,
                     CODE_NO_PERMISSION,
                     MESSAGES[CODE_NO_PERMISSION],
-                    permission(resource),
+                    watch_permission(resource),
                 )
             try:
                 answer = await self._answer(parse_watch(resource, body))
@@ -249,75 +249,6 @@ class Simulator:
         if scanned > start and newest is not None:
             return placeholder(newest.cursor, req.resource)  # only non-matching nodes: skip past them
         return placeholder(req.cursor, req.resource)
-
-    async def inject(
-        self, request: web.Request, fault: Fault, resource: str, body: dict[str, Any]
-    ) -> web.StreamResponse | None:
-        """The response a fault produces, or None to answer normally (after ``slow``'s delay)."""
-        kind = fault.kind
-        if kind == "slow":
-            await asyncio.sleep(fault.delay)
-            return None
-        if kind.startswith("http_"):
-            status = int(kind[5:])
-            if status == 429:
-                gw = {
-                    "result": False,
-                    "code": 1642903,
-                    "code_name": "RATE_LIMIT_RESTRICTION",
-                    "message": "API rate limit exceeded",
-                    "data": None,
-                }
-                return web.Response(
-                    body=orjson.dumps(gw),
-                    status=429,
-                    content_type="application/json",
-                    headers={"Retry-After": "1"},
-                )
-            return web.Response(
-                status=status,
-                content_type="text/html",
-                text=f"<html><body><h1>{status}</h1>simulated gateway error</body></html>",
-            )
-        if kind == "code":
-            message = fault.message or MESSAGES.get(fault.code, "simulated error")
-            perm = permission(resource) if fault.code == CODE_NO_PERMISSION else None
-            await asyncio.sleep(self.options.error_delay)
-            return envelope(request, code=fault.code, message=message, permission=perm)
-        if kind == "detail_missing":
-            await asyncio.sleep(self.options.error_delay)
-            return envelope(request, code=CODE_DETAIL_NOT_EXIST, message=MESSAGES[CODE_DETAIL_NOT_EXIST])
-        if kind == "expire_cursors":
-            await asyncio.sleep(self.options.error_delay)
-            return envelope(request, code=CODE_CURSOR_EXPIRED, message=MESSAGES[CODE_CURSOR_EXPIRED])
-        if kind == "malformed":
-            return web.Response(
-                status=200,
-                content_type="application/json",
-                text="<html><body>upstream returned garbage</body></html>",
-            )
-        if kind == "truncated":
-            data = {
-                "bk_watched": True,
-                "bk_events": [
-                    {
-                        "bk_cursor": "x" * 40,
-                        "bk_resource": resource,
-                        "bk_event_type": "update",
-                        "bk_detail": {"k": "v"},
-                    }
-                ],
-            }
-            full = orjson.dumps(
-                {"result": True, "code": 0, "message": "success", "permission": None, "data": data}
-            )
-            return web.Response(status=200, content_type="application/json", body=full[: len(full) // 2])
-        if kind == "drop":
-            # Close the socket; aiohttp then drops the response quietly (the transport is gone).
-            if request.transport is not None:
-                request.transport.close()
-            return web.Response(status=200)
-        raise AssertionError(f"unhandled fault kind {kind}")  # Fault.from_json admits only known kinds
 
 
 async def serve(

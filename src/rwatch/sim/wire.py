@@ -165,26 +165,31 @@ def gateway_error(
     return json_response(body, status=200 if is_esb(request) else error.status, headers=all_headers)
 
 
-def permission(resource: str) -> dict[str, Any]:
-    """The ``permission`` object of a 9900403 reply: which IAM action on which event_watch instance."""
-    action = WATCH_ACTIONS.get(resource, f"watch_{resource}_event")
-    instance = {"type": "event_watch", "type_name": "事件监听", "id": resource, "name": resource}
+def permission(action: str, action_name: str, rtype: str, type_name: str, inst_id: str, inst_name: str) -> Any:
+    """The ``permission`` object of a 9900403 reply: the IAM action the caller lacks, on which instance."""
+    instance = {"type": rtype, "type_name": type_name, "id": inst_id, "name": inst_name}
     return {
         "system_id": "bk_cmdb",
         "system_name": "配置平台",
         "actions": [
             {
                 "id": action,
-                "name": action,
+                "name": action_name,
                 "related_resource_types": [
                     {
                         "system_id": "bk_cmdb",
                         "system_name": "配置平台",
-                        "type": "event_watch",
-                        "type_name": "事件监听",
+                        "type": rtype,
+                        "type_name": type_name,
                         "instances": [[instance]],
                     }
                 ],
             }
         ],
     }
+
+
+def watch_permission(resource: str) -> Any:
+    """Watching ``resource``: its ``watch_<resource>_event`` action on the event_watch instance (§1.2)."""
+    action = WATCH_ACTIONS.get(resource, f"watch_{resource}_event")
+    return permission(action, action, "event_watch", "事件监听", resource, resource)
