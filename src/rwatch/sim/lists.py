@@ -7,6 +7,10 @@ another field, ``-field`` for descending). A ``page.limit`` above the API's maxi
 maximum elsewhere. Keyset paging works too: a ``$gt`` condition or ``greater`` filter on the sort field.
 ``find_host_biz_relations`` has no paging: it answers the relation rows of at most 500 given hosts.
 
+Businesses the user may not view in IAM (``Permissions.hide_bizs``) are dropped silently where CMDB drops
+them (search_business; hosts and relation rows in them) and refused with 9900403 and a ``view_business``
+permission where an API names one (search_set, search_module, the per-business host and topology APIs).
+
 Sized for 100,000 hosts: filters are compiled once per request, sorting by an all-int field takes a fast
 path, and host lists without a biz/set/module restriction skip the relation scan.
 """
@@ -19,14 +23,14 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 from aiohttp import web
 
-from rwatch.cmdb.protocol import CODE_JSON_DECODE, CODE_PAGE_LIMIT
+from rwatch.cmdb.protocol import CODE_JSON_DECODE, CODE_NO_PERMISSION, CODE_PAGE_LIMIT
 from rwatch.sim import esb
 from rwatch.sim.gate import admit
 from rwatch.sim.inject import inject
 from rwatch.sim.paging import CODE_PARAM_INVALID, ListError, Params, id_set, info_page, int_param, paged, where
 from rwatch.sim.query import mentions, project
 from rwatch.sim.state import SimError
-from rwatch.sim.wire import MESSAGES, envelope, is_esb
+from rwatch.sim.wire import MESSAGES, biz_permission, envelope, is_esb
 
 if TYPE_CHECKING:
     from rwatch.sim.server import Simulator
@@ -34,6 +38,23 @@ if TYPE_CHECKING:
 
 def _objs(sim: Simulator, resource: str) -> list[dict[str, Any]]:
     return list(sim.state.objects_view(resource).values())  # not for biz_set_relation (derived)
+
+
+def _viewable(sim: Simulator, biz_id: int) -> int:
+    """``biz_id``, or ListError 9900403 when the user may not view that business (IAM ``view_business``)."""
+    if biz_id in sim.permissions.hide_bizs:
+        biz = sim.state.objects_view("biz").get(str(biz_id))
+        name = str(biz["bk_biz_name"]) if biz else str(biz_id)
+        raise ListError(CODE_NO_PERMISSION, MESSAGES[CODE_NO_PERMISSION], biz_permission(biz_id, name))
+    return biz_id
+
+
+def _hidden_hosts(sim: Simulator) -> set[int]:
+    """Hosts in a business the user may not view (a host's relations are all in one business)."""
+    hidden = sim.permissions.hide_bizs
+    if not hidden:
+        return set()
+    return {r["bk_host_id"] for r in _objs(sim, "host_relation") if r["bk_biz_id"] in hidden}
 
 
 def _biz_hosts(sim: Simulator, biz_id: int, params: Params) -> list[dict[str, Any]]:
@@ -61,7 +82,9 @@ def _biz_hosts(sim: Simulator, biz_id: int, params: Params) -> list[dict[str, An
 
 
 def search_business(sim: Simulator, p: Params) -> Any:
-    bizs = [b for b in _objs(sim, "biz") if b.get("default") == 0]  # the resource pool is never returned
+    # The resource pool is never returned; a business the user may not view is dropped silently.
+    hidden = sim.permissions.hide_bizs
+    bizs = [b for b in _objs(sim, "biz") if b.get("default") == 0 and b["bk_biz_id"] not in hidden]
     if not (
         mentions(p.get("condition"), "bk_data_status")
         or mentions(p.get("biz_property_filter"), "bk_data_status")
@@ -88,19 +111,19 @@ def list_business_in_business_set(sim: Simulator, p: Params) -> Any:
 
 
 def search_set(sim: Simulator, p: Params) -> Any:
-    biz_id = int_param(p, "bk_biz_id")
+    biz_id = _viewable(sim, int_param(p, "bk_biz_id"))
     sets = [s for s in _objs(sim, "set") if s["bk_biz_id"] == biz_id]
     return info_page(p, where(p, sets, "condition", "filter"), "bk_set_id", "search_set", 500)
 
 
 def search_module(sim: Simulator, p: Params) -> Any:
-    biz_id, set_id = int_param(p, "bk_biz_id"), int_param(p, "bk_set_id", False)
+    biz_id, set_id = _viewable(sim, int_param(p, "bk_biz_id")), int_param(p, "bk_set_id", False)
     modules = [m for m in _objs(sim, "module") if m["bk_biz_id"] == biz_id and set_id in (0, m["bk_set_id"])]
     return info_page(p, where(p, modules, "condition", "filter"), "bk_module_id", "search_module", 500, 20)
 
 
 def search_biz_inst_topo(sim: Simulator, p: Params) -> Any:
-    biz = sim.state.get("biz", str(int_param(p, "bk_biz_id")))
+    biz = sim.state.get("biz", str(_viewable(sim, int_param(p, "bk_biz_id"))))
     sets = sorted(
         (s for s in _objs(sim, "set") if s["bk_biz_id"] == biz["bk_biz_id"]), key=lambda s: s["bk_set_id"]
     )
@@ -136,11 +159,12 @@ def search_biz_inst_topo(sim: Simulator, p: Params) -> Any:
 def list_biz_hosts(sim: Simulator, p: Params) -> Any:
     if not p.get("fields"):
         raise ListError(CODE_PARAM_INVALID, "'fields' data parameter verification does not pass")
-    return info_page(p, _biz_hosts(sim, int_param(p, "bk_biz_id"), p), "bk_host_id", "list_biz_hosts", 500)
+    hosts = _biz_hosts(sim, _viewable(sim, int_param(p, "bk_biz_id")), p)
+    return info_page(p, hosts, "bk_host_id", "list_biz_hosts", 500)
 
 
 def list_biz_hosts_topo(sim: Simulator, p: Params) -> Any:
-    biz_id = int_param(p, "bk_biz_id")
+    biz_id = _viewable(sim, int_param(p, "bk_biz_id"))
     p = {**p, "page": {**(p.get("page") or {}), "sort": "bk_host_id"}}
     count, hosts, _ = paged(p, _biz_hosts(sim, biz_id, p), "bk_host_id", "list_biz_hosts_topo", 500)
     sets, modules = sim.state.objects("set"), sim.state.objects("module")
@@ -163,7 +187,7 @@ def list_biz_hosts_topo(sim: Simulator, p: Params) -> Any:
 
 
 def find_host_topo_relation(sim: Simulator, p: Params) -> Any:
-    biz_id = int_param(p, "bk_biz_id")
+    biz_id = _viewable(sim, int_param(p, "bk_biz_id"))
     set_ids, module_ids = id_set(p, "bk_set_ids", 200), id_set(p, "bk_module_ids", 500)
     host_ids = id_set(p, "bk_host_ids", 500)
     rows = [
@@ -192,17 +216,21 @@ def find_host_biz_relations(sim: Simulator, p: Params) -> Any:
     wanted = id_set(p, "bk_host_id", 500) or set()
     biz_id = int_param(p, "bk_biz_id", False)
     relations = sim.state.objects_view("host_relation")
+    hidden = sim.permissions.hide_bizs
     rows = []
     for host_id in sorted(wanted):  # the per-host index: never a scan of every relation
         for module_id in sorted(sim.state.host_modules(host_id)):
             row = relations.get(f"{host_id}:{module_id}")
-            if row is not None and (not biz_id or row["bk_biz_id"] == biz_id):
+            if row is not None and row["bk_biz_id"] not in hidden and biz_id in (0, row["bk_biz_id"]):
                 rows.append(row)
     return rows
 
 
 def list_hosts_without_biz(sim: Simulator, p: Params) -> Any:
     hosts = _biz_hosts(sim, int_param(p, "bk_biz_id", False), p)
+    hidden = _hidden_hosts(sim)
+    if hidden:
+        hosts = [h for h in hosts if h["bk_host_id"] not in hidden]
     return info_page(p, hosts, "bk_host_id", "list_hosts_without_biz", 500)
 
 
@@ -273,7 +301,7 @@ def _handler(
         try:
             return envelope(request, data=fn(sim, params))
         except ListError as err:
-            return envelope(request, code=err.code, message=err.message)
+            return envelope(request, code=err.code, message=err.message, permission=err.permission)
         except SimError as err:  # an unknown biz / biz set id
             return envelope(request, code=CODE_PARAM_INVALID, message=str(err))
 

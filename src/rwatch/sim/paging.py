@@ -20,10 +20,11 @@ Params = dict[str, Any]
 class ListError(Exception):
     """A ``result: false`` reply of a list API: CMDB's code and message."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, permission: Any = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.permission = permission  # the IAM permission a 9900403 lacks
 
 
 def int_param(params: Params, name: str, required: bool = True) -> int:

@@ -76,6 +76,7 @@ class SimOptions:
     tenant: str = "default"  # the one tenant whose data the simulator holds
     app_tenant: str | None = None  # the calling app's tenant; None = an app valid in every tenant
     gateway_error_rate: float = 0.0  # probability of a gateway fault on any CMDB request, seeded by seed
+    hidden_bizs: frozenset[int] = field(default_factory=frozenset)  # the user may not view these (IAM)
 
 
 class Simulator:
@@ -99,7 +100,9 @@ class Simulator:
         self.load = LoadGenerator(self.state, seed=options.seed, mix=options.load_mix)
         self.stats = Stats()
         self.permissions = Permissions(frozenset({WATCH_API, *lists.APIS}))
-        self.permissions.update({"deny": options.denied_resources, "deny_apis": options.denied_apis})
+        self.permissions.update(
+            {"deny": options.denied_resources, "deny_apis": options.denied_apis, "hide_bizs": options.hidden_bizs}
+        )
         self.url = ""
         self._wakers: dict[str, asyncio.Event] = {}
         self._closing = False

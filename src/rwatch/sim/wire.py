@@ -193,3 +193,8 @@ def watch_permission(resource: str) -> Any:
     """Watching ``resource``: its ``watch_<resource>_event`` action on the event_watch instance (§1.2)."""
     action = WATCH_ACTIONS.get(resource, f"watch_{resource}_event")
     return permission(action, action, "event_watch", "事件监听", resource, resource)
+
+
+def biz_permission(biz_id: int, name: str) -> Any:
+    """Viewing a business: IAM's ``view_business`` action on that biz instance."""
+    return permission("view_business", "业务访问", "biz", "业务", str(biz_id), name)
