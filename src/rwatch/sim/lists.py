@@ -6,6 +6,7 @@ another field, ``-field`` for descending). A ``page.limit`` above the API's maxi
 ``CODE_PAGE_LIMIT``; ``limit`` 0 means 20 for search_module, 1000 for search_cloud_area and the API's
 maximum elsewhere. Keyset paging works too: a ``$gt`` condition or ``greater`` filter on the sort field.
 ``find_host_biz_relations`` has no paging: it answers the relation rows of at most 500 given hosts.
+list_project and list_business_set answer ``count: 0`` on detail pages, as CMDB does (§10.5).
 
 Businesses the user may not view in IAM (``Permissions.hide_bizs``) are dropped silently where CMDB drops
 them (search_business; hosts and relation rows in them) and refused with 9900403 and a ``view_business``
@@ -27,7 +28,17 @@ from rwatch.cmdb.protocol import CODE_JSON_DECODE, CODE_NO_PERMISSION, CODE_PAGE
 from rwatch.sim import esb
 from rwatch.sim.gate import admit
 from rwatch.sim.inject import inject
-from rwatch.sim.paging import CODE_PARAM_INVALID, ListError, Params, id_set, info_page, int_param, paged, where
+from rwatch.sim.paging import (
+    CODE_PARAM_INVALID,
+    ListError,
+    Params,
+    countless_page,
+    id_set,
+    info_page,
+    int_param,
+    paged,
+    where,
+)
 from rwatch.sim.query import mentions, project
 from rwatch.sim.state import SimError
 from rwatch.sim.wire import MESSAGES, biz_permission, envelope, is_esb
@@ -95,12 +106,7 @@ def search_business(sim: Simulator, p: Params) -> Any:
 
 def list_business_set(sim: Simulator, p: Params) -> Any:
     sets = where(p, _objs(sim, "biz_set"), "bk_biz_set_filter")
-    page = p.get("page") or {}
-    if page.get("enable_count"):
-        if page.get("start") or page.get("limit") or page.get("sort"):
-            raise ListError(CODE_PARAM_INVALID, "enable_count requires start=0, limit=0 and no sort")
-        return {"count": len(sets), "info": []}
-    return info_page(p, sets, "bk_biz_set_id", "list_business_set", 500)
+    return countless_page(p, sets, "bk_biz_set_id", "list_business_set", 500)
 
 
 def list_business_in_business_set(sim: Simulator, p: Params) -> Any:
@@ -250,7 +256,7 @@ def search_object_instances(sim: Simulator, p: Params) -> Any:
 
 
 def list_project(sim: Simulator, p: Params) -> Any:
-    return info_page(p, where(p, _objs(sim, "project"), "filter"), "id", "list_project", 500)
+    return countless_page(p, where(p, _objs(sim, "project"), "filter"), "id", "list_project", 500)
 
 
 # name -> (gateway path, function)

@@ -1,7 +1,8 @@
 """Parameters, filters and offset paging shared by the list APIs, with CMDB's errors for bad ones.
 
 Paging is offset paging sorted by the id field (``page.sort`` may name another field, ``-field`` for
-descending); a ``page.limit`` above the API's maximum is refused with ``CODE_PAGE_LIMIT``. Sorting by an
+descending); a ``page.limit`` above the API's maximum is refused with ``CODE_PAGE_LIMIT``. The newer APIs
+(list_project, list_business_set) count only on request: ``countless_page``. Sorting by an
 all-int field takes a fast path (the usual case: an id field, 100,000 hosts).
 """
 
@@ -108,3 +109,14 @@ def info_page(
 ) -> dict[str, Any]:
     count, page, _ = paged(params, docs, id_field, api, max_limit, zero_limit)
     return {"count": count, "info": [project(d, params.get("fields")) for d in page]}
+
+
+def countless_page(params: Params, docs: list[dict[str, Any]], id_field: str, api: str, max_limit: int) -> Any:
+    """A page of an API that counts only when asked (§10.5): a detail page answers ``count: 0``; the count
+    comes from a separate ``page: {enable_count: true, start: 0, limit: 0, sort: ""}`` with no ``info``."""
+    page = params.get("page") or {}
+    if page.get("enable_count"):
+        if page.get("start") or page.get("limit") or page.get("sort"):
+            raise ListError(CODE_PARAM_INVALID, "enable_count requires start=0, limit=0 and no sort")
+        return {"count": len(docs), "info": []}
+    return {**info_page(params, docs, id_field, api, max_limit), "count": 0}
