@@ -109,6 +109,11 @@ class Simulator:
         self._runner: web.AppRunner | None = None
         self.state.listeners.append(self._wake)
 
+    @property
+    def denied(self) -> set[str]:
+        """The resources whose watch IAM refuses (``permissions.deny``), for callers that edit it in place."""
+        return self.permissions.deny
+
     # --- lifecycle -----------------------------------------------------------------------------------
 
     def make_app(self) -> web.Application:
