@@ -99,3 +99,13 @@ async def test_serve_runs_until_stop(http):
     stop.set()
     async with asyncio.timeout(5):
         await task
+
+
+async def test_denied_is_the_live_set_of_the_permissions(sim, http):
+    sim.denied.add("project")  # tests and embedders edit it in place
+    async with http.post(sim.url + "/api/v3/event/watch/resource/project", json={}) as resp:
+        assert (await resp.json())["code"] == 9900403
+    await call(http, sim, "POST", "/admin/permissions", {"deny": ["plat"]})
+    assert sim.denied == {"plat"}
+    sim.denied.clear()
+    assert (await call(http, sim, "GET", "/admin/permissions"))["deny"] == []

@@ -38,43 +38,61 @@ async def test_esb_body_that_is_not_an_object(sim, http):
     assert (reply["result"], reply["code"]) == (False, 1199000)  # does not decode into the options
 
 
+GW_BODY_KEYS = {"code", "code_name", "message", "result", "data"}
+
+
 async def test_gateway_auth_uses_only_the_header(make_sim, http):
     sim = await make_sim(app_code="rw", app_secret="s3cret")
     url = sim.url + GW.format("plat")
     bad = [
-        {},  # no header
-        {"X-Bkapi-Authorization": "not json"},
-        {"X-Bkapi-Authorization": json.dumps({**CREDS, "bk_app_secret": "wrong"})},
-        {"X-Bkapi-Authorization": json.dumps({"bk_app_code": "rw", "bk_app_secret": "s3cret"})},  # no user
+        ({}, 1640101, "APP_VERIFY_FAILED"),  # no header
+        ({"X-Bkapi-Authorization": "not json"}, 1640101, "APP_VERIFY_FAILED"),
+        ({"X-Bkapi-Authorization": json.dumps({**CREDS, "bk_app_secret": "wrong"})}, 1640101, "APP_VERIFY_FAILED"),
+        ({"X-Bkapi-Authorization": json.dumps({**CREDS, "bk_app_code": "other"})}, 1640101, "APP_VERIFY_FAILED"),
+        (  # no user
+            {"X-Bkapi-Authorization": json.dumps({"bk_app_code": "rw", "bk_app_secret": "s3cret"})},
+            1640102,
+            "USER_VERIFY_FAILED",
+        ),
     ]
-    for headers in bad:
+    for headers, code, code_name in bad:
         async with http.post(url, json=CREDS, headers=headers) as resp:  # body credentials do not count
             assert resp.status == 401
             body = await resp.json()
-            assert body["result"] is False
-            assert body["code_name"] == "UNAUTHENTICATED"
+            # The gateway's own format (apisix errorx), not CMDB's envelope, with the code in a header too.
+            assert set(body) == GW_BODY_KEYS
+            assert (body["result"], body["code"], body["code_name"], body["data"]) == (False, code, code_name, None)
+            assert resp.headers["X-Bkapi-Error-Code"] == str(code)
+            assert resp.headers["X-Bkapi-Error-Message"] == body["message"]
     async with http.post(url, json={}, headers=AUTH) as resp:
         assert resp.status == 200
         assert (await resp.json())["result"] is True
     token = {"X-Bkapi-Authorization": json.dumps({**CREDS, "bk_username": None, "bk_token": "t"})}
     async with http.post(url, json={}, headers=token) as resp:
         assert resp.status == 200
+    # Refused requests are counted as refused, never as watch requests served.
+    assert sim.stats.refused_count("resource_watch", "auth") == len(bad)
+    assert sim.stats.watch_requests() == 2
+    assert (await (await http.get(sim.url + "/admin/stats")).json())["refused"] == {
+        "resource_watch": {"auth": len(bad)}
+    }
 
 
 async def test_esb_auth_uses_the_body(make_sim, http):
     sim = await make_sim(app_code="rw", app_secret="s3cret")
     url = sim.url + ESB
-    async with http.post(
-        url, json={"bk_resource": "plat", **CREDS, "bk_app_secret": "no"}, headers=AUTH
-    ) as resp:
-        assert resp.status == 200
-        reply = await resp.json()
-        assert reply["result"] is False
-        assert reply["code"] == 1640001
-        assert "request_id" in reply
+    for creds, code in (({**CREDS, "bk_app_secret": "no"}, 1640101), ({**CREDS, "bk_username": ""}, 1640102)):
+        async with http.post(url, json={"bk_resource": "plat", **creds}, headers=AUTH) as resp:
+            # ESB stages run bk-status-rewrite: the gateway's refusal, at HTTP 200.
+            assert resp.status == 200
+            assert resp.headers["X-Bkapi-Error-Code"] == str(code)
+            reply = await resp.json()
+            assert set(reply) == GW_BODY_KEYS
+            assert (reply["result"], reply["code"]) == (False, code)
     async with http.post(url, json={"bk_resource": "plat", **CREDS}) as resp:
         assert (await resp.json())["result"] is True
-    assert sim.stats.watch_count(outcome="error:auth") == 1
+    assert sim.stats.refused_count("resource_watch", "auth") == 2
+    assert sim.stats.watch_requests() == 1
 
 
 async def test_denied_resource_is_9900403_with_permission(make_sim, http):

@@ -35,12 +35,105 @@ async def test_http_5xx_for_count_requests_then_normal(sim, http, status):
     assert sim.stats.watch_count(outcome=f"fault:http_{status}") == 2
 
 
-async def test_http_429_is_gateway_rate_limit(sim, http):
-    await schedule(http, sim, [{"kind": "http_429"}])
+ESB = "/api/c/compapi/v2/cc/{}/"
+
+
+async def post_esb(http, sim, name="resource_watch", body=None):
+    async with http.post(sim.url + ESB.format(name), json={"bk_resource": "host", **(body or BODY)}) as resp:
+        return resp.status, resp.headers, await resp.json()
+
+
+async def test_http_429_is_the_gateways_rate_limit(sim, http):
+    await schedule(http, sim, [{"kind": "http_429"}, {"kind": "http_429"}])
     status, headers, body = await post(http, sim)
     assert status == 429
-    assert headers["Retry-After"] == "1"
-    assert json.loads(body)["code_name"] == "RATE_LIMIT_RESTRICTION"
+    assert "Retry-After" not in headers  # the gateway never sends one (bk-rate-limit)
+    reply = json.loads(body)
+    assert (reply["code"], reply["code_name"], reply["result"], reply["data"]) == (
+        1642903,
+        "RATE_LIMIT_RESTRICTION",
+        False,
+        None,
+    )
+    assert headers["X-Bkapi-Error-Code"] == "1642903"
+    assert headers["X-Bkapi-RateLimit-Plugin"] == "bk-resource-rate-limit"
+    # ESB stages rewrite the status: the same body at HTTP 200.
+    status, headers, reply = await post_esb(http, sim)
+    assert (status, reply["code"]) == (200, 1642903)
+    assert "Retry-After" not in headers
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [(1642901, 429), (1642902, 429), (1642904, 429), (1650200, 502), (1650201, 502), (1650300, 503), (1650401, 504)],
+)
+async def test_gateway_fault_real_status_on_gateway_and_200_on_esb(sim, http, code, status):
+    await schedule(http, sim, {"kind": "gateway", "code": code, "count": 2, "scope": "any"})
+    got, headers, body = await post(http, sim)
+    reply = json.loads(body)
+    assert (got, reply["code"], headers["X-Bkapi-Error-Code"]) == (status, code, str(code))
+    assert set(reply) == {"code", "code_name", "message", "result", "data"}
+    assert ("X-Bkapi-RateLimit-Limit" in headers) == (code in (1642901, 1642902, 1642903))
+    got, headers, reply = await post_esb(http, sim, "search_cloud_area", {})
+    assert (got, reply["code"], reply["result"]) == (200, code, False)
+    assert sim.stats.watch_count(outcome="fault:gateway") == 1
+
+
+async def test_esb_backend_failure_1306201(sim, http):
+    await schedule(http, sim, {"kind": "gateway", "code": 1306201, "count": 2})
+    status, _, reply = await post_esb(http, sim)
+    assert status == 200
+    assert set(reply) == {"result", "code", "message", "permission", "data", "request_id"}  # ESB's own envelope
+    assert (reply["result"], reply["code"]) == (False, 1306201)
+    status, _, body = await post(http, sim)  # no ESB on this path: the gateway's own timeout
+    assert (status, json.loads(body)["code"]) == (504, 1650401)
+
+
+async def test_drawn_gateway_errors_on_esb_include_1306201_and_arrive_at_200(make_sim, http):
+    sim = await make_sim(gateway_error_rate=1.0, seed=3)
+    codes = set()
+    for _ in range(60):
+        status, _, reply = await post_esb(http, sim)
+        assert status == 200
+        codes.add(reply["code"])
+    assert 1306201 in codes
+    assert {1642901, 1650401} <= codes
+    statuses = {(await post(http, sim))[0] for _ in range(40)}
+    assert statuses == {429, 502, 503, 504}
+
+
+async def test_gateway_error_rate_hits_list_and_watch_requests_at_about_the_rate(make_sim, http):
+    outcomes = []
+    for _ in range(2):
+        sim = await make_sim(gateway_error_rate=0.2, seed=11)
+        failed = []
+        for i in range(300):
+            async with http.post(sim.url + "/api/bk-cmdb/prod/api/v3/findmany/cloudarea", json={}) as resp:
+                failed.append(resp.status != 200)
+            if i % 10 == 0:
+                status, _, _ = await post(http, sim)
+                failed.append(status != 200)
+        assert 0.12 < sum(failed) / len(failed) < 0.28
+        assert sim.faults.fired["gateway"] == sum(failed)
+        outcomes.append(failed)
+    assert outcomes[0] == outcomes[1]  # seeded
+
+
+async def test_random_faults_with_list_scope_and_gateway_rate_at_runtime(sim, http):
+    await schedule(http, sim, {"random": {"seed": 1, "rates": {"gateway": 0.5}, "scope": "list"}})
+    watch = [(await post(http, sim))[0] for _ in range(20)]
+    assert watch == [200] * 20  # watch requests are out of scope
+    lists = []
+    for _ in range(40):
+        async with http.post(sim.url + "/api/v3/findmany/cloudarea", json={}) as resp:
+            lists.append(resp.status)
+    assert 200 in lists and {429, 502, 503, 504} & set(lists)
+    plan = await schedule(http, sim, {"gateway_error_rate": 1.0})
+    assert (plan["gateway_error_rate"], plan["random_scope"]) == (1.0, "list")
+    assert (await post(http, sim))[0] != 200
+    async with http.delete(sim.url + "/admin/faults") as resp:
+        assert (await resp.json())["gateway_error_rate"] == 0.0
+    assert (await post(http, sim))[0] == 200
 
 
 @pytest.mark.parametrize("code", [1199997, 1103008, 1199017, 1199036, 9900403])
@@ -188,6 +281,11 @@ async def test_bad_fault_specs_are_refused(sim, http):
         "x",
         {"kind": "slow", "delay": "1"},
         {"kind": "code", "code": "x"},
+        {"kind": "gateway", "code": 1199997},  # not a gateway error
+        {"random": {"rates": {"gateway": 0.1}, "scope": "lists"}},
+        {"random": {"rates": {"gateway": 1.5}}},
+        {"gateway_error_rate": -0.1},
+        {"gateway_error_rate": "often"},
     )
     for spec in specs:
         async with http.post(sim.url + "/admin/faults", json=spec) as resp:

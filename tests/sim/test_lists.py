@@ -38,6 +38,17 @@ async def list_all(http, sim, path, body, limit):
             return out
 
 
+async def list_until_short(http, sim, path, body, limit):
+    """Page through an API that answers count 0 on detail pages (§10.5): until a page comes back short."""
+    out, start = [], 0
+    while True:
+        page = (await ok(http, sim, path, {**body, "page": {"start": start, "limit": limit}}))["info"]
+        out.extend(page)
+        start += limit
+        if len(page) < limit:
+            return out
+
+
 async def test_search_business_hides_the_pool_and_archived(sim, http):
     sim.state.update("biz", "2", {"bk_data_status": "disabled"})
     data = await ok(http, sim, "/api/v3/biz/search/0", {"fields": ["bk_biz_id", "bk_biz_name"]})
@@ -124,7 +135,7 @@ async def test_paging_is_sorted_by_id_and_reproduces_the_truth(sim, http):
     for biz in sim.state.objects("biz"):
         modules += await list_all(http, sim, f"/api/v3/module/search/0/{biz}/0", {}, 10)
     assert {str(m["bk_module_id"]): m for m in modules} == sim.state.objects("module")
-    projects = await list_all(http, sim, "/api/v3/findmany/project", {}, 5)
+    projects = await list_until_short(http, sim, "/api/v3/findmany/project", {}, 5)
     assert {str(p["id"]): p for p in projects} == sim.state.objects("project")
     plats = await list_all(http, sim, "/api/v3/findmany/cloudarea", {}, 5)
     assert {str(p["bk_cloud_id"]): p for p in plats} == sim.state.objects("plat")
@@ -187,7 +198,7 @@ async def test_esb_names_and_direct_paths(sim, http):
     data = await ok(http, sim, "", {**creds, "bk_biz_id": 2, "page": {"limit": 10}}, ESB.format("search_set"))
     assert {s["bk_biz_id"] for s in data["info"]} == {2}
     data = await ok(http, sim, "/api/v3/findmany/project", {}, prefix="")
-    assert data["count"] == 1
+    assert (data["count"], len(data["info"])) == (0, 1)  # a detail page carries no count (§10.5)
     assert sim.stats.lists["search_set"] == 1
     assert sim.stats.lists["list_project"] == 1
 
@@ -196,6 +207,8 @@ async def test_list_auth_and_bad_input(make_sim, http):
     sim = await make_sim(app_code="a", app_secret="b")
     async with http.post(sim.url + GW + "/api/v3/findmany/project", json={}) as resp:
         assert resp.status == 401
+        assert (await resp.json())["code"] == 1640101
+    assert (sim.stats.lists["list_project"], sim.stats.refused_count("list_project", "auth")) == (0, 1)
     headers = {
         "X-Bkapi-Authorization": json.dumps({"bk_app_code": "a", "bk_app_secret": "b", "bk_username": "u"})
     }
@@ -323,3 +336,31 @@ async def test_find_host_biz_relations_takes_at_most_500_hosts(sim, http):
     assert "bk_host_id" in reply["message"] and "500" in reply["message"]
     data = await ok(http, sim, "/api/v3/hosts/modules/read", {"bk_host_id": list(range(1, 501))})
     assert {r["bk_host_id"] for r in data} == {int(k) for k in sim.state.objects("host")}
+
+
+COUNT_ONLY = {"enable_count": True, "start": 0, "limit": 0, "sort": ""}
+
+
+@pytest.mark.parametrize(
+    ("resource", "path", "id_field"),
+    [("project", "/api/v3/findmany/project", "id"), ("biz_set", "/api/v3/findmany/biz_set", "bk_biz_set_id")],
+)
+async def test_countless_apis_count_only_on_an_enable_count_request(sim, http, resource, path, id_field):
+    for _ in range(6):
+        sim.state.create(resource, {})
+    total = len(sim.state.objects(resource))
+    assert total == 7
+    data = await ok(http, sim, path, {"page": {"start": 0, "limit": 3}})
+    assert data["count"] == 0  # a detail page never carries the count (§10.5)
+    assert len(data["info"]) == 3
+    assert await ok(http, sim, path, {"page": COUNT_ONLY}) == {"count": total, "info": []}
+    # So paging "while listed < count" stops after one page; page until a short page instead.
+    assert len(await list_all(http, sim, path, {}, 3)) == 3
+    ids = [d[id_field] for d in await list_until_short(http, sim, path, {}, 3)]
+    assert ids == sorted(int(k) for k in sim.state.objects(resource))
+    for bad in ({**COUNT_ONLY, "limit": 10}, {**COUNT_ONLY, "start": 1}, {**COUNT_ONLY, "sort": id_field}):
+        reply = await call(http, sim, path, {"page": bad})
+        assert (reply["result"], reply["code"]) == (False, 1199006)
+    esb_name = "list_project" if resource == "project" else "list_business_set"
+    reply = await call(http, sim, "", {**CREDS, "page": COUNT_ONLY}, ESB.format(esb_name))
+    assert reply["data"] == {"count": total, "info": []}

@@ -165,15 +165,12 @@ def add_routes(app: web.Application, sim: Simulator) -> None:
 
     @routes.get("/admin/permissions")
     async def permissions(request: web.Request) -> web.StreamResponse:
-        return json_response({"deny": sorted(sim.denied)})
+        return json_response(sim.permissions.to_json())
 
     @routes.post("/admin/permissions")
     async def set_permissions(request: web.Request) -> web.StreamResponse:
-        deny = (await _body(request)).get("deny", [])
-        if not isinstance(deny, list) or not all(r in RESOURCE_TYPES for r in deny):
-            raise SimError("deny must be a list of resources")
-        sim.denied = set(deny)
-        return json_response({"deny": sorted(sim.denied)})
+        sim.permissions.update(await _body(request))
+        return json_response(sim.permissions.to_json())
 
     for route in routes:
         assert isinstance(route, web.RouteDef)

@@ -1,7 +1,9 @@
 """Fault injection: a script of faults consumed by the next requests, plus seeded random faults.
 
 Request faults (consumed by watch requests unless ``scope`` says otherwise):
-``http_500``/``http_502``/``http_503`` (gateway-style HTML error page), ``http_429`` (gateway rate limit),
+``http_500``/``http_502``/``http_503`` (an HTML error page, as a load balancer or a crashed backend sends),
+``http_429`` (the gateway's rate limit, 1642903), ``gateway`` (one of the gateway's transient errors, or on
+ESB paths also ESB's 1306201: ``code`` picks one, else each request draws one),
 ``code`` (``result: false`` with any CMDB ``code``), ``slow`` (sleep ``delay`` seconds, then answer
 normally), ``malformed`` (HTTP 200, body not JSON), ``truncated`` (HTTP 200, JSON cut in half), ``drop``
 (connection closed without a response), ``expire_cursors`` (cursor mode only: 1103007 for any cursor
@@ -11,6 +13,9 @@ Event faults (applied to the state when scheduled, not consumed by requests): ``
 ``count`` changes, or each change with ``probability``, produce no event while the object still changes:
 the server's silent loss) and ``collapse`` (the next ``count`` repeats of an (object, op) reuse the previous
 event's cluster time, so the chain keeps only the last of the two, §5.2).
+
+Random faults draw per request, from one seeded generator: the ``random`` rates for requests in their
+``scope``, then ``gateway_error_rate`` for every CMDB request (a deployment whose gateway flakes).
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
-from rwatch.cmdb.protocol import CODE_TOO_MANY_REQUESTS, RESOURCE_TYPES
+from rwatch.cmdb.protocol import (
+    CODE_TOO_MANY_REQUESTS,
+    ESB_BACKEND_FAILED,
+    GW_BAD_GATEWAY,
+    GW_RATE_LIMITED,
+    GW_TIMEOUT,
+    GW_UNAVAILABLE,
+    RESOURCE_TYPES,
+)
 from rwatch.sim.chain import EventFaults
 
 REQUEST_KINDS: Final = frozenset(
@@ -29,6 +42,7 @@ REQUEST_KINDS: Final = frozenset(
         "http_502",
         "http_503",
         "http_429",
+        "gateway",
         "code",
         "slow",
         "malformed",
@@ -40,6 +54,15 @@ REQUEST_KINDS: Final = frozenset(
 )
 EVENT_KINDS: Final = frozenset({"drop_event", "collapse"})
 SCOPES: Final = frozenset({"watch", "list", "any"})
+# The gateway's transient errors (apisix errorx) a ``gateway`` fault answers; ESB adds its own 1306201.
+GATEWAY_CODES: Final[tuple[int, ...]] = (
+    *GW_RATE_LIMITED,
+    GW_BAD_GATEWAY.start,
+    GW_BAD_GATEWAY.start + 1,
+    GW_UNAVAILABLE.start,
+    GW_TIMEOUT,
+)
+ESB_CODES: Final[tuple[int, ...]] = (*GATEWAY_CODES, ESB_BACKEND_FAILED)
 
 
 @dataclass
@@ -48,7 +71,7 @@ class Fault:
     count: int = 1  # how many requests it hits before it is used up
     resource: str | None = None  # None = any resource
     scope: str = "watch"  # watch | list | any
-    code: int = CODE_TOO_MANY_REQUESTS  # for kind=code
+    code: int | None = None  # kind=code: the CMDB code (default 1199997); kind=gateway: which error (default: drawn)
     message: str | None = None  # for kind=code; default: the server's text for the code
     delay: float = 1.0  # for kind=slow
 
@@ -68,8 +91,11 @@ class Fault:
             raise ValueError(f"unknown resource {fault.resource!r}")
         if not isinstance(fault.count, int) or fault.count < 1:
             raise ValueError("fault count must be a positive integer")
-        if not isinstance(fault.code, int) or not isinstance(fault.delay, int | float) or fault.delay < 0:
+        code_ok = fault.code is None or (isinstance(fault.code, int) and not isinstance(fault.code, bool))
+        if not code_ok or not isinstance(fault.delay, int | float) or fault.delay < 0:
             raise ValueError("fault code must be an integer and delay a non-negative number")
+        if fault.kind == "gateway" and fault.code is not None and fault.code not in ESB_CODES:
+            raise ValueError(f"a gateway fault's code must be one of {list(ESB_CODES)}")
         return fault
 
     def applies(self, api: str, resource: str | None, mode: str | None, newest: bool = False) -> bool:
@@ -87,16 +113,20 @@ class Fault:
 class FaultPlan:
     """Decides, per request, which fault (if any) the simulator injects."""
 
-    def __init__(self, seed: int = 0, event_faults: EventFaults | None = None) -> None:
+    def __init__(
+        self, seed: int = 0, event_faults: EventFaults | None = None, gateway_error_rate: float = 0.0
+    ) -> None:
         self.script: list[Fault] = []
-        self.rates: dict[str, float] = {}  # kind -> probability per watch request
-        self.random_fault = Fault("code")  # template for random faults (code, delay)
+        self.rates: dict[str, float] = {}  # kind -> probability per request in random_fault.scope
+        self.random_fault = Fault("code")  # template for random faults (scope, code, delay)
+        self.gateway_error_rate = _rate("gateway_error_rate", gateway_error_rate)
         self.rng = random.Random(seed)
         self.event_faults = event_faults or EventFaults()
         self.fired: Counter[str] = Counter()
 
     def schedule(self, spec: Any) -> None:
-        """Add faults: a fault object, a list of them, or ``{"script": [...], "random": {...}}``."""
+        """Add faults: a fault object, a list of them, or ``{"script": [...], "random": {...},
+        "gateway_error_rate": F}``."""
         if isinstance(spec, list):
             for item in spec:
                 self.schedule(item)
@@ -107,6 +137,8 @@ class FaultPlan:
             self.schedule(spec.get("script", []))
             if "random" in spec:
                 self._set_random(spec["random"])
+            if "gateway_error_rate" in spec:
+                self.gateway_error_rate = _rate("gateway_error_rate", spec["gateway_error_rate"])
             return
         if spec["kind"] in EVENT_KINDS:
             self._event_fault(spec)
@@ -118,14 +150,27 @@ class FaultPlan:
             raise ValueError("random must be an object")
         rates = raw.get("rates", {})
         for kind, rate in rates.items():
-            if kind not in REQUEST_KINDS or not 0 <= float(rate) <= 1:
+            if kind not in REQUEST_KINDS:
                 raise ValueError(f"bad random fault rate {kind}={rate}")
+            _rate(f"random rate of {kind}", rate)
+        scope = raw.get("scope", "watch")
+        if scope not in SCOPES:
+            raise ValueError(f"random scope must be one of {sorted(SCOPES)}")
         self.rates = {k: float(v) for k, v in rates.items()}
         if "seed" in raw:
             self.rng.seed(raw["seed"])
         self.random_fault = Fault(
-            "code", code=int(raw.get("code", CODE_TOO_MANY_REQUESTS)), delay=float(raw.get("delay", 1.0))
+            "code",
+            scope=scope,
+            code=int(raw.get("code", CODE_TOO_MANY_REQUESTS)),
+            delay=float(raw.get("delay", 1.0)),
         )
+
+    def gateway_code(self, fault: Fault, esb: bool) -> int:
+        """The error a ``gateway`` fault answers: its ``code``, else one drawn (ESB's own 1306201 on ESB only)."""
+        if fault.code is not None:
+            return fault.code
+        return self.rng.choice(ESB_CODES if esb else GATEWAY_CODES)
 
     def _event_fault(self, spec: dict[str, Any]) -> None:
         resource = spec.get("resource")
@@ -154,17 +199,22 @@ class FaultPlan:
                     del self.script[i]
                 self.fired[fault.kind] += 1
                 return fault
-        if api == "watch":
-            for kind, rate in self.rates.items():
-                candidate = Fault(kind, code=self.random_fault.code, delay=self.random_fault.delay)
-                if candidate.applies(api, resource, mode, newest) and self.rng.random() < rate:
-                    self.fired[kind] += 1
-                    return candidate
+        template = self.random_fault
+        for kind, rate in self.rates.items():
+            code = template.code if kind == "code" else None
+            candidate = Fault(kind, scope=template.scope, code=code, delay=template.delay)
+            if candidate.applies(api, resource, mode, newest) and self.rng.random() < rate:
+                self.fired[kind] += 1
+                return candidate
+        if self.gateway_error_rate and self.rng.random() < self.gateway_error_rate:
+            self.fired["gateway"] += 1
+            return Fault("gateway", scope="any")
         return None
 
     def clear(self) -> None:
         self.script.clear()
         self.rates.clear()
+        self.gateway_error_rate = 0.0
         self.event_faults.clear()
 
     def to_json(self) -> dict[str, Any]:
@@ -172,6 +222,8 @@ class FaultPlan:
         return {
             "script": [asdict(f) for f in self.script],
             "rates": dict(self.rates),
+            "random_scope": self.random_fault.scope,
+            "gateway_error_rate": self.gateway_error_rate,
             "events": {
                 "drop_next": ef.drop_next,
                 "drop_probability": ef.drop_probability,
@@ -181,3 +233,14 @@ class FaultPlan:
             },
             "fired": dict(self.fired),
         }
+
+
+def _rate(name: str, value: Any) -> float:
+    """A probability; ValueError for anything else."""
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number between 0 and 1") from None
+    if not 0 <= rate <= 1:
+        raise ValueError(f"{name} must be a number between 0 and 1")
+    return rate

@@ -6,6 +6,11 @@ another field, ``-field`` for descending). A ``page.limit`` above the API's maxi
 ``CODE_PAGE_LIMIT``; ``limit`` 0 means 20 for search_module, 1000 for search_cloud_area and the API's
 maximum elsewhere. Keyset paging works too: a ``$gt`` condition or ``greater`` filter on the sort field.
 ``find_host_biz_relations`` has no paging: it answers the relation rows of at most 500 given hosts.
+list_project and list_business_set answer ``count: 0`` on detail pages, as CMDB does (§10.5).
+
+Businesses the user may not view in IAM (``Permissions.hide_bizs``) are dropped silently where CMDB drops
+them (search_business; hosts and relation rows in them) and refused with 9900403 and a ``view_business``
+permission where an API names one (search_set, search_module, the per-business host and topology APIs).
 
 Sized for 100,000 hosts: filters are compiled once per request, sorting by an all-int field takes a fast
 path, and host lists without a biz/set/module restriction skip the relation scan.
@@ -14,123 +19,60 @@ path, and host lists without a biz/set/module restriction skip the relation scan
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from aiohttp import web
 
-from rwatch.cmdb.protocol import CODE_JSON_DECODE, CODE_PAGE_LIMIT, CODE_START_FROM_INVALID
-from rwatch.sim.query import compile_filter, match_condition, mentions, project
+from rwatch.cmdb.protocol import CODE_JSON_DECODE, CODE_NO_PERMISSION, CODE_PAGE_LIMIT
+from rwatch.sim import esb
+from rwatch.sim.gate import admit
+from rwatch.sim.inject import inject
+from rwatch.sim.paging import (
+    CODE_PARAM_INVALID,
+    ListError,
+    Params,
+    countless_page,
+    id_set,
+    info_page,
+    int_param,
+    paged,
+    where,
+)
+from rwatch.sim.query import mentions, project
 from rwatch.sim.state import SimError
-from rwatch.sim.wire import MESSAGES, auth_refused, check_auth, envelope
+from rwatch.sim.wire import MESSAGES, biz_permission, envelope, is_esb
 
 if TYPE_CHECKING:
     from rwatch.sim.server import Simulator
-
-CODE_PARAM_INVALID: Final = CODE_START_FROM_INVALID  # 1199006 CCErrCommParamsInvalid
-Params = dict[str, Any]
-
-
-class ListError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _int(params: Params, name: str, required: bool = True) -> int:
-    value = params.get(name)
-    if value in (None, "") and not required:
-        return 0
-    try:
-        return int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ListError(CODE_PARAM_INVALID, f"'{name}' data parameter verification does not pass") from None
-
-
-def _ids(params: Params, name: str, max_len: int) -> set[int] | None:
-    values = params.get(name)
-    if not values:
-        return None
-    if not isinstance(values, list) or len(values) > max_len:
-        raise ListError(CODE_PARAM_INVALID, f"'{name}' must be a list of at most {max_len} ids")
-    try:
-        return {int(v) for v in values}
-    except (TypeError, ValueError):
-        raise ListError(CODE_PARAM_INVALID, f"'{name}' must be a list of at most {max_len} ids") from None
-
-
-def _where(params: Params, docs: list[dict[str, Any]], *names: str) -> list[dict[str, Any]]:
-    """Apply whichever of the condition/filter parameters ``names`` the caller sent."""
-    sent = [n for n in names if params.get(n)]
-    if len(sent) > 1:
-        raise ListError(CODE_PARAM_INVALID, f"{' and '.join(sent)} can not be used at the same time")
-    if not sent:
-        return docs
-    name = sent[0]
-    try:
-        if name == "condition":
-            cond = params[name]
-            return [d for d in docs if match_condition(cond, d)]
-        check = compile_filter(params[name])
-        return [d for d in docs if check(d)]
-    except ValueError as err:
-        raise ListError(CODE_PARAM_INVALID, f"{name}: {err}") from None
-
-
-def _page(
-    params: Params,
-    docs: list[dict[str, Any]],
-    id_field: str,
-    api: str,
-    max_limit: int,
-    zero_limit: int | None = None,
-) -> tuple[int, list[dict[str, Any]], dict[str, Any]]:
-    page = params.get("page") or {}
-    start, limit = _int(page, "start", False), _int(page, "limit", False)
-    if limit == 0:
-        limit = zero_limit or max_limit
-    if limit > max_limit:
-        raise ListError(CODE_PAGE_LIMIT, f"page.limit {limit} exceeds the maximum {max_limit} of {api}")
-    if start < 0 or limit < 0:
-        raise ListError(CODE_PARAM_INVALID, "page.start and page.limit must not be negative")
-    sort = str(page.get("sort") or id_field).split(",")[0]
-    field = sort.lstrip("-+")
-    reverse = sort.startswith("-")
-    if all(type(d.get(field)) is int for d in docs):
-        # The usual case (an id field): the general key below reduces to the value itself, same order.
-        ordered = sorted(docs, key=itemgetter(field), reverse=reverse)[start : start + limit]
-    else:
-        ordered = sorted(
-            docs,
-            key=lambda d: (d.get(field) is None, str(type(d.get(field))), d.get(field) or 0),
-            reverse=reverse,
-        )[start : start + limit]
-    return len(docs), ordered, {"start": start, "limit": limit, "sort": sort}
-
-
-def _info(
-    params: Params,
-    docs: list[dict[str, Any]],
-    id_field: str,
-    api: str,
-    max_limit: int,
-    zero_limit: int | None = None,
-) -> dict[str, Any]:
-    count, page, _ = _page(params, docs, id_field, api, max_limit, zero_limit)
-    return {"count": count, "info": [project(d, params.get("fields")) for d in page]}
 
 
 def _objs(sim: Simulator, resource: str) -> list[dict[str, Any]]:
     return list(sim.state.objects_view(resource).values())  # not for biz_set_relation (derived)
 
 
+def _viewable(sim: Simulator, biz_id: int) -> int:
+    """``biz_id``, or ListError 9900403 when the user may not view that business (IAM ``view_business``)."""
+    if biz_id in sim.permissions.hide_bizs:
+        biz = sim.state.objects_view("biz").get(str(biz_id))
+        name = str(biz["bk_biz_name"]) if biz else str(biz_id)
+        raise ListError(CODE_NO_PERMISSION, MESSAGES[CODE_NO_PERMISSION], biz_permission(biz_id, name))
+    return biz_id
+
+
+def _hidden_hosts(sim: Simulator) -> set[int]:
+    """Hosts in a business the user may not view (a host's relations are all in one business)."""
+    hidden = sim.permissions.hide_bizs
+    if not hidden:
+        return set()
+    return {r["bk_host_id"] for r in _objs(sim, "host_relation") if r["bk_biz_id"] in hidden}
+
+
 def _biz_hosts(sim: Simulator, biz_id: int, params: Params) -> list[dict[str, Any]]:
     if biz_id:
         sim.state.get("biz", str(biz_id))
-    set_ids = _ids(params, "bk_set_ids", 200)
-    module_ids = _ids(params, "bk_module_ids", 500)
+    set_ids = id_set(params, "bk_set_ids", 200)
+    module_ids = id_set(params, "bk_module_ids", 500)
     if not biz_id and set_ids is None and module_ids is None:
         # "Hosts with at least one relation" is every host: SimState places a new host in the idle module
         # and never lets a host lose its last relation (delete refuses it, move_host needs a target).
@@ -144,53 +86,50 @@ def _biz_hosts(sim: Simulator, biz_id: int, params: Params) -> list[dict[str, An
             and (module_ids is None or r["bk_module_id"] in module_ids)
         }
         hosts = [h for h in _objs(sim, "host") if h["bk_host_id"] in host_ids]
-    return _where(params, hosts, "host_property_filter")
+    return where(params, hosts, "host_property_filter")
 
 
 # --- the APIs -----------------------------------------------------------------------------------------
 
 
 def search_business(sim: Simulator, p: Params) -> Any:
-    bizs = [b for b in _objs(sim, "biz") if b.get("default") == 0]  # the resource pool is never returned
+    # The resource pool is never returned; a business the user may not view is dropped silently.
+    hidden = sim.permissions.hide_bizs
+    bizs = [b for b in _objs(sim, "biz") if b.get("default") == 0 and b["bk_biz_id"] not in hidden]
     if not (
         mentions(p.get("condition"), "bk_data_status")
         or mentions(p.get("biz_property_filter"), "bk_data_status")
     ):
         bizs = [b for b in bizs if b.get("bk_data_status") != "disabled"]
-    return _info(p, _where(p, bizs, "condition", "biz_property_filter"), "bk_biz_id", "search_business", 200)
+    return info_page(p, where(p, bizs, "condition", "biz_property_filter"), "bk_biz_id", "search_business", 200)
 
 
 def list_business_set(sim: Simulator, p: Params) -> Any:
-    sets = _where(p, _objs(sim, "biz_set"), "bk_biz_set_filter")
-    page = p.get("page") or {}
-    if page.get("enable_count"):
-        if page.get("start") or page.get("limit") or page.get("sort"):
-            raise ListError(CODE_PARAM_INVALID, "enable_count requires start=0, limit=0 and no sort")
-        return {"count": len(sets), "info": []}
-    return _info(p, sets, "bk_biz_set_id", "list_business_set", 500)
+    sets = where(p, _objs(sim, "biz_set"), "bk_biz_set_filter")
+    return countless_page(p, sets, "bk_biz_set_id", "list_business_set", 500)
 
 
 def list_business_in_business_set(sim: Simulator, p: Params) -> Any:
-    set_id = _int(p, "bk_biz_set_id")
+    set_id = int_param(p, "bk_biz_set_id")
     members = set(sim.state.get("biz_set_relation", str(set_id))["bk_biz_ids"])
-    bizs = _where(p, [b for b in _objs(sim, "biz") if b["bk_biz_id"] in members], "filter")
-    return _info(p, bizs, "bk_biz_id", "list_business_in_business_set", 500)
+    bizs = where(p, [b for b in _objs(sim, "biz") if b["bk_biz_id"] in members], "filter")
+    return info_page(p, bizs, "bk_biz_id", "list_business_in_business_set", 500)
 
 
 def search_set(sim: Simulator, p: Params) -> Any:
-    biz_id = _int(p, "bk_biz_id")
+    biz_id = _viewable(sim, int_param(p, "bk_biz_id"))
     sets = [s for s in _objs(sim, "set") if s["bk_biz_id"] == biz_id]
-    return _info(p, _where(p, sets, "condition", "filter"), "bk_set_id", "search_set", 500)
+    return info_page(p, where(p, sets, "condition", "filter"), "bk_set_id", "search_set", 500)
 
 
 def search_module(sim: Simulator, p: Params) -> Any:
-    biz_id, set_id = _int(p, "bk_biz_id"), _int(p, "bk_set_id", False)
+    biz_id, set_id = _viewable(sim, int_param(p, "bk_biz_id")), int_param(p, "bk_set_id", False)
     modules = [m for m in _objs(sim, "module") if m["bk_biz_id"] == biz_id and set_id in (0, m["bk_set_id"])]
-    return _info(p, _where(p, modules, "condition", "filter"), "bk_module_id", "search_module", 500, 20)
+    return info_page(p, where(p, modules, "condition", "filter"), "bk_module_id", "search_module", 500, 20)
 
 
 def search_biz_inst_topo(sim: Simulator, p: Params) -> Any:
-    biz = sim.state.get("biz", str(_int(p, "bk_biz_id")))
+    biz = sim.state.get("biz", str(_viewable(sim, int_param(p, "bk_biz_id"))))
     sets = sorted(
         (s for s in _objs(sim, "set") if s["bk_biz_id"] == biz["bk_biz_id"]), key=lambda s: s["bk_set_id"]
     )
@@ -226,13 +165,14 @@ def search_biz_inst_topo(sim: Simulator, p: Params) -> Any:
 def list_biz_hosts(sim: Simulator, p: Params) -> Any:
     if not p.get("fields"):
         raise ListError(CODE_PARAM_INVALID, "'fields' data parameter verification does not pass")
-    return _info(p, _biz_hosts(sim, _int(p, "bk_biz_id"), p), "bk_host_id", "list_biz_hosts", 500)
+    hosts = _biz_hosts(sim, _viewable(sim, int_param(p, "bk_biz_id")), p)
+    return info_page(p, hosts, "bk_host_id", "list_biz_hosts", 500)
 
 
 def list_biz_hosts_topo(sim: Simulator, p: Params) -> Any:
-    biz_id = _int(p, "bk_biz_id")
+    biz_id = _viewable(sim, int_param(p, "bk_biz_id"))
     p = {**p, "page": {**(p.get("page") or {}), "sort": "bk_host_id"}}
-    count, hosts, _ = _page(p, _biz_hosts(sim, biz_id, p), "bk_host_id", "list_biz_hosts_topo", 500)
+    count, hosts, _ = paged(p, _biz_hosts(sim, biz_id, p), "bk_host_id", "list_biz_hosts_topo", 500)
     sets, modules = sim.state.objects("set"), sim.state.objects("module")
     info = []
     for host in hosts:
@@ -253,9 +193,9 @@ def list_biz_hosts_topo(sim: Simulator, p: Params) -> Any:
 
 
 def find_host_topo_relation(sim: Simulator, p: Params) -> Any:
-    biz_id = _int(p, "bk_biz_id")
-    set_ids, module_ids = _ids(p, "bk_set_ids", 200), _ids(p, "bk_module_ids", 500)
-    host_ids = _ids(p, "bk_host_ids", 500)
+    biz_id = _viewable(sim, int_param(p, "bk_biz_id"))
+    set_ids, module_ids = id_set(p, "bk_set_ids", 200), id_set(p, "bk_module_ids", 500)
+    host_ids = id_set(p, "bk_host_ids", 500)
     rows = [
         r
         for r in _objs(sim, "host_relation")
@@ -266,7 +206,7 @@ def find_host_topo_relation(sim: Simulator, p: Params) -> Any:
     ]
     rows.sort(key=lambda r: (r["bk_host_id"], r["bk_module_id"]))
     page = p.get("page") or {}
-    start, limit = _int(page, "start", False), _int(page, "limit", False) or 500
+    start, limit = int_param(page, "start", False), int_param(page, "limit", False) or 500
     if limit > 500:
         raise ListError(
             CODE_PAGE_LIMIT, f"page.limit {limit} exceeds the maximum 500 of find_host_topo_relation"
@@ -279,26 +219,30 @@ def find_host_biz_relations(sim: Simulator, p: Params) -> Any:
     host_ids = p.get("bk_host_id")
     if not isinstance(host_ids, list) or not host_ids:
         raise ListError(CODE_PARAM_INVALID, "'bk_host_id' data parameter verification does not pass")
-    wanted = _ids(p, "bk_host_id", 500) or set()
-    biz_id = _int(p, "bk_biz_id", False)
+    wanted = id_set(p, "bk_host_id", 500) or set()
+    biz_id = int_param(p, "bk_biz_id", False)
     relations = sim.state.objects_view("host_relation")
+    hidden = sim.permissions.hide_bizs
     rows = []
     for host_id in sorted(wanted):  # the per-host index: never a scan of every relation
         for module_id in sorted(sim.state.host_modules(host_id)):
             row = relations.get(f"{host_id}:{module_id}")
-            if row is not None and (not biz_id or row["bk_biz_id"] == biz_id):
+            if row is not None and row["bk_biz_id"] not in hidden and biz_id in (0, row["bk_biz_id"]):
                 rows.append(row)
     return rows
 
 
 def list_hosts_without_biz(sim: Simulator, p: Params) -> Any:
-    hosts = _biz_hosts(sim, _int(p, "bk_biz_id", False), p)
-    return _info(p, hosts, "bk_host_id", "list_hosts_without_biz", 500)
+    hosts = _biz_hosts(sim, int_param(p, "bk_biz_id", False), p)
+    hidden = _hidden_hosts(sim)
+    if hidden:
+        hosts = [h for h in hosts if h["bk_host_id"] not in hidden]
+    return info_page(p, hosts, "bk_host_id", "list_hosts_without_biz", 500)
 
 
 def search_cloud_area(sim: Simulator, p: Params) -> Any:
-    plats = _where(p, _objs(sim, "plat"), "condition")
-    return _info(p, plats, "bk_cloud_id", "search_cloud_area", 1000, 1000)
+    plats = where(p, _objs(sim, "plat"), "condition")
+    return info_page(p, plats, "bk_cloud_id", "search_cloud_area", 1000, 1000)
 
 
 def search_object_instances(sim: Simulator, p: Params) -> Any:
@@ -308,11 +252,11 @@ def search_object_instances(sim: Simulator, p: Params) -> Any:
     insts = [
         d for r in ("object_instance", "mainline_instance") for d in _objs(sim, r) if d["bk_obj_id"] == obj_id
     ]
-    return _info(p, _where(p, insts, "conditions", "condition"), "bk_inst_id", "search_object_instances", 500)
+    return info_page(p, where(p, insts, "conditions", "condition"), "bk_inst_id", "search_object_instances", 500)
 
 
 def list_project(sim: Simulator, p: Params) -> Any:
-    return _info(p, _where(p, _objs(sim, "project"), "filter"), "id", "list_project", 500)
+    return countless_page(p, where(p, _objs(sim, "project"), "filter"), "id", "list_project", 500)
 
 
 # name -> (gateway path, function)
@@ -338,29 +282,32 @@ def _handler(
     sim: Simulator, name: str, fn: Callable[[Simulator, Params], Any]
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
-        sim.stats.lists[name] += 1
         raw = await request.read()
         try:
             body: Any = orjson.loads(raw) if raw.strip() else {}
         except orjson.JSONDecodeError:
             body = None
-        refused = check_auth(request, body, sim.options.app_code, sim.options.app_secret)
+        refused = admit(sim, request, body, name)
         if refused is not None:
-            return auth_refused(request, refused)
+            return refused
+        sim.stats.lists[name] += 1
         if not isinstance(body, dict):
             return envelope(request, code=CODE_JSON_DECODE, message=MESSAGES[CODE_JSON_DECODE])
         fault = sim.faults.take("list", None)
         if fault is not None:
-            response = await sim.inject(request, fault, name, body)
+            response = await inject(sim, request, fault, name)
             if response is not None:
                 return response
-        params = {k: v for k, v in body.items() if not k.startswith(("bk_app_", "bk_token", "bk_username"))}
-        params.update(request.match_info)
-        params.pop("stage", None)
+        if is_esb(request):
+            params = esb.forward(name, body)
+        else:
+            params = {k: v for k, v in body.items() if k not in esb.CREDENTIALS}
+            params.update(request.match_info)
+            params.pop("stage", None)
         try:
             return envelope(request, data=fn(sim, params))
         except ListError as err:
-            return envelope(request, code=err.code, message=err.message)
+            return envelope(request, code=err.code, message=err.message, permission=err.permission)
         except SimError as err:  # an unknown biz / biz set id
             return envelope(request, code=CODE_PARAM_INVALID, message=str(err))
 

@@ -17,15 +17,15 @@ import orjson
 from aiohttp import web
 
 from rwatch.cmdb.protocol import (
-    CODE_CURSOR_EXPIRED,
-    CODE_DETAIL_NOT_EXIST,
     CODE_JSON_DECODE,
     CODE_NO_PERMISSION,
     RESOURCE_TYPES,
 )
 from rwatch.logs import get_logger
 from rwatch.sim import admin, lists
-from rwatch.sim.faults import Fault, FaultPlan
+from rwatch.sim.faults import FaultPlan
+from rwatch.sim.gate import WATCH_API, Permissions, admit
+from rwatch.sim.inject import inject
 from rwatch.sim.load import LoadGenerator, build_topology
 from rwatch.sim.state import SimState
 from rwatch.sim.stats import Stats
@@ -42,7 +42,7 @@ from rwatch.sim.watch import (
     placeholder,
     scan,
 )
-from rwatch.sim.wire import MESSAGES, auth_refused, check_auth, envelope, is_esb, permission
+from rwatch.sim.wire import MESSAGES, envelope, is_esb, watch_permission
 
 log = get_logger("rwatch.sim")
 
@@ -71,12 +71,22 @@ class SimOptions:
     load_mix: dict[str, float] | None = None  # operation -> weight
     detail_mode: Literal["snapshot", "latest"] = "snapshot"  # per-event snapshot (<=3.13) or latest (3.14+)
     denied_resources: frozenset[str] = field(default_factory=frozenset)  # watching these answers 9900403
+    denied_apis: frozenset[str] = field(default_factory=frozenset)  # not granted on the gateway: 403 1640301
+    tenant_mode: Literal["single", "multi"] = "single"  # multi: X-Bk-Tenant-Id is checked (§10.2)
+    tenant: str = "default"  # the one tenant whose data the simulator holds
+    app_tenant: str | None = None  # the calling app's tenant; None = an app valid in every tenant
+    gateway_error_rate: float = 0.0  # probability of a gateway fault on any CMDB request, seeded by seed
+    hidden_bizs: frozenset[int] = field(default_factory=frozenset)  # the user may not view these (IAM)
 
 
 class Simulator:
     """A running simulated CMDB: ``async with Simulator(options) as sim: ... sim.url ...``."""
 
     def __init__(self, options: SimOptions) -> None:
+        if options.tenant_mode not in ("single", "multi"):
+            raise ValueError(f"tenant_mode must be single or multi, not {options.tenant_mode!r}")
+        if not options.tenant or options.app_tenant == "":
+            raise ValueError("tenant and app_tenant must not be empty")
         self.options = options
         self.state = SimState(retention=options.retention, detail_mode=options.detail_mode, seed=options.seed)
         build_topology(
@@ -86,15 +96,23 @@ class Simulator:
             modules_per_set=options.modules_per_set,
             hosts=options.hosts,
         )
-        self.faults = FaultPlan(options.seed, self.state.faults)
+        self.faults = FaultPlan(options.seed, self.state.faults, options.gateway_error_rate)
         self.load = LoadGenerator(self.state, seed=options.seed, mix=options.load_mix)
         self.stats = Stats()
-        self.denied: set[str] = set(options.denied_resources)
+        self.permissions = Permissions(frozenset({WATCH_API, *lists.APIS}))
+        self.permissions.update(
+            {"deny": options.denied_resources, "deny_apis": options.denied_apis, "hide_bizs": options.hidden_bizs}
+        )
         self.url = ""
         self._wakers: dict[str, asyncio.Event] = {}
         self._closing = False
         self._runner: web.AppRunner | None = None
         self.state.listeners.append(self._wake)
+
+    @property
+    def denied(self) -> set[str]:
+        """The resources whose watch IAM refuses (``permissions.deny``), for callers that edit it in place."""
+        return self.permissions.deny
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -161,11 +179,10 @@ class Simulator:
             resource = str(body.get("bk_resource") or "") if isinstance(body, dict) else ""
         else:
             resource = request.match_info["resource"]
-        refused = check_auth(request, body, self.options.app_code, self.options.app_secret)
-        mode: str = body_mode(body) if isinstance(body, dict) else "invalid"
+        refused = admit(self, request, body, WATCH_API)
         if refused is not None:
-            self.stats.record_watch(resource, mode, "error:auth")
-            return auth_refused(request, refused)
+            return refused
+        mode: str = body_mode(body) if isinstance(body, dict) else "invalid"
         self.stats.begin(resource)
         try:
             if not isinstance(body, dict):
@@ -174,18 +191,18 @@ class Simulator:
                 )
             fault = self.faults.take("watch", resource, mode, self._is_newest(resource, body))
             if fault is not None:
-                response = await self.inject(request, fault, resource, body)
+                response = await inject(self, request, fault, resource)
                 if response is not None:
                     self.stats.record_watch(resource, mode, f"fault:{fault.kind}")
                     return response
-            if resource in self.denied:
+            if resource in self.permissions.deny:
                 return await self._error(
                     request,
                     resource,
                     mode,
                     CODE_NO_PERMISSION,
                     MESSAGES[CODE_NO_PERMISSION],
-                    permission(resource),
+                    watch_permission(resource),
                 )
             try:
                 answer = await self._answer(parse_watch(resource, body))
@@ -240,75 +257,6 @@ class Simulator:
         if scanned > start and newest is not None:
             return placeholder(newest.cursor, req.resource)  # only non-matching nodes: skip past them
         return placeholder(req.cursor, req.resource)
-
-    async def inject(
-        self, request: web.Request, fault: Fault, resource: str, body: dict[str, Any]
-    ) -> web.StreamResponse | None:
-        """The response a fault produces, or None to answer normally (after ``slow``'s delay)."""
-        kind = fault.kind
-        if kind == "slow":
-            await asyncio.sleep(fault.delay)
-            return None
-        if kind.startswith("http_"):
-            status = int(kind[5:])
-            if status == 429:
-                gw = {
-                    "result": False,
-                    "code": 1642903,
-                    "code_name": "RATE_LIMIT_RESTRICTION",
-                    "message": "API rate limit exceeded",
-                    "data": None,
-                }
-                return web.Response(
-                    body=orjson.dumps(gw),
-                    status=429,
-                    content_type="application/json",
-                    headers={"Retry-After": "1"},
-                )
-            return web.Response(
-                status=status,
-                content_type="text/html",
-                text=f"<html><body><h1>{status}</h1>simulated gateway error</body></html>",
-            )
-        if kind == "code":
-            message = fault.message or MESSAGES.get(fault.code, "simulated error")
-            perm = permission(resource) if fault.code == CODE_NO_PERMISSION else None
-            await asyncio.sleep(self.options.error_delay)
-            return envelope(request, code=fault.code, message=message, permission=perm)
-        if kind == "detail_missing":
-            await asyncio.sleep(self.options.error_delay)
-            return envelope(request, code=CODE_DETAIL_NOT_EXIST, message=MESSAGES[CODE_DETAIL_NOT_EXIST])
-        if kind == "expire_cursors":
-            await asyncio.sleep(self.options.error_delay)
-            return envelope(request, code=CODE_CURSOR_EXPIRED, message=MESSAGES[CODE_CURSOR_EXPIRED])
-        if kind == "malformed":
-            return web.Response(
-                status=200,
-                content_type="application/json",
-                text="<html><body>upstream returned garbage</body></html>",
-            )
-        if kind == "truncated":
-            data = {
-                "bk_watched": True,
-                "bk_events": [
-                    {
-                        "bk_cursor": "x" * 40,
-                        "bk_resource": resource,
-                        "bk_event_type": "update",
-                        "bk_detail": {"k": "v"},
-                    }
-                ],
-            }
-            full = orjson.dumps(
-                {"result": True, "code": 0, "message": "success", "permission": None, "data": data}
-            )
-            return web.Response(status=200, content_type="application/json", body=full[: len(full) // 2])
-        if kind == "drop":
-            # Close the socket; aiohttp then drops the response quietly (the transport is gone).
-            if request.transport is not None:
-                request.transport.close()
-            return web.Response(status=200)
-        raise AssertionError(f"unhandled fault kind {kind}")  # Fault.from_json admits only known kinds
 
 
 async def serve(

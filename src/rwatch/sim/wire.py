@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 from aiohttp import web
@@ -13,17 +13,49 @@ from rwatch.cmdb.protocol import (
     CODE_CURSOR_EXPIRED,
     CODE_DB_READ,
     CODE_DETAIL_NOT_EXIST,
+    CODE_INVALID_TENANT,
     CODE_JSON_DECODE,
     CODE_NO_PERMISSION,
     CODE_PROXY_FAILED,
     CODE_START_FROM_INVALID,
     CODE_TOO_MANY_REQUESTS,
+    GW_APP_NO_PERMISSION,
+    GW_APP_UNAUTHENTICATED,
+    GW_CROSS_TENANT,
+    GW_TIMEOUT,
+    GW_USER_UNAUTHENTICATED,
 )
 
 ESB_PREFIX: Final = "/api/c/compapi/v2/cc/"
 AUTH_HEADER: Final = "X-Bkapi-Authorization"
-# Code of the gateway's (and the simulator's ESB) app-authentication failure.
-AUTH_FAILED_CODE: Final = 1640001
+
+
+class GatewayError(NamedTuple):
+    """One of the gateway's own errors as apisix ``bk-core/errorx.lua`` defines it."""
+
+    status: int
+    code: int
+    code_name: str
+    message: str
+
+
+GW_ERRORS: Final[dict[int, GatewayError]] = {
+    e.code: e
+    for e in (
+        GatewayError(401, GW_APP_UNAUTHENTICATED, "APP_VERIFY_FAILED", "App authentication failed"),
+        GatewayError(401, GW_USER_UNAUTHENTICATED, "USER_VERIFY_FAILED", "User authentication failed"),
+        GatewayError(403, GW_APP_NO_PERMISSION, "APP_NO_PERMISSION", "App has no permission to the resource"),
+        GatewayError(403, GW_CROSS_TENANT, "CROSS_TENANT_FORBIDDEN", "Cross tenant forbidden"),
+        GatewayError(429, 1642901, "RATE_LIMIT_RESTRICTION", "API rate limit exceeded by stage global limit"),
+        GatewayError(429, 1642902, "RATE_LIMIT_RESTRICTION", "API rate limit exceeded by stage strategy"),
+        GatewayError(429, 1642903, "RATE_LIMIT_RESTRICTION", "API rate limit exceeded by resource strategy"),
+        GatewayError(429, 1642904, "CONCURRENCY_LIMIT_RESTRICTION", "Request concurrency exceeds"),
+        GatewayError(502, 1650200, "BAD_GATEWAY", "Bad Gateway"),
+        GatewayError(502, 1650201, "ERROR_REQUESTING_RESOURCE", "Request backend service failed"),
+        GatewayError(503, 1650300, "SERVICE_UNAVAILABLE", "Service Unavailable"),
+        GatewayError(504, GW_TIMEOUT, "REQUEST_BACKEND_TIMEOUT", "Request backend service timeout"),
+    )
+}
 
 MESSAGES: Final[dict[int, str]] = {
     CODE_CURSOR_EXPIRED: "Event chain node not exist",
@@ -35,6 +67,7 @@ MESSAGES: Final[dict[int, str]] = {
     CODE_TOO_MANY_REQUESTS: "too many requests",
     CODE_PROXY_FAILED: "proxy request failed",
     CODE_BAD_OPTIONS: "unknown or unrecognized error",
+    CODE_INVALID_TENANT: "invalid tenant",
 }
 
 # IAM action per resource (§1.2).
@@ -81,8 +114,10 @@ def envelope(
     return json_response(body, headers={"X-Request-Id": request_id, "X-Bkapi-Request-Id": request_id})
 
 
-def check_auth(request: web.Request, body: Any, app_code: str | None, app_secret: str | None) -> str | None:
-    """None when the credentials are acceptable, else why not.
+def check_auth(
+    request: web.Request, body: Any, app_code: str | None, app_secret: str | None
+) -> tuple[int, str] | None:
+    """None when the credentials are acceptable, else the gateway's code (1640101 app, 1640102 user) and why.
 
     Gateway and direct paths read only the ``X-Bkapi-Authorization`` header (the gateway does not accept
     credentials from the body); ESB reads only the body. ``app_code``/``app_secret`` None accepts anyone.
@@ -94,56 +129,72 @@ def check_auth(request: web.Request, body: Any, app_code: str | None, app_secret
     else:
         raw = request.headers.get(AUTH_HEADER)
         if not raw:
-            return f"please provide the {AUTH_HEADER} header"
+            return GW_APP_UNAUTHENTICATED, f"please provide the {AUTH_HEADER} header"
         try:
             creds = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return f"{AUTH_HEADER} is not valid JSON"
+            return GW_APP_UNAUTHENTICATED, f"{AUTH_HEADER} is not valid JSON"
         if not isinstance(creds, dict):
-            return f"{AUTH_HEADER} is not a JSON object"
+            return GW_APP_UNAUTHENTICATED, f"{AUTH_HEADER} is not a JSON object"
     if app_code is not None and creds.get("bk_app_code") != app_code:
-        return "app authentication failed: unknown bk_app_code"
+        return GW_APP_UNAUTHENTICATED, "bk_app_code or bk_app_secret is incorrect"
     if app_secret is not None and creds.get("bk_app_secret") != app_secret:
-        return "app authentication failed: bk_app_secret does not match"
+        return GW_APP_UNAUTHENTICATED, "bk_app_code or bk_app_secret is incorrect"
     if not (creds.get("bk_username") or creds.get("bk_token")):
-        return "user authentication failed: bk_username or bk_token is required"
+        return GW_USER_UNAUTHENTICATED, "user authentication failed: bk_username or bk_token is required"
     return None
 
 
-def auth_refused(request: web.Request, reason: str) -> web.Response:
-    """Gateway: HTTP 401 in the gateway's own format. ESB: HTTP 200, result false."""
-    if is_esb(request):
-        return envelope(request, code=AUTH_FAILED_CODE, message=reason)
-    body = {
-        "result": False,
-        "code": AUTH_FAILED_CODE,
-        "code_name": "UNAUTHENTICATED",
-        "message": reason,
-        "data": None,
+def gateway_error(
+    request: web.Request, error: GatewayError, reason: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    """An error the gateway itself answers: its body and ``X-Bkapi-Error-*`` headers, its HTTP status.
+
+    On the ESB paths the stage runs ``bk-status-rewrite``, so the same body arrives with HTTP 200. A
+    ``reason`` is appended to the message the way ``errorx`` ``with_field`` does.
+    """
+    message = error.message if reason is None else f'{error.message} [reason="{reason}"]'
+    body = {"code": error.code, "code_name": error.code_name, "message": message, "result": False, "data": None}
+    request_id = uuid.uuid4().hex
+    all_headers = {
+        "X-Bkapi-Error-Code": str(error.code),
+        "X-Bkapi-Error-Message": message,
+        "X-Bkapi-Request-Id": request_id,
+        **(headers or {}),
     }
-    return json_response(body, status=401)
+    return json_response(body, status=200 if is_esb(request) else error.status, headers=all_headers)
 
 
-def permission(resource: str) -> dict[str, Any]:
-    """The ``permission`` object of a 9900403 reply: which IAM action on which event_watch instance."""
-    action = WATCH_ACTIONS.get(resource, f"watch_{resource}_event")
-    instance = {"type": "event_watch", "type_name": "事件监听", "id": resource, "name": resource}
+def permission(action: str, action_name: str, rtype: str, type_name: str, inst_id: str, inst_name: str) -> Any:
+    """The ``permission`` object of a 9900403 reply: the IAM action the caller lacks, on which instance."""
+    instance = {"type": rtype, "type_name": type_name, "id": inst_id, "name": inst_name}
     return {
         "system_id": "bk_cmdb",
         "system_name": "配置平台",
         "actions": [
             {
                 "id": action,
-                "name": action,
+                "name": action_name,
                 "related_resource_types": [
                     {
                         "system_id": "bk_cmdb",
                         "system_name": "配置平台",
-                        "type": "event_watch",
-                        "type_name": "事件监听",
+                        "type": rtype,
+                        "type_name": type_name,
                         "instances": [[instance]],
                     }
                 ],
             }
         ],
     }
+
+
+def watch_permission(resource: str) -> Any:
+    """Watching ``resource``: its ``watch_<resource>_event`` action on the event_watch instance (§1.2)."""
+    action = WATCH_ACTIONS.get(resource, f"watch_{resource}_event")
+    return permission(action, action, "event_watch", "事件监听", resource, resource)
+
+
+def biz_permission(biz_id: int, name: str) -> Any:
+    """Viewing a business: IAM's ``view_business`` action on that biz instance."""
+    return permission("view_business", "业务访问", "biz", "业务", str(biz_id), name)
