@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
+from prometheus_client import REGISTRY
 
 from rwatch.app import run_async
 from rwatch.cmdb.protocol import NO_EVENT_CURSOR
@@ -185,15 +186,23 @@ async def test_permanent_cmdb_errors_are_logged_and_retried_never_fatal(
     sim: Simulator, setups: MakeSetup
 ) -> None:
     setup = setups(sim.url, ["host"])
-    async with watcher_parts(setup) as parts, running(parts.watcher("host")) as watcher, \
-            reading(setup) as reader:
-        await wait_long_polling(sim, ["host"])
-        sim.faults.schedule([{"kind": "code", "code": 9900403, "resource": "host", "count": 2},
-                             {"kind": "code", "code": 1199998, "resource": "host"}])
-        await sim.stats.wait_for(lambda _: not sim.faults.script, 30)
-        sim.load.run(50)
-        await reader.wait_for(complete(sim, ["host"]), timeout=60)
-        assert watcher.backoff.streak >= 3
+    labels = {"resource": "host", "reason": "permission"}
+    refused = REGISTRY.get_sample_value("rwatch_cmdb_refusals_total", labels)
+    async with watcher_parts(setup) as parts:
+        # Refusals wait cmdb.refusal_retry (2 min by default); short here, so the test does not wait minutes.
+        parts.client.config = parts.client.config.model_copy(update={"refusal_retry": 0.3})
+        async with running(parts.watcher("host")) as watcher, reading(setup) as reader:
+            await wait_long_polling(sim, ["host"])
+            sim.faults.schedule([{"kind": "code", "code": 9900403, "resource": "host", "count": 2},
+                                 {"kind": "code", "code": 1199998, "resource": "host"}])
+            await sim.stats.wait_for(lambda _: not sim.faults.script, 30)
+            sim.load.run(50)
+            await reader.wait_for(complete(sim, ["host"]), timeout=60)
+            # The two refusals waited the refusal pace; only the bad-options error went through the backoff.
+            assert watcher.backoff.streak >= 1
+            after = REGISTRY.get_sample_value("rwatch_cmdb_refusals_total", labels)
+            assert (after or 0) - (refused or 0) == 2
+            assert watcher.refused is None  # accepted again: /readyz no longer names it
     check_stream(setup, sim, reader, "host")
 
 

@@ -98,6 +98,8 @@ def admit(sim: Simulator, request: web.Request, body: Any, api: str) -> web.Resp
         cross = _cross_tenant(tenant, options.app_tenant)
         if cross is not None:
             return _refuse(sim, api, "tenant", gateway_error(request, GW_ERRORS[GW_CROSS_TENANT], cross))
+        if not tenant and options.app_tenant is not None:
+            tenant = options.app_tenant  # bk-tenant-validate fills a missing header with the app's one tenant
     if not sim.permissions.granted(api):
         reason = f"the app is not granted the gateway resource {api}; apply for it on the gateway"
         return _refuse(sim, api, "grant", gateway_error(request, GW_ERRORS[GW_APP_NO_PERMISSION], reason))
@@ -109,13 +111,13 @@ def admit(sim: Simulator, request: web.Request, body: Any, api: str) -> web.Resp
 
 
 def _cross_tenant(header: str, app_tenant: str | None) -> str | None:
-    """Why bk-tenant-validate refuses the header, or None: an app of one tenant must name that tenant, an
-    app valid in every tenant must name one."""
+    """Why bk-tenant-validate refuses the header, or None: an app of one tenant may not name another (a missing
+    header is filled with its tenant), an app valid in every tenant must name one."""
     if app_tenant is None:
         if not header:
             return "Cross-tenant calls are not allowed: header X-Bk-Tenant-Id is required. the app tenant_mode=global"
         return None
-    if header != app_tenant:
+    if header and header != app_tenant:
         return (
             f"Cross-tenant calls are not allowed: current header X-Bk-Tenant-Id={header}, "
             f"should be the same as app's tenant_id={app_tenant}, while the app's tenant_mode=single"
