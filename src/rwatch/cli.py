@@ -417,6 +417,9 @@ def _print_verify(report: object) -> None:
             if r.hidden_businesses:
                 typer.echo(f"{r.resource}: {r.hidden} mirror rows in {len(r.hidden_businesses)} businesses hidden "
                            f"from the user, not compared: {' '.join(map(str, r.hidden_businesses[:20]))}")
+            if r.unproven:
+                typer.echo(f"{r.resource}: {len(r.unproven)} mirror rows CMDB does not list, deleted or moved into a "
+                           f"hidden business (cannot tell): {' '.join(r.unproven[:20])}")
             for reason in r.reasons:
                 typer.echo(f"{r.resource}: CMDB's listing is not proved complete: {reason}")
         typer.echo("no drift" if not one.drift else f"drift: {one.drift} object(s) in "

@@ -45,6 +45,7 @@ class Setup:
     mirror_url: str = ""
     prefetch: int = 256
     extra: str = ""
+    cmdb: str = ""  # more [cmdb] keys (api, tenant_id, ...)
     bus_url: str = ""  # the broker as rwatch reaches it (e.g. through a proxy); the test itself uses amqp_url
     path: Path = field(init=False)
 
@@ -73,6 +74,7 @@ class Setup:
 [cmdb]
 base_url = "{self.sim_url}"
 rate_limit = 0
+{self.cmdb}
 [watch]
 bootstrap = "{self.bootstrap}"
 lookback = "5m"

@@ -41,7 +41,16 @@ from rwatch.cmdb import protocol as p
 from rwatch.cmdb.client import CmdbClient
 from rwatch.cmdb.listing import LIMITS, ListApi, Proof
 from rwatch.config import Config
-from rwatch.errors import TRANSIENT_ERRORS, CmdbError, ResyncUnsupported, RwatchError, Stopping
+from rwatch.errors import (
+    TRANSIENT_ERRORS,
+    CmdbError,
+    CmdbRefused,
+    CmdbTransientError,
+    ListingBroken,
+    ResyncUnsupported,
+    RwatchError,
+    Stopping,
+)
 from rwatch.events import Event, ResyncMark, iso_utc, resync_event_id
 from rwatch.failpoints import failpoint
 from rwatch.retry import HealthyResetWait, sleep_or_stop
@@ -54,6 +63,8 @@ Scope = dict[str, list[Any]] | None
 # (resource, objects listed so far, total when the API told it)
 Progress = Callable[[str, int, int | None], None]
 
+# How a proof failure caused by businesses hidden from the user starts (verify tells these apart).
+HIDDEN_REASON: Final = "search_business does not list"
 # A value no business has: a filter on bk_data_status is what makes search_business show archived ones.
 _ANY_STATUS: Final = {"field": "bk_data_status", "operator": "not_equal", "value": "__rwatch_any__"}
 
@@ -92,6 +103,7 @@ class Snapshot:
     requests: Counter[str] = field(default_factory=Counter)
     proof: Proof = field(default_factory=Proof)
     hidden: list[int] = field(default_factory=list)
+    also: list[Scope] = field(default_factory=list)  # more scopes, each swept by a mark of its own
 
 
 class Resyncer:
@@ -130,11 +142,14 @@ class Resyncer:
             snapshot = await self.snapshot(resource, self.bus.publish, on_head=lambda v: bound.info(
                 "resync_started", version=list(v), occurred_at=iso_utc(v[0])))
             if snapshot.proof.complete:
-                mark = ResyncMark(id=resync_event_id(resource, f"mark:{resync_id}", snapshot.version),
-                                  resource=resource, tenant=self.tenant, version=snapshot.version,
-                                  resync_id=resync_id, scope=snapshot.scope, listed=snapshot.listed,
-                                  started_at=iso_utc(started), observed_at=iso_utc(time.time()))
-                await self.bus.publish([mark])
+                # One mark per scope: each sweeps only what its listing proved (README "Resync").
+                marks = [ResyncMark(id=resync_event_id(resource, f"mark:{resync_id}" + (f":{i}" if i else ""),
+                                                       snapshot.version),
+                                    resource=resource, tenant=self.tenant, version=snapshot.version,
+                                    resync_id=resync_id, scope=scope, listed=snapshot.listed,
+                                    started_at=iso_utc(started), observed_at=iso_utc(time.time()))
+                         for i, scope in enumerate([snapshot.scope, *snapshot.also])]
+                await self.bus.publish(marks)
         except (Stopping, asyncio.CancelledError):
             m.RESYNCS.labels(resource, trigger, "stopped").inc()
             raise
@@ -249,22 +264,35 @@ class Resyncer:
         return None
 
     async def _list_host_relation(self, run: Snapshot) -> Scope:
-        await self._check_hidden(run, await self._businesses(run), sweeps_hidden=True)
+        bizs = await self._businesses(run)
+        await self._check_hidden(run, bizs, sweeps_hidden=False)
         hosts = await self._all(run, "list_hosts_without_biz", "bk_host_id", body={"fields": ["bk_host_id"]},
                                 param="host_property_filter")
         ids = [h["bk_host_id"] for h in hosts if isinstance(h.get("bk_host_id"), int)]
         run.total = len(ids)
         size = LIMITS["find_host_biz_relations"]
+        seen: set[int] = set()
 
         async def relations(chunk: list[int]) -> None:
             rows = await self.lists.call("find_host_biz_relations", {"bk_host_id": chunk}, run.requests)
             if not isinstance(rows, list):
-                raise ValueError("find_host_biz_relations answered without a list")
-            await self._emit(run, [r for r in rows if isinstance(r, dict)])
+                raise ListingBroken("find_host_biz_relations answered without a list", api="find_host_biz_relations")
+            docs = [r for r in rows if isinstance(r, dict)]
+            seen.update(r["bk_biz_id"] for r in docs if isinstance(r.get("bk_biz_id"), int))
+            await self._emit(run, docs)
 
         await _gather_bounded([relations(ids[i:i + size]) for i in range(0, len(ids), size)],
                               self.config.watch.resync_concurrency)
-        return None
+        if not run.hidden:
+            return None
+        # A relation row states "this host is in this module". Every host of a business the user may view is
+        # listed with all its rows, so inside those businesses (the resource pool's included, seen in the rows)
+        # a row that is no longer listed is no longer true, even for a host that moved into a hidden business.
+        # And a listed host is listed with every row it has (a host is in one business, a visible one), so its
+        # rows in a hidden business, left from before it moved out while history was lost, are no longer true
+        # either: a second mark sweeps the listed hosts' rows. Other rows of the hidden businesses stay.
+        run.also.append({"bk_host_id": ids})
+        return {"bk_biz_id": sorted((set(bizs) | seen) - set(run.hidden))}
 
     async def _businesses(self, run: Snapshot) -> list[int]:
         """Every business search_business shows, archived ones included (the resource pool never is)."""
@@ -298,7 +326,7 @@ class Resyncer:
                   fix=f"grant user {self.config.cmdb.username!r} view rights on every business (a CMDB "
                       "administrator sees all), or use such a user in cmdb.username")
         if sweeps_hidden:
-            run.proof.fail(f"search_business does not list {len(hidden)} businesses the stream showed alive "
+            run.proof.fail(f"{HIDDEN_REASON} {len(hidden)} businesses the stream showed alive "
                            f"({_ids(hidden)}): their objects may be missing from this listing, so it sweeps nothing")
 
     async def _list_biz(self, run: Snapshot) -> Scope:
@@ -384,6 +412,7 @@ def _scope_summary(scope: Scope) -> dict[str, int] | None:
 
 
 _PROBE_ERRORS: Final[tuple[type[Exception], ...]] = (*TRANSIENT_ERRORS, CmdbError)
+PROBE_ATTEMPTS: Final = 4
 
 
 async def probe(client: CmdbClient, config: Config, resources: Sequence[str]) -> None:
@@ -392,12 +421,21 @@ async def probe(client: CmdbClient, config: Config, resources: Sequence[str]) ->
     if not resources:
         return
     settings = config.watch.resources[resources[0]]
-    try:
-        await client.watch(resources[0], fields=settings.fields, event_types=settings.event_types,
-                           sub_resource=settings.sub_resource)
-    except _PROBE_ERRORS as exc:
-        reason = exc.message if isinstance(exc, RwatchError) else repr(exc)
-        raise RwatchError(f"cannot reach CMDB at {config.cmdb.base_url}: {reason}") from None
+    for attempt in range(PROBE_ATTEMPTS):
+        try:
+            await client.watch(resources[0], fields=settings.fields, event_types=settings.event_types,
+                               sub_resource=settings.sub_resource)
+            return
+        except _PROBE_ERRORS as exc:
+            # A rate limit or a backend hiccup (the gateway's, at any HTTP status) is not "unreachable".
+            passing = isinstance(exc, CmdbTransientError) and exc.extra.get("reason") not in ("connection", "timeout")
+            if passing and attempt < PROBE_ATTEMPTS - 1:
+                await asyncio.sleep(0.5 * 2**attempt)
+                continue
+            reason = exc.message if isinstance(exc, RwatchError) else repr(exc)
+            if isinstance(exc, CmdbRefused):
+                raise RwatchError(f"CMDB at {config.cmdb.base_url} refused rwatch: {reason}; {exc.fix}") from None
+            raise RwatchError(f"cannot reach CMDB at {config.cmdb.base_url}: {reason}") from None
 
 
 async def fill_gaps(gaps: Sequence[Gap], result: ResyncResult, fill: Callable[[Gap], Awaitable[None]],

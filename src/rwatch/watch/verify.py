@@ -32,7 +32,7 @@ from rwatch.logs import get_logger
 from rwatch.sinks.base import Sink
 from rwatch.sinks.mirror import MirrorSink
 from rwatch.watch.cursors import CursorStore, VerifyResult, open_store
-from rwatch.watch.resync import Resyncer, Scope, probe
+from rwatch.watch.resync import HIDDEN_REASON, Resyncer, Scope, probe
 
 log = get_logger("rwatch.verify")
 
@@ -64,6 +64,9 @@ class ResourceReport:
     ignored: int  # mirror rows newer than the snapshot: changed after the head, not compared
     out_of_scope: int  # live mirror rows the lists could not see
     hidden: int  # live mirror rows in businesses hidden from the user (not listed, so not compared)
+    # Mirror rows CMDB does not list while some businesses are hidden from the user: deleted, or moved into a
+    # hidden business; neither side can tell, so they are neither drift nor equal (hosts: they have no business).
+    unproven: list[str]
     groups: list[GroupReport]
     missing: list[str]
     extra: list[str]
@@ -248,28 +251,37 @@ async def _resource(resyncer: Resyncer, mirror: MirrorSink, resource: str) -> Re
     snap = await resyncer.snapshot(resource, collect)
     # Read after the listing: whatever the mirror took since the head is newer than the snapshot.
     rows = await mirror.objects(resource, resyncer.tenant, include_deleted=True)
-    hidden_keys = await _in_hidden(mirror, resyncer.tenant, resource, rows, set(snap.hidden))
-    # in_scope: the very rule the sweep of a resync applies
-    mark = ResyncMark.model_construct(id="", resource=resource, version=snap.version, resync_id="verify",
-                                      scope=snap.scope, started_at="", observed_at="")
+    # What CMDB lists is visible, whatever stale rows of the mirror say about its business.
+    hidden_keys = await _in_hidden(mirror, resyncer.tenant, resource, rows, set(snap.hidden)) - cmdb.keys()
+    # in_scope: the very rule the sweeps of a resync apply (a row is covered when one of its marks covers it)
+    marks = [ResyncMark.model_construct(id="", resource=resource, version=snap.version, resync_id="verify",
+                                        scope=scope, started_at="", observed_at="")
+             for scope in (snap.scope, *snap.also)]
     ignored = {k for k, row in rows.items() if row.version > snap.version}
     held: dict[str, Entry] = {}
     out_of_scope = 0
     for key, row in rows.items():
         if row.deleted or key in ignored or key in hidden_keys:
             continue
-        if not mark.in_scope(row.data or {}):
+        if not any(mark.in_scope(row.data or {}) for mark in marks):
             out_of_scope += 1
             continue
         held[key] = _entry(resource, row.data or {})
     for key in ignored:
         cmdb.pop(key, None)
+    extra = _sorted(held.keys() - cmdb.keys())
+    unproven: list[str] = []
+    if any(r.startswith(HIDDEN_REASON) for r in snap.proof.reasons):
+        unproven, extra = extra, []
+        for key in unproven:
+            held.pop(key)
     return ResourceReport(
         resource, snap.version, snap.scope, len(cmdb), len(held), len(ignored), out_of_scope,
-        sum(1 for k in hidden_keys if not rows[k].deleted), _groups(cmdb, held), _sorted(cmdb.keys() - held.keys()),
-        _sorted(held.keys() - cmdb.keys()), _sorted(k for k in cmdb.keys() & held.keys() if cmdb[k][0] != held[k][0]),
+        sum(1 for k in hidden_keys if not rows[k].deleted), unproven, _groups(cmdb, held),
+        _sorted(cmdb.keys() - held.keys()), extra,
+        _sorted(k for k in cmdb.keys() & held.keys() if cmdb[k][0] != held[k][0]),
         round(time.monotonic() - clock, 3), list(snap.hidden),
-        [r for r in snap.proof.reasons if not r.startswith("search_business does not list")])
+        [r for r in snap.proof.reasons if not r.startswith(HIDDEN_REASON)])
 
 
 async def _in_hidden(mirror: MirrorSink, tenant: str, resource: str, rows: dict[str, Any],
