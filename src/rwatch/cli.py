@@ -441,6 +441,7 @@ def doctor(
     a fix per line. Exit 0: rwatch can run, 1: it cannot."""
     import asyncio
     import json
+    import shutil
 
     from rwatch.doctor import diagnose, render
     from rwatch.logs import setup_logging
@@ -452,7 +453,8 @@ def doctor(
             typer.echo(f"rwatch doctor: --resource {name!r}: no such resource", err=True)
             raise typer.Exit(2)
     report = asyncio.run(diagnose(cfg, list(resource) if resource else None))
-    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else render(report))
+    width = shutil.get_terminal_size((160, 24)).columns if sys.stdout.isatty() else 160
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else render(report, width=width))
     raise typer.Exit(0 if report.ok else 1)
 
 

@@ -396,7 +396,9 @@ _STYLES: Final = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "
 
 
 def render(report: Report, width: int = 160) -> str:
-    """The report as a table for people (``--json`` is for automation)."""
+    """The report as a table for people (``--json`` is for automation): one row per check, the fix under the
+    detail of every line that is not ok."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -404,15 +406,16 @@ def render(report: Report, width: int = 160) -> str:
     tenant = f"tenant {cmdb['tenant_id']!r}" if cmdb["tenant_id"] else "single-tenant"
     title = (f"rwatch doctor: {cmdb['base_url']} ({cmdb['api']}, app {cmdb['app_code']!r}, user "
              f"{cmdb['username']!r}, {tenant})")
-    table = Table(title=title, title_justify="left", show_lines=True)
-    for name in ("check", "subject", "verdict", "detail", "fix"):
-        table.add_column(name, overflow="fold")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("verdict", "check", "subject", "detail and fix"):
+        table.add_column(name, overflow="fold", no_wrap=name in ("verdict", "check"))
     for c in report.checks:
-        table.add_row(c.check, c.subject, f"[{_STYLES[c.verdict]}]{c.verdict}[/]", c.detail, c.fix)
+        text = c.detail + (f"\n[bold]fix:[/] {c.fix}" if c.fix and c.verdict != "ok" else "")
+        table.add_row(f"[{_STYLES[c.verdict]}]{c.verdict}[/]", c.check, c.subject, text)
     console = Console(width=width, record=True, file=io.StringIO())  # recorded and returned, not printed
     console.print(table)
     failed = sum(c.verdict == "fail" for c in report.checks)
     warned = sum(c.verdict == "warn" for c in report.checks)
     console.print("rwatch can run" + (f" ({warned} warning(s) to read)" if warned else "") if report.ok
-                  else f"rwatch cannot run: {failed} check(s) failed; each line says what to fix")
-    return console.export_text().rstrip()
+                  else f"rwatch cannot run: {failed} check(s) failed; each says what to fix")
+    return "\n".join(line.rstrip() for line in console.export_text().splitlines()).rstrip()
