@@ -293,6 +293,11 @@ class Doctor:
             fix = exc.fix if isinstance(exc, CmdbRefused) else "see the search_business line"
             self.report.add("businesses", subject, "fail", f"search_business failed: {exc}", fix)
             return
+        if "biz" not in self.config.watch.enabled:
+            self.report.add("businesses", "watch.resources.biz", "warn",
+                            "biz is not followed: rwatch records the businesses the stream shows only from the biz "
+                            "stream, so it cannot tell a business hidden from the user from a deleted one",
+                            "enable watch.resources.biz (it costs one quiet long-poll)")
         shown, sources = await self._shown_businesses()
         hidden = sorted(b for b, live in shown.items() if live and b not in listed)
         if hidden:

@@ -34,6 +34,7 @@ from rwatch.watch.cursors import Gap, open_store
 from rwatch.watch.verify import verify
 from tests.integration.harness import MakeSetup, Setup
 from tests.integration.test_apply_e2e import async_url, truth
+from tests.integration.test_resync import LogRecorder
 
 RESOURCES = ["biz", "set", "module", "host", "host_relation", "project", "biz_set", "plat"]
 BIG = 505  # more than a page (500) of projects, business sets, sets per business and hosts
@@ -185,6 +186,7 @@ async def test_every_deployment_mode_from_empty_mirror_through_a_gap_to_verify(
         mirror_url = f"sqlite:///{tmp_path}/mirror.db"
         setup = setups(sim.url + path, RESOURCES, mirror_url=mirror_url, bus="memory", bootstrap="resync",
                        cmdb=cmdb)
+        records = LogRecorder()
         world = World(sim, setup, tenant, hidden)
         engine = create_async_engine(async_url(mirror_url))
         before = failures()
@@ -212,6 +214,7 @@ async def test_every_deployment_mode_from_empty_mirror_through_a_gap_to_verify(
                     assert status == 503 and body["status"] == "degraded" and body["failing"] == ["hidden_businesses"]
                     assert body["checks"]["hidden_businesses"]["ids"] == sorted(hidden)
                     assert metric("rwatch_cmdb_hidden_businesses") == len(hidden)
+                    assert "businesses_hidden" in records.lines and "resync_incomplete" in records.lines
             kept = {r: set(await mirror_rows(engine, tenant, r)) for r in RESOURCES}
 
             # 2. Stopped; CMDB changes, deletes included, then forgets: its clock jumps past the retention.
@@ -253,6 +256,8 @@ async def test_every_deployment_mode_from_empty_mirror_through_a_gap_to_verify(
             assert {h for h in unproven if mirror_biz.get(h) not in hidden} <= want
             assert all(h not in sim.state.objects("host") or world.host_biz()[h] in hidden for h in want)
             assert all(by[r].hidden_businesses == sorted(hidden) for r in ("biz", "set", "module", "host"))
+            logs = records.events()
+            assert ("businesses_hidden" in logs) == bool(hidden)
             if mode == "esb":
                 assert sim.faults.fired["gateway"] >= 5, sim.faults.fired  # the errors did happen...
                 assert failures() == before  # ...and none aborted a resync or looked permanent
