@@ -24,6 +24,7 @@ from rwatch.cmdb.protocol import (
     GW_CROSS_TENANT,
     GW_TIMEOUT,
     GW_USER_UNAUTHENTICATED,
+    IAM_WATCH_ACTIONS,
 )
 
 ESB_PREFIX: Final = "/api/c/compapi/v2/cc/"
@@ -69,23 +70,6 @@ MESSAGES: Final[dict[int, str]] = {
     CODE_BAD_OPTIONS: "unknown or unrecognized error",
     CODE_INVALID_TENANT: "invalid tenant",
 }
-
-# IAM action per resource (§1.2).
-WATCH_ACTIONS: Final[dict[str, str]] = {
-    "host": "watch_host_event",
-    "host_relation": "watch_host_relation_event",
-    "biz": "watch_biz_event",
-    "set": "watch_set_event",
-    "module": "watch_module_event",
-    "process": "watch_process_event",
-    "object_instance": "watch_comm_model_inst_event",
-    "mainline_instance": "watch_custom_topo_layer_event",
-    "biz_set": "watch_biz_set_event",
-    "biz_set_relation": "watch_biz_set_event",
-    "plat": "watch_plat_event",
-    "project": "watch_project_event",
-}
-
 
 def is_esb(request: web.Request) -> bool:
     return request.path.startswith(ESB_PREFIX)
@@ -191,7 +175,7 @@ def permission(action: str, action_name: str, rtype: str, type_name: str, inst_i
 
 def watch_permission(resource: str) -> Any:
     """Watching ``resource``: its ``watch_<resource>_event`` action on the event_watch instance (§1.2)."""
-    action = WATCH_ACTIONS.get(resource, f"watch_{resource}_event")
+    action = IAM_WATCH_ACTIONS.get(resource, f"watch_{resource}_event")
     return permission(action, action, "event_watch", "事件监听", resource, resource)
 
 
