@@ -95,7 +95,7 @@ class ChaosReceiver(Receiver):
             else:
                 self._watch_high[ident] = version
         held = self.held.get(ident)
-        if held is None or version > held[0]:
+        if held is None or version > held[0] or (version == held[0] and origin == "resync"):
             self.held[ident] = (version, event["action"] == "delete", event["data"])
             outcome = "applied"
         else:

@@ -403,7 +403,8 @@ class Receiver:
         self.deliveries.append(request.headers["webhook-id"])
         key = (event["resource"], event["key"])
         held = self.state.get(key)
-        if held is None or event["version"] > held[0]:  # version-fenced, as the README asks receivers to be
+        # Version-fenced, as the README asks receivers to be: newer wins, and a resync's snapshot row wins a tie.
+        if held is None or event["version"] > held[0] or (event["version"] == held[0] and event["origin"] == "resync"):
             self.state[key] = (event["version"], event["action"] == "delete", event["data"])
         self.changed.set()
         return web.Response(status=204)

@@ -664,3 +664,46 @@ def test_other_urls_are_config_errors(url: str) -> None:
 def test_the_password_never_shows() -> None:
     mirror = MirrorSink("mirror", settings_for("postgresql://rw:hunter2@db/rwatch"))
     assert "hunter2" not in repr(mirror)
+
+
+# --- version ties (issue 12): a snapshot row wins one, a watch event does not; a batch keeps stream order ---
+
+
+def listed(event: Event) -> Event:
+    """The same object as a resync's snapshot row: origin resync, no cursor."""
+    return event.model_copy(update={"origin": "resync", "cursor": None,
+                                    "id": resync_event_id(event.resource, event.key, event.version)})
+
+
+async def test_a_snapshot_row_wins_a_version_tie_so_a_repair_repairs(mirror: MirrorSink) -> None:
+    # The mirror holds the object at the head's version, but with other data (a lost event, a manual edit):
+    # the repair's snapshot row, read after that head, is the truth.
+    await mirror.apply([host(1, 50, bk_host_name="drifted")])
+    repair = listed(host(1, 50, "update", bk_host_name="as in CMDB"))
+    await mirror.apply([repair])
+    assert state(await mirror.objects("host")) == {"1": ((50, 0), False, repair.data, repair.id)}
+    # A watch event of that version does not win it (it could be a replay of what the snapshot already shows).
+    await mirror.apply([host(1, 50, "update", bk_host_name="replayed")])
+    assert (await mirror.objects("host"))["1"].data == repair.data
+
+
+async def test_a_later_resync_at_the_same_head_brings_back_what_a_wrong_sweep_tombstoned(mirror: MirrorSink) -> None:
+    await mirror.apply([host(1, 10), host(2, 10)])
+    await mirror.sweep(mark("host", 50))  # a listing that wrongly showed nothing: both tombstoned at 50
+    assert await mirror.objects("host") == {}
+    # Nothing changed in CMDB since: the next resync has the same head, and its rows must bring them back.
+    back = [listed(host(1, 50, "update")), listed(host(2, 50, "update"))]
+    await mirror.apply(back)
+    assert state(await mirror.objects("host")) == {e.key: ((50, 0), False, e.data, e.id) for e in back}
+    # While an older snapshot row, or an older watch event, still changes nothing.
+    await mirror.apply([listed(host(1, 49, "update", bk_host_name="older")), host(2, 49, "delete")])
+    assert state(await mirror.objects("host")) == {e.key: ((50, 0), False, e.data, e.id) for e in back}
+
+
+async def test_events_of_one_batch_sharing_a_version_apply_in_stream_order(mirror: MirrorSink) -> None:
+    first, later = host(1, 30, bk_host_name="first"), host(1, 30, "update", bk_host_name="later")
+    await mirror.apply([first, later])
+    assert (await mirror.objects("host"))["1"].data == later.data
+    gone = host(2, 40, "delete")
+    await mirror.apply([host(2, 40, bk_host_name="x"), gone])
+    assert state(await mirror.objects("host", include_deleted=True))["2"] == ((40, 0), True, gone.data, gone.id)

@@ -249,3 +249,19 @@ async def test_bad_config_file_exits_2(tmp_path: Path) -> None:
     code, _, err = await cli(path)
     assert code == 2
     assert "cmdb.not_a_key" in err
+
+
+async def test_repair_fixes_a_row_whose_version_equals_the_head(sim: Simulator, tmp_path: Path) -> None:
+    """A change CMDB made without an event (the server's silent loss): the head does not move, so the mirror's
+    row has the head's very version with other data. The repair's snapshot row wins that tie (issue 12)."""
+    path = write_config(tmp_path, sim.url)
+    await fill_mirror(load_config(path, environ={}))
+    key = sorted(sim.state.objects("host"), key=int)[0]
+    head = sim.state.chain("host")[-1]
+    sim.faults.schedule({"kind": "drop_event", "count": 1, "resource": "host"})
+    sim.state.update("host", key, {"bk_host_name": "changed-without-an-event"})
+    assert sim.state.chain("host")[-1] is head  # the head did not move
+
+    report = await verify(load_config(path, environ={}), resources=["host"], repair=True, wait=5)
+    assert report.resources[0].changed == [key]
+    assert report.after is not None and report.after.drift == 0, report.after

@@ -109,15 +109,20 @@ class MirrorSink:
         self._read_lock = self._write_lock if self.url.database in (None, "", ":memory:") else None
         self._listeners: list[Callable[[], None]] = []
         insert = _DIALECT_INSERTS[self.backend](objects_table)
-        newer = tuple_(_O.version_s, _O.version_i) < tuple_(insert.excluded.version_s, insert.excluded.version_i)
-        # Built once; every apply only binds values. The WHERE is the version fence: an equal or older event
-        # leaves the row as it is (row-value comparison: SQLite >= 3.15 and PostgreSQL).
-        self._upsert = insert.on_conflict_do_update(
-            index_elements=[_O.tenant, _O.resource, _O.key],
-            set_={name: insert.excluded[name] for name in
-                  ("version_s", "version_i", "deleted", "data", "event_id", "updated_at")},
-            where=newer,
-        )
+        stored = tuple_(_O.version_s, _O.version_i)
+        given = tuple_(insert.excluded.version_s, insert.excluded.version_i)
+        columns = {name: insert.excluded[name] for name in
+                   ("version_s", "version_i", "deleted", "data", "event_id", "updated_at")}
+        # Built once; every apply only binds values. The WHERE is the version fence (row-value comparison:
+        # SQLite >= 3.15 and PostgreSQL): a watch event must be newer than the row; an equal or older one leaves
+        # it as it is. A resync's snapshot row also wins a tie: it was read *after* its head, so it shows the
+        # object at or after that version, and no event can be both newer than the row and older than it. The
+        # tie is how a repair fixes a row whose data differs at the same version (a lost event, a manual edit),
+        # and how a later resync at the same head brings back what an earlier, wrong, sweep tombstoned.
+        self._upsert = insert.on_conflict_do_update(index_elements=[_O.tenant, _O.resource, _O.key],
+                                                    set_=columns, where=stored < given)
+        self._upsert_snapshot = insert.on_conflict_do_update(index_elements=[_O.tenant, _O.resource, _O.key],
+                                                             set_=columns, where=stored <= given)
 
     def __repr__(self) -> str:
         return f"<MirrorSink {self.name} {self.url.render_as_string(hide_password=True)}>"
@@ -197,19 +202,21 @@ class MirrorSink:
             ident = (ev.tenant, ev.resource, ev.key)
             held = newest.get(ident)
             # Only the newest version of a key can change the row (the fence makes the others no-ops), and
-            # one statement must not touch a row twice (PostgreSQL refuses that in a multi-row upsert).
-            if held is None or tuple(ev.version) > tuple(held.version):
+            # one statement must not touch a row twice (PostgreSQL refuses that in a multi-row upsert). Of
+            # events sharing a version, the later in the stream wins: the batch is in stream order.
+            if held is None or tuple(ev.version) >= tuple(held.version):
                 newest[ident] = ev
         # Sorted by primary key: concurrent batches lock rows in one order, so they cannot deadlock.
-        rows = [
-            {"tenant": ev.tenant, "resource": ev.resource, "key": ev.key, "version_s": ev.version[0],
-             "version_i": ev.version[1], "deleted": ev.action == "delete", "data": ev.data, "event_id": ev.id,
-             "updated_at": now}
-            for _, ev in sorted(newest.items(), key=lambda item: item[0])
-        ]
+        watched: list[dict[str, Any]] = []
+        listed: list[dict[str, Any]] = []
+        for _, ev in sorted(newest.items(), key=lambda item: item[0]):
+            (listed if ev.origin == "resync" else watched).append(
+                {"tenant": ev.tenant, "resource": ev.resource, "key": ev.key, "version_s": ev.version[0],
+                 "version_i": ev.version[1], "deleted": ev.action == "delete", "data": ev.data, "event_id": ev.id,
+                 "updated_at": now})
         with self._errors("apply", events):
             async with _maybe(self._write_lock):
-                await self._write(engine, rows)
+                await self._write(engine, [(self._upsert, watched), (self._upsert_snapshot, listed)])
         self._notify()
 
     def _notify(self) -> None:
@@ -219,11 +226,13 @@ class MirrorSink:
             except Exception as exc:  # a broken listener must not make a committed batch look failed
                 log.error("sink_listener_failed", sink=self.name, error=repr(exc))
 
-    async def _write(self, engine: AsyncEngine, rows: list[dict[str, Any]]) -> None:
+    async def _write(self, engine: AsyncEngine, statements: list[tuple[Any, list[dict[str, Any]]]]) -> None:
         async with engine.connect() as conn:
             conn = await conn.execution_options(rwatch_write=True)
             async with conn.begin():  # the whole batch or nothing
-                await conn.execute(self._upsert, rows)
+                for statement, rows in statements:
+                    if rows:
+                        await conn.execute(statement, rows)
 
     async def sweep(self, mark: ResyncMark) -> int:
         """Tombstone every live row of the mark's resource older than its version and inside its scope."""
