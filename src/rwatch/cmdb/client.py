@@ -45,8 +45,9 @@ _REFUSAL_CODES = frozenset({
     p.CODE_NO_PERMISSION, p.GW_APP_NO_PERMISSION, p.GW_CROSS_TENANT, p.CODE_INVALID_TENANT,
     p.GW_APP_UNAUTHENTICATED, p.GW_USER_UNAUTHENTICATED, p.GW_NOT_FOUND,
 })
-# A clock more than this far from the server's (by its Date header) is corrected for when choosing start times.
-_SKEW_THRESHOLD = 5.0
+# A clock more than this far from the server's (by its Date header) is corrected for when choosing start times;
+# within it, ``server_now`` may be off by up to this much either way (a resync head subtracts it).
+SKEW_ALLOWANCE = 5.0
 
 WATCH_API = "resource_watch"
 
@@ -303,4 +304,4 @@ class CmdbClient:
             return
         skew = server - time.time()
         self.measured_skew = skew
-        self.skew = skew if abs(skew) > _SKEW_THRESHOLD else 0.0
+        self.skew = skew if abs(skew) > SKEW_ALLOWANCE else 0.0

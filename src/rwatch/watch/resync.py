@@ -2,8 +2,8 @@
 
 The Kubernetes informer's pattern, on CMDB's APIs (README "Resync"):
 
-1. **Head first.** A from-now watch request gives the newest event's cursor; its cluster time is the
-   snapshot's version ``V`` (no event in the window: the server's clock, less a second). Every change the
+1. **Head first.** An unfiltered from-now watch request gives the newest event's cursor; its cluster time is the
+   snapshot's version ``V`` (no event in the window: the server's clock less the skew allowance). Every change the
    lists below cannot have seen is newer than ``V``.
 2. **List.** Each object is listed through the APIs of cmdb-watch-api.md §6, keyset-paged by its id (offset
    paging skips rows when something is deleted underneath), under the client's rate limit and at most
@@ -38,7 +38,7 @@ import structlog
 from rwatch import metrics as m
 from rwatch.bus import Bus
 from rwatch.cmdb import protocol as p
-from rwatch.cmdb.client import CmdbClient
+from rwatch.cmdb.client import SKEW_ALLOWANCE, CmdbClient
 from rwatch.cmdb.listing import LIMITS, ListApi, Proof
 from rwatch.config import Config
 from rwatch.errors import (
@@ -190,13 +190,17 @@ class Resyncer:
         return snap
 
     async def head(self, resource: str) -> tuple[int, int]:
-        """The snapshot's version: the newest event's cluster time, or the server's clock less a second."""
-        settings = self.config.watch.resources[resource]
+        """The snapshot's version: the newest event's cluster time, or the server's clock less the skew allowance.
+
+        Asked with no event-type or sub-resource filter: a filtered from-now answer is the NoEventCursor whenever
+        the newest event does not match, and the clock fallback would then stand in for a real, older, head.
+        Under-estimating is safe (a change then merely looks newer than the snapshot); over-estimating fences a
+        real change out, so the fallback is CMDB's clock as best known, less what its ``Date`` may be off by."""
+        fields = list(p.KEY_FIELDS[resource]) if resource in p.FIELDS_REQUIRED else []
         wait = HealthyResetWait(initial=0.5, maximum=15.0)
         while True:
             try:
-                reply = await self.client.watch(resource, fields=settings.fields, event_types=settings.event_types,
-                                                sub_resource=settings.sub_resource)
+                reply = await self.client.watch(resource, fields=fields, event_types=[])
                 break
             except TRANSIENT_ERRORS as exc:
                 delay = wait.next_delay()
@@ -207,8 +211,7 @@ class Resyncer:
         decoded = p.decode_cursor(cursor) if cursor and cursor != p.NO_EVENT_CURSOR else None
         if decoded is not None:
             return decoded.sec, decoded.inc
-        # Under-estimating is safe (a change then merely looks newer than the snapshot); over-estimating is not.
-        return int(self.client.server_now()) - 1, 0
+        return int(self.client.server_now() - SKEW_ALLOWANCE), 0
 
     # --- publishing ----------------------------------------------------------------------------------------
 
