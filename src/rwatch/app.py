@@ -155,8 +155,13 @@ async def readiness(config: Config, bus: Bus | None, store: CursorStore | None,
                     consumers: ConsumerGroup | None, resyncer: Resyncer | None = None) -> dict[str, dict[str, Any]]:
     """The checks of ``/readyz``: broker connected, store reachable, every followed resource polled recently,
     no lag past two thirds of ``watch.retention`` (``lag:<resource>``: history is about to be lost), CMDB not
-    refusing a watcher (``cmdb:<resource>``), and no business hidden from the user (``hidden_businesses``)."""
+    refusing a watcher (``cmdb:<resource>``), no business hidden from the user (``hidden_businesses``) and no
+    sweep held by the mass-delete guard (``sweep_held:<resource>``)."""
     checks: dict[str, dict[str, Any]] = {}
+    for resource, held in sorted((resyncer.held if resyncer is not None else {}).items()):
+        # Degraded: the stream flows, but a sweep waits for an operator (the mass-delete guard).
+        checks[f"sweep_held:{resource}"] = {"ok": False, **held.to_dict(), "why": held.describe(),
+                                            "fix": f"rwatch resync --resource {resource} --allow-mass-delete"}
     if resyncer is not None and resyncer.hidden:
         # Degraded, not down: the stream flows, but resyncs sweep nothing their listing cannot see.
         checks["hidden_businesses"] = {

@@ -265,6 +265,8 @@ def resync_cmd(
         "--resource", "-r", help="resync this resource (repeatable; default: every enabled resyncable one)")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar (default: when stderr is a terminal)")] = (
         sys.stderr.isatty()),
+    allow_mass_delete: Annotated[bool, typer.Option(
+        "--allow-mass-delete", help="let through a sweep the mass-delete guard would hold (after looking)")] = False,
 ) -> None:
     """List resources through CMDB's list APIs and publish them as a snapshot (list, then sweep); fills the
     gaps recorded before it started. Safe beside a running daemon. Exit 0: every resource resynced."""
@@ -297,7 +299,7 @@ def resync_cmd(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         if not progress:
-            return await resync_now(cfg, chosen, stop)
+            return await resync_now(cfg, chosen, stop, allow_mass_delete=allow_mass_delete)
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -309,7 +311,7 @@ def resync_cmd(
             def update(name: str, listed: int, total: int | None) -> None:
                 bar.update(tasks[name], completed=listed, total=max(total, listed) if total is not None else None)
 
-            return await resync_now(cfg, chosen, stop, progress=update)
+            return await resync_now(cfg, chosen, stop, progress=update, allow_mass_delete=allow_mass_delete)
 
     try:
         outcome = asyncio.run(main())
@@ -323,9 +325,12 @@ def resync_cmd(
             typer.echo(f"{name}: {result.listed} objects at version {list(result.version)}, "
                        f"{sum(result.requests.values())} list requests, {result.seconds:.1f} s"
                        + ("" if result.complete else ", INCOMPLETE: nothing swept, gaps stay open"))
+            if result.guard is not None:
+                typer.echo(f"{name}: {result.guard.describe()}")
             for reason in result.reasons:
                 failed = True
-                typer.echo(f"{name}: not proved complete: {reason}", err=True)
+                typer.echo(f"{name}: {'held' if result.guard and result.guard.held else 'not proved complete'}: "
+                           f"{reason}", err=True)
         else:
             failed = True
             typer.echo(f"{name}: FAILED: {result!r}" if result is not None else f"{name}: stopped", err=True)
@@ -345,6 +350,8 @@ def verify_cmd(
     wait: Annotated[float, typer.Option(
         min=0, help="--repair with bus.kind amqp: seconds to wait for the daemon's consumers to apply it")] = 60.0,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON document instead of a table")] = False,
+    allow_mass_delete: Annotated[bool, typer.Option(
+        "--allow-mass-delete", help="--repair: let through a sweep the mass-delete guard would hold")] = False,
 ) -> None:
     """Compare a mirror sink with CMDB object by object. Exit 0: equal, 1: drift (or a failure)."""
     import asyncio
@@ -357,7 +364,8 @@ def verify_cmd(
     cfg = _load(config)
     setup_logging(cfg.log.level, cfg.log.format, sys.stderr)  # stdout is the report's
     try:
-        report = asyncio.run(verify(cfg, sink=sink, resources=resource, repair=repair, wait=wait))
+        report = asyncio.run(verify(cfg, sink=sink, resources=resource, repair=repair, wait=wait,
+                                    allow_mass_delete=allow_mass_delete))
     except (ConfigError, ResyncUnsupported) as exc:
         typer.echo(f"rwatch verify: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -417,6 +425,8 @@ def _print_verify(report: object) -> None:
             if r.hidden_businesses:
                 typer.echo(f"{r.resource}: {r.hidden} mirror rows in {len(r.hidden_businesses)} businesses hidden "
                            f"from the user, not compared: {' '.join(map(str, r.hidden_businesses[:20]))}")
+            if r.guard is not None and r.guard.over:
+                typer.echo(f"{r.resource}: a resync now: {r.guard.describe()}")
             if r.unproven:
                 typer.echo(f"{r.resource}: {len(r.unproven)} mirror rows CMDB does not list, deleted or moved into a "
                            f"hidden business (cannot tell): {' '.join(r.unproven[:20])}")

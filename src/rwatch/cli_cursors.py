@@ -76,7 +76,7 @@ from rwatch.errors import ConfigError, LeaseLost, StoreError
 
 if TYPE_CHECKING:
     from rwatch.config import Config
-    from rwatch.watch.cursors import CursorState, Gap, Lease, SqlCursorStore
+    from rwatch.watch.cursors import CursorState, Gap, Lease, ResyncRecord, SqlCursorStore
 
 T = TypeVar("T")
 
@@ -199,6 +199,7 @@ class _Snapshot:
     states: dict[str, CursorState] = field(default_factory=dict)
     gaps: dict[str, list[Gap]] = field(default_factory=dict)
     leases: dict[str, Lease] = field(default_factory=dict)
+    resyncs: dict[str, ResyncRecord] = field(default_factory=dict)
 
 
 async def _read(store: SqlCursorStore | None, tenant: str) -> _Snapshot:
@@ -209,6 +210,7 @@ async def _read(store: SqlCursorStore | None, tenant: str) -> _Snapshot:
     for gap in await store.gaps(tenant, open_only=True):
         snap.gaps.setdefault(gap.resource, []).append(gap)
     snap.leases = {lease.resource: lease for lease in await store.leases(tenant)}
+    snap.resyncs = {r.resource: r for r in await store.resyncs(tenant)}
     return snap
 
 
@@ -262,8 +264,17 @@ def _rows(cfg: Config, snap: _Snapshot, now: float) -> list[dict[str, Any]]:
                       "seconds": round(g.end - g.start, 3), "reason": g.reason, "recorded_at": g.recorded_at}
                      for g in gaps],
             "lease": _lease_view(snap.leases.get(resource), now),
+            "last_resync": _resync_view(snap.resyncs.get(resource)),
         })
     return rows
+
+
+def _resync_view(record: ResyncRecord | None) -> dict[str, Any] | None:
+    """The last resync: why a gap is still open when it is (an unproved listing, a sweep held by the guard)."""
+    if record is None:
+        return None
+    return {"outcome": record.outcome, "reasons": list(record.reasons), "at": record.at, "at_iso": _iso(record.at),
+            "listed": record.listed}
 
 
 # --- rwatch cursors list ----------------------------------------------------------------------------------
@@ -360,6 +371,11 @@ def _print_list(cfg: Config, rows: list[dict[str, Any]]) -> None:
             style=style,
         )
     Console(width=max(160, Console().width), soft_wrap=True).print(table)
+    for row in rows:  # why an open gap is still open: the last resync did not fill it
+        last = row["last_resync"]
+        if row["gaps_open"] and last is not None and last["outcome"] != "ok":
+            typer.echo(f"{row['resource']}: gaps stay open: last resync {last['outcome']} at {last['at_iso']}: "
+                       f"{'; '.join(last['reasons']) or 'see the log'}")
 
 
 # --- rwatch cursors reset ---------------------------------------------------------------------------------

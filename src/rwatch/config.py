@@ -216,6 +216,9 @@ class WatchConfig(_Section):
     lease_ttl: Duration = Field(default=10.0, ge=1.0, description="HA lease per resource; renewed every ttl/3")
     resync_every: Duration = Field(default=0.0, ge=0, description="periodic resync of every resource; 0 = off")
     resync_concurrency: int = Field(default=4, ge=1, le=64, description="list requests in flight per resync")
+    mass_delete_share: float = Field(default=0.1, gt=0, le=1,
+                                     description="a sweep deleting more than this share of its scope is held")
+    mass_delete_floor: int = Field(default=20, ge=0, description="a sweep deleting at most this many is never held")
     resources: dict[str, ResourceConfig] = Field(default_factory=dict)
 
     @model_validator(mode="before")

@@ -135,10 +135,13 @@ def watch_event_id(resource: str, cursor: str) -> str:
     return hashlib.sha256(f"{resource}\n{cursor}".encode()).hexdigest()
 
 
-def resync_event_id(resource: str, key: str, version: tuple[int, int], origin: str = "resync") -> str:
-    """A snapshot row's id: the same object listed at the same head gets the same id (``key`` "" names the
-    resync's end mark)."""
-    return hashlib.sha256(f"{resource}\n{key}\n{version[0]}.{version[1]}\n{origin}".encode()).hexdigest()
+def resync_event_id(resource: str, key: str, version: tuple[int, int], origin: str = "resync",
+                    resync_id: str = "") -> str:
+    """A snapshot row's id: one resync's row of an object always gets the same id (its redeliveries dedupe); two
+    resyncs at the same head give it two ids, which is how a sweep tells the rows its own snapshot wrote from
+    older ones of the same version (README "Resync"). ``key`` "mark:<resync_id>" names a resync's end mark."""
+    base = f"{resource}\n{key}\n{version[0]}.{version[1]}\n{origin}"
+    return hashlib.sha256((f"{base}\n{resync_id}" if resync_id else base).encode()).hexdigest()
 
 
 def iso_utc(seconds: float) -> str:

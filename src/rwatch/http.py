@@ -20,8 +20,9 @@ Readiness = Callable[[], Awaitable[dict[str, dict[str, Any]]]]
 StatusDoc = Callable[[], Awaitable[dict[str, Any]]]
 
 
-# Checks that fail as "degraded": the process works, but falls behind (lag) or cannot see everything (hidden).
-DEGRADED = ("lag:", "hidden_businesses")
+# Checks that fail as "degraded": the process works, but falls behind (lag), cannot see everything (hidden),
+# or holds a sweep for an operator (the mass-delete guard).
+DEGRADED = ("lag:", "hidden_businesses", "sweep_held:")
 
 
 async def _always_ready() -> dict[str, dict[str, Any]]:

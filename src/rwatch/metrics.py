@@ -75,7 +75,10 @@ HIDDEN_BUSINESSES = Gauge(
     "the configured user by IAM, or deleted while history was lost); nothing of them is deleted downstream",
 )
 RESYNCS = Counter("rwatch_resyncs_total", "Resyncs by trigger (bootstrap, gap, periodic, manual, repair) and "
-                  "outcome (ok, incomplete, failed, stopped, unsupported)", ["resource", "trigger", "outcome"])
+                  "outcome (ok, incomplete, held, failed, stopped, unsupported)", ["resource", "trigger", "outcome"])
+SWEEP_HELD = Gauge("rwatch_sweep_held_objects", "Objects the last resync's sweep would have deleted when the "
+                   "mass-delete guard held it (0: not held); released by rwatch resync --allow-mass-delete",
+                   ["resource"])
 RESYNC_SECONDS = Histogram("rwatch_resync_seconds", "Duration of successful resyncs", ["resource"],
                            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
 RESYNC_OBJECTS = Counter("rwatch_resync_objects_total", "Objects published by resyncs", ["resource"])

@@ -70,7 +70,9 @@ class ChaosSetup(Setup):
     def write(self) -> None:
         super().write()
         text = self.path.read_text()
-        text = text.replace('retention = "3h"', f'retention = {RETENTION}\nlease_ttl = {LEASE_TTL}')
+        # Rounds change a large share of a small topology between resyncs: the guard's limit is raised, not off.
+        text = text.replace('retention = "3h"', f'retention = {RETENTION}\nlease_ttl = {LEASE_TTL}\n'
+                            'mass_delete_share = 0.6')
         text = text.replace(f"prefetch = {self.prefetch}", f"prefetch = {self.prefetch}\npublish_timeout = 10")
         self.path.write_text(text)
 

@@ -46,6 +46,7 @@ class Setup:
     prefetch: int = 256
     extra: str = ""
     cmdb: str = ""  # more [cmdb] keys (api, tenant_id, ...)
+    watch: str = ""  # more [watch] keys (mass_delete_share, ...)
     bus_url: str = ""  # the broker as rwatch reaches it (e.g. through a proxy); the test itself uses amqp_url
     path: Path = field(init=False)
 
@@ -79,6 +80,7 @@ rate_limit = 0
 bootstrap = "{self.bootstrap}"
 lookback = "5m"
 retention = "3h"
+{self.watch}
 {"".join(tables)}
 [bus]
 kind = "{self.bus}"

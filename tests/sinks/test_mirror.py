@@ -294,6 +294,13 @@ async def test_postgres_connections_dropped_under_the_sink(pg_url: str) -> None:
 # --- sweep: what a resync's snapshot no longer had ends as a delete ------------------------------------------
 
 
+def snapshot_row(event: Event, resync_id: str) -> Event:
+    """The object as resync ``resync_id``'s snapshot lists it: origin resync, no cursor, the resync's row id."""
+    return event.model_copy(update={"origin": "resync", "cursor": None, "action": "update",
+                                    "id": resync_event_id(event.resource, event.key, event.version,
+                                                          resync_id=resync_id)})
+
+
 def mark(resource: str, version: tuple[int, int] | int, scope: dict[str, list[Any]] | None = None,
          tenant: str = "0", resync_id: str = "r1") -> ResyncMark:
     version = (version, 0) if isinstance(version, int) else version
@@ -302,21 +309,32 @@ def mark(resource: str, version: tuple[int, int] | int, scope: dict[str, list[An
                       started_at="2024-11-19T00:00:00Z", observed_at="2024-11-19T00:00:02Z")
 
 
-async def test_sweep_tombstones_older_rows_and_keeps_newer_and_equal(mirror: MirrorSink) -> None:
-    old, equal, newer = host(1, 10), host(2, 20), host(3, 30, bk_host_name="live-after-head")
-    await mirror.apply([old, equal, newer])
+async def test_sweep_tombstones_older_rows_and_keeps_newer_and_its_own(mirror: MirrorSink) -> None:
+    old, newer = host(1, 10), host(3, 30, bk_host_name="live-after-head")
+    listed = snapshot_row(host(2, 20), "r1")  # this resync's own row, at its head's version
+    await mirror.apply([old, listed, newer])
     end = mark("host", 20)
     assert await mirror.sweep(end) == 1
     assert state(await mirror.objects("host", include_deleted=True)) == {
         # The tombstone keeps the document, at the mark's version and with the mark's id.
         "1": ((20, 0), True, old.data, end.id),
-        "2": ((20, 0), False, equal.data, equal.id),
+        "2": ((20, 0), False, listed.data, listed.id),
         "3": ((30, 0), False, newer.data, newer.id),
     }
 
 
+async def test_a_row_at_the_heads_version_that_this_snapshot_did_not_write_is_swept(mirror: MirrorSink) -> None:
+    # The head's own event (a watch event at exactly V), and an earlier resync's row at the same head: the listing
+    # was taken after V and did not show them, so CMDB deleted them since (silently, if no event says so).
+    head_event, earlier = host(1, 20), snapshot_row(host(2, 20), "r0")
+    await mirror.apply([head_event, earlier, snapshot_row(host(3, 20), "r1")])
+    assert await mirror.sweep(mark("host", 20, resync_id="r1")) == 2
+    assert {k: o.deleted for k, o in (await mirror.objects("host", include_deleted=True)).items()} == {
+        "1": True, "2": True, "3": False}
+
+
 async def test_sweep_compares_the_increment_too(mirror: MirrorSink) -> None:
-    await mirror.apply([ev("biz", "1", "create", (100, 1)), ev("biz", "2", "create", (100, 2)),
+    await mirror.apply([ev("biz", "1", "create", (100, 1)), snapshot_row(ev("biz", "2", "create", (100, 2)), "r1"),
                         ev("biz", "3", "create", (100, 3)), ev("biz", "4", "create", (99, 9))])
     assert await mirror.sweep(mark("biz", (100, 2))) == 2
     assert {k: (o.version, o.deleted) for k, o in (await mirror.objects("biz", include_deleted=True)).items()} == {
@@ -671,8 +689,7 @@ def test_the_password_never_shows() -> None:
 
 def listed(event: Event) -> Event:
     """The same object as a resync's snapshot row: origin resync, no cursor."""
-    return event.model_copy(update={"origin": "resync", "cursor": None,
-                                    "id": resync_event_id(event.resource, event.key, event.version)})
+    return snapshot_row(event, "r-listed")
 
 
 async def test_a_snapshot_row_wins_a_version_tie_so_a_repair_repairs(mirror: MirrorSink) -> None:

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from rwatch import sql
 from rwatch.config import MirrorSinkConfig
 from rwatch.errors import PermanentError, SinkRejected, SinkUnavailable
-from rwatch.events import Event, ResyncMark
+from rwatch.events import Event, ResyncMark, resync_event_id
 from rwatch.logs import get_logger
 from rwatch.sinks.base import TopologyRow
 from rwatch.sinks.mirror_schema import TOPOLOGY_VIEW, create_schema, objects_table, topology_view
@@ -235,18 +235,25 @@ class MirrorSink:
                         await conn.execute(statement, rows)
 
     async def sweep(self, mark: ResyncMark) -> int:
-        """Tombstone every live row of the mark's resource older than its version and inside its scope."""
+        """Tombstone every live row of the mark's resource inside its scope that is older than its version, or of
+        that very version but not written by the mark's own snapshot (README "Resync": version ties)."""
         engine = self._live("sweep")
         version = tuple_(_O.version_s, _O.version_i)
-        older = version < tuple_(literal(mark.version[0]), literal(mark.version[1]))
-        where = (_O.tenant == mark.tenant, _O.resource == mark.resource, ~_O.deleted, older)
+        where = (_O.tenant == mark.tenant, _O.resource == mark.resource, ~_O.deleted,
+                 version <= tuple_(literal(mark.version[0]), literal(mark.version[1])))
+        head = (mark.version[0], mark.version[1])
         now = time.time()
         with self._errors("sweep"):
             async with _maybe(self._write_lock), engine.connect() as conn:
                 conn = await conn.execution_options(rwatch_write=True)
                 async with conn.begin():
-                    rows = (await conn.execute(select(_O.key, _O.data).where(*where))).all()
-                    keys = sorted(row.key for row in rows if mark.in_scope(row.data or {}))
+                    rows = (await conn.execute(select(_O.key, _O.data, _O.version_s, _O.version_i, _O.event_id)
+                                               .where(*where))).all()
+                    # The snapshot's own rows are in before its mark (one queue, in order): a row at the head's
+                    # version that another snapshot or event wrote was not listed this time.
+                    keys = sorted(row.key for row in rows if mark.in_scope(row.data or {}) and (
+                        (row.version_s, row.version_i) < head
+                        or row.event_id != resync_event_id(mark.resource, row.key, head, resync_id=mark.resync_id)))
                     swept = 0
                     for start in range(0, len(keys), _SWEEP_CHUNK):
                         chunk = keys[start:start + _SWEEP_CHUNK]

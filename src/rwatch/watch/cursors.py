@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, ParamSpec, Protocol, TypeVar
 
+import orjson
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -170,6 +171,20 @@ class BizSighting:
     pool: bool  # the resource pool (default != 0): search_business never lists it
 
 
+@dataclass(frozen=True, slots=True)
+class ResyncRecord:
+    """The last resync of one resource: its outcome and why, and the size of its last complete listing (the
+    baseline of the mass-delete guard where no mirror takes the resource)."""
+
+    tenant: str
+    resource: str
+    outcome: str  # ok, incomplete, held, failed
+    reasons: tuple[str, ...]
+    at: float
+    listed: int | None  # objects in the last complete listing
+    listed_at: float | None
+
+
 class CursorStore(Protocol):
     async def open(self) -> None:
         """Connect and create the tables if missing (idempotent, safe with concurrent openers)."""
@@ -217,6 +232,13 @@ class CursorStore(Protocol):
         """Record businesses the stream or a listing showed; a sighting older than the one kept changes nothing."""
 
     async def businesses(self, tenant: str) -> list[BizSighting]: ...
+
+    async def record_resync(self, tenant: str, resource: str, outcome: str, reasons: Sequence[str], *,
+                            listed: int | None = None) -> None:
+        """Keep the last resync's outcome (``rwatch cursors list`` shows why a gap stays open); ``listed`` is
+        given for a complete listing and becomes the resource's baseline."""
+
+    async def resyncs(self, tenant: str | None = None) -> list[ResyncRecord]: ...
 
     async def ping(self) -> None:
         """Raise StoreError when the store cannot be reached (readiness)."""
@@ -290,6 +312,18 @@ businesses_table = Table(
     Column("noted_at", Double, nullable=False),
 )
 
+resyncs_table = Table(
+    "rwatch_resyncs",
+    metadata,
+    Column("tenant", Text, primary_key=True),
+    Column("resource", Text, primary_key=True),
+    Column("outcome", Text, nullable=False),
+    Column("reasons", Text, nullable=False),  # a JSON list
+    Column("at", Double, nullable=False),
+    Column("listed", BigInteger),
+    Column("listed_at", Double),
+)
+
 # Both dialects' insert() has on_conflict_do_update (and .excluded).
 _DIALECT_INSERTS: dict[str, Callable[[Table], Any]] = {
     "sqlite": sqlite.insert,
@@ -300,6 +334,7 @@ _G = gaps_table.c
 _L = leases_table.c
 _V = verify_table.c
 _B = businesses_table.c
+_RS = resyncs_table.c
 
 # The fenced save, one statement on both backends: the row to write comes out of the lease check, so a stale
 # fence inserts and updates nothing (RETURNING then yields no row). PostgreSQL locks the lease row FOR SHARE
@@ -672,6 +707,35 @@ class SqlCursorStore:
                 rows = (await conn.execute(query)).all()
         return [BizSighting(int(r.bk_biz_id), bool(r.live), (int(r.version_s), int(r.version_i)), bool(r.pool))
                 for r in rows]
+
+    @_whole
+    async def record_resync(self, tenant: str, resource: str, outcome: str, reasons: Sequence[str], *,
+                            listed: int | None = None) -> None:
+        engine = self._live("record_resync", tenant, resource)
+        insert = _DIALECT_INSERTS[self.backend](resyncs_table)
+        now = time.time()
+        row = {"tenant": tenant, "resource": resource, "outcome": outcome, "at": now, "listed": listed,
+               "reasons": orjson.dumps(list(reasons)).decode(), "listed_at": now if listed is not None else None}
+        update = {name: insert.excluded[name] for name in ("outcome", "reasons", "at")}
+        if listed is not None:  # the baseline moves only with a complete listing
+            update.update(listed=insert.excluded.listed, listed_at=insert.excluded.listed_at)
+        upsert = insert.on_conflict_do_update(index_elements=[_RS.tenant, _RS.resource], set_=update)
+        with self._errors("record_resync", tenant, resource):
+            async with engine.connect() as conn:
+                await conn.execute(upsert, [row])
+
+    @_whole
+    async def resyncs(self, tenant: str | None = None) -> list[ResyncRecord]:
+        engine = self._live("resyncs", tenant)
+        query = select(resyncs_table).order_by(_RS.tenant, _RS.resource)
+        if tenant is not None:
+            query = query.where(_RS.tenant == tenant)
+        with self._errors("resyncs", tenant):
+            async with engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        return [ResyncRecord(r.tenant, r.resource, r.outcome, tuple(orjson.loads(r.reasons)), float(r.at),
+                             None if r.listed is None else int(r.listed),
+                             None if r.listed_at is None else float(r.listed_at)) for r in rows]
 
     @_whole
     async def ping(self) -> None:

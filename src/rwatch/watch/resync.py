@@ -55,6 +55,7 @@ from rwatch.events import Event, ResyncMark, iso_utc, resync_event_id
 from rwatch.failpoints import failpoint
 from rwatch.retry import HealthyResetWait, sleep_or_stop
 from rwatch.watch.cursors import BizSighting, CursorStore, Gap, open_store
+from rwatch.watch.guard import Guard, guard, preview
 
 log = structlog.get_logger("rwatch.resync")
 
@@ -83,6 +84,7 @@ class ResyncResult:
     complete: bool = True
     reasons: list[str] = field(default_factory=list)
     hidden: list[int] = field(default_factory=list)  # businesses the stream showed alive that were not listed
+    guard: Guard | None = None  # the mass-delete guard's figures and decision (None: nothing to compare with)
 
 
 @dataclass(slots=True)
@@ -104,6 +106,8 @@ class Snapshot:
     proof: Proof = field(default_factory=Proof)
     hidden: list[int] = field(default_factory=list)
     also: list[Scope] = field(default_factory=list)  # more scopes, each swept by a mark of its own
+    keys: set[str] = field(default_factory=set)  # every key listed (what the sweep keeps)
+    resync_id: str = ""  # in every row's id: the sweep keeps what this snapshot wrote at the head's version
 
 
 class Resyncer:
@@ -112,7 +116,8 @@ class Resyncer:
     SUPPORTED: Final = frozenset({"host", "host_relation", "biz", "set", "module", "plat", "project", "biz_set"})
 
     def __init__(self, config: Config, client: CmdbClient, bus: Bus, stop: asyncio.Event, *,
-                 progress: Progress | None = None, store: CursorStore | None = None) -> None:
+                 progress: Progress | None = None, store: CursorStore | None = None,
+                 allow_mass_delete: bool = False) -> None:
         self.config = config
         self.client = client
         self.bus = bus
@@ -124,6 +129,8 @@ class Resyncer:
         # told apart and a business resync never sweeps (only a test's bare resyncer has none).
         self.store = store
         self.hidden: list[int] | None = None  # the last check's hidden businesses (None: not checked yet)
+        self.allow_mass_delete = allow_mass_delete  # the operator looked: a sweep over the guard goes out
+        self.held: dict[str, Guard] = {}  # resources whose last sweep the guard held
 
     @classmethod
     def check(cls, resource: str) -> None:
@@ -133,15 +140,20 @@ class Resyncer:
                 f"(resyncable: {', '.join(sorted(cls.SUPPORTED))})", resource=resource)
 
     async def run(self, resource: str, *, trigger: str = "manual") -> ResyncResult:
-        """Resync one resource; returns once every snapshot event and the mark are durable on the bus."""
+        """Resync one resource; returns once every snapshot event and the mark are durable on the bus. The mark
+        goes out only for a listing proved complete whose sweep the mass-delete guard lets through."""
         self.check(resource)
         started, clock = time.time(), time.monotonic()
         resync_id = uuid.uuid4().hex[:16]
         bound = log.bind(resource=resource, resync_id=resync_id, trigger=trigger)
+        figures: Guard | None = None
         try:
-            snapshot = await self.snapshot(resource, self.bus.publish, on_head=lambda v: bound.info(
-                "resync_started", version=list(v), occurred_at=iso_utc(v[0])))
+            snapshot = await self.snapshot(resource, self.bus.publish, resync_id=resync_id,
+                                           on_head=lambda v: bound.info("resync_started", version=list(v),
+                                                                        occurred_at=iso_utc(v[0])))
             if snapshot.proof.complete:
+                figures = await self._guard(snapshot)
+            if snapshot.proof.complete and not (figures and figures.held):
                 # One mark per scope: each sweeps only what its listing proved (README "Resync").
                 marks = [ResyncMark(id=resync_event_id(resource, f"mark:{resync_id}" + (f":{i}" if i else ""),
                                                        snapshot.version),
@@ -157,25 +169,63 @@ class Resyncer:
             m.RESYNCS.labels(resource, trigger, "failed").inc()
             facts = exc.fields() if isinstance(exc, RwatchError) else {"error": repr(exc)}
             bound.error("resync_failed", **facts)
+            await self._record(resource, "failed", [str(facts.get("error"))])
             raise
         seconds = time.monotonic() - clock
         result = ResyncResult(resource, resync_id, snapshot.version, snapshot.listed, snapshot.requests, seconds,
-                              snapshot.scope, started, snapshot.proof.complete, snapshot.proof.reasons,
-                              snapshot.hidden)
+                              snapshot.scope, started, snapshot.proof.complete, list(snapshot.proof.reasons),
+                              snapshot.hidden, figures)
         facts = {"listed": snapshot.listed, "invalid": snapshot.invalid, "requests": sum(snapshot.requests.values()),
                  "seconds": round(seconds, 3), "scope": _scope_summary(snapshot.scope),
-                 "version": list(snapshot.version)}
+                 "version": list(snapshot.version), "guard": figures.to_dict() if figures else None}
         if not result.complete:
             # Published, but nothing is swept from it: a deletion needs proof (README "Resync").
             m.RESYNCS.labels(resource, trigger, "incomplete").inc()
             bound.error("resync_incomplete", **facts, reasons=result.reasons, hidden=result.hidden[:50])
+            await self._record(resource, "incomplete", result.reasons)
             return result
+        if figures is not None and figures.held:
+            m.RESYNCS.labels(resource, trigger, "held").inc()
+            m.SWEEP_HELD.labels(resource).set(figures.would_delete)
+            self.held[resource] = figures
+            result.complete = False
+            result.reasons.append(figures.describe())
+            bound.error("sweep_held", **{k: v for k, v in facts.items() if k != "guard"},
+                        would_delete=figures.would_delete, live=figures.live, share=round(figures.share, 4),
+                        limit=figures.share_limit, floor=figures.floor, source=figures.source, sample=figures.sample,
+                        fix=f"look at what CMDB lists, then: rwatch resync --resource {resource} --allow-mass-delete")
+            await self._record(resource, "held", result.reasons)
+            return result
+        m.SWEEP_HELD.labels(resource).set(0)
+        self.held.pop(resource, None)
         m.RESYNCS.labels(resource, trigger, "ok").inc()
         m.RESYNC_SECONDS.labels(resource).observe(seconds)
         bound.info("resync_finished", **facts)
+        await self._record(resource, "ok", [], listed=snapshot.listed)
         return result
 
-    async def snapshot(self, resource: str, out: Callable[[list[Event]], Awaitable[None]], *,
+    async def _guard(self, snap: Snapshot) -> Guard | None:
+        """The mass-delete guard's figures for this snapshot's sweep: from the mirrors that take the resource, else
+        from the last complete listing; None with neither (a first resync, nothing held downstream to compare)."""
+        figures = await preview(self.config, snap.resource, self.tenant, snap.version, [snap.scope, *snap.also],
+                                snap.keys, allowed=self.allow_mass_delete)
+        if figures is None and self.store is not None:
+            last = next((r for r in await self.store.resyncs(self.tenant) if r.resource == snap.resource), None)
+            if last is not None and last.listed is not None:
+                figures = guard(self.config, snap.resource, max(0, last.listed - snap.listed), last.listed,
+                                "the last complete listing", allowed=self.allow_mass_delete)
+        return figures
+
+    async def _record(self, resource: str, outcome: str, reasons: Sequence[str], *, listed: int | None = None) -> None:
+        """The outcome for ``rwatch cursors list``; a store that fails here costs only that line."""
+        if self.store is None:
+            return
+        try:
+            await self.store.record_resync(self.tenant, resource, outcome, reasons, listed=listed)
+        except RwatchError as exc:
+            log.warning("resync_not_recorded", resource=resource, **exc.fields())
+
+    async def snapshot(self, resource: str, out: Callable[[list[Event]], Awaitable[None]], *, resync_id: str = "",
                        on_head: Callable[[tuple[int, int]], object] | None = None) -> Snapshot:
         """Take the head, then list every object of ``resource`` as snapshot events handed to ``out`` page by
         page (``run`` publishes them; ``verify`` compares them)."""
@@ -185,7 +235,8 @@ class Resyncer:
             on_head(version)
         settings = self.config.watch.resources[resource]
         fields = [] if resource in p.FIELDS_IGNORED else list(settings.fields)
-        snap = Snapshot(resource, version, fields, self.tenant, out, iso_utc(time.time()), iso_utc(version[0]))
+        snap = Snapshot(resource, version, fields, self.tenant, out, iso_utc(time.time()), iso_utc(version[0]),
+                        resync_id=resync_id)
         snap.scope = await getattr(self, f"_list_{resource}")(snap)
         return snap
 
@@ -226,8 +277,10 @@ class Resyncer:
                 log.error("resync_object_invalid", resource=run.resource, reason="no_key",
                           keys=sorted(doc)[:20])
                 continue
+            run.keys.add(key)
             events.append(Event.model_construct(
-                id=resync_event_id(run.resource, key, run.version), resource=run.resource, action="update",
+                id=resync_event_id(run.resource, key, run.version, resync_id=run.resync_id), resource=run.resource,
+                action="update",
                 key=key, tenant=run.tenant, version=run.version, occurred_at=run.occurred,
                 observed_at=run.observed, origin="resync", cursor=None, data=data))
         if events:
@@ -453,7 +506,8 @@ async def fill_gaps(gaps: Sequence[Gap], result: ResyncResult, fill: Callable[[G
 
 
 async def resync_now(config: Config, resources: Sequence[str], stop: asyncio.Event, *,
-                     progress: Progress | None = None) -> dict[str, ResyncResult | BaseException]:
+                     progress: Progress | None = None,
+                     allow_mass_delete: bool = False) -> dict[str, ResyncResult | BaseException]:
     """``rwatch resync``: resync ``resources`` now, beside (or without) a running daemon, then fill every gap
     of each resource recorded before its resync started. With ``bus.kind = "memory"`` the sinks are built
     here and applied in-process; with AMQP the daemon's consumers apply what is published."""
@@ -476,7 +530,8 @@ async def resync_now(config: Config, resources: Sequence[str], stop: asyncio.Eve
         await bus.start()
         async with CmdbClient(config.cmdb) as client:
             await probe(client, config, resources)
-            resyncer = Resyncer(config, client, bus, stop, progress=progress, store=store)
+            resyncer = Resyncer(config, client, bus, stop, progress=progress, store=store,
+                                allow_mass_delete=allow_mass_delete)
 
             async def one(resource: str) -> None:
                 gaps = await store.gaps(config.cmdb.tenant, resource)

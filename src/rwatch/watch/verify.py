@@ -32,6 +32,7 @@ from rwatch.logs import get_logger
 from rwatch.sinks.base import Sink
 from rwatch.sinks.mirror import MirrorSink
 from rwatch.watch.cursors import CursorStore, VerifyResult, open_store
+from rwatch.watch.guard import Guard, guard
 from rwatch.watch.resync import HIDDEN_REASON, Resyncer, Scope, probe
 
 log = get_logger("rwatch.verify")
@@ -74,6 +75,8 @@ class ResourceReport:
     seconds: float
     hidden_businesses: list[int] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)  # why the listing is not proved complete (empty: it is)
+    # What a resync's sweep would delete now (the extra rows), and whether the mass-delete guard would hold it.
+    guard: Guard | None = None
 
     @property
     def drift(self) -> int:
@@ -104,6 +107,7 @@ class VerifyReport:
         for res, report in zip(doc["resources"], self.resources, strict=True):
             res["version"] = list(report.version)
             res["drift"] = report.drift
+            res["guard"] = report.guard.to_dict() if report.guard is not None else None
             for group, g in zip(res["groups"], report.groups, strict=True):
                 group["equal"] = g.equal
         doc["drift"] = self.drift
@@ -139,7 +143,7 @@ def choose(config: Config, sink: str | None, resources: Sequence[str] | None) ->
 
 
 async def verify(config: Config, *, sink: str | None = None, resources: Sequence[str] | None = None,
-                 repair: bool = False, wait: float = 60.0) -> VerifyReport:
+                 repair: bool = False, wait: float = 60.0, allow_mass_delete: bool = False) -> VerifyReport:
     """Compare the mirror ``sink`` with CMDB (see the module docstring); with ``repair`` resync what drifts
     and verify again (the report's ``after``)."""
     sink, chosen, skipped = choose(config, sink, resources)
@@ -163,7 +167,7 @@ async def verify(config: Config, *, sink: str | None = None, resources: Sequence
             opened.append(one)
         async with CmdbClient(config.cmdb) as client:
             await probe(client, config, chosen)
-            resyncer = Resyncer(config, client, bus, stop, store=store)
+            resyncer = Resyncer(config, client, bus, stop, store=store, allow_mass_delete=allow_mass_delete)
             report = await _pass(resyncer, mirror, sink, chosen, skipped)
             if repair and report.drift:
                 if isinstance(bus, MemoryBus):
@@ -275,13 +279,16 @@ async def _resource(resyncer: Resyncer, mirror: MirrorSink, resource: str) -> Re
         unproven, extra = extra, []
         for key in unproven:
             held.pop(key)
+    figures = None if snap.proof.reasons else guard(
+        resyncer.config, resource, len(extra), len(held), f"mirror {mirror.name}", allowed=resyncer.allow_mass_delete,
+        sample=extra)
     return ResourceReport(
         resource, snap.version, snap.scope, len(cmdb), len(held), len(ignored), out_of_scope,
         sum(1 for k in hidden_keys if not rows[k].deleted), unproven, _groups(cmdb, held),
         _sorted(cmdb.keys() - held.keys()), extra,
         _sorted(k for k in cmdb.keys() & held.keys() if cmdb[k][0] != held[k][0]),
         round(time.monotonic() - clock, 3), list(snap.hidden),
-        [r for r in snap.proof.reasons if not r.startswith(HIDDEN_REASON)])
+        [r for r in snap.proof.reasons if not r.startswith(HIDDEN_REASON)], figures)
 
 
 async def _in_hidden(mirror: MirrorSink, tenant: str, resource: str, rows: dict[str, Any],
