@@ -724,3 +724,11 @@ async def test_events_of_one_batch_sharing_a_version_apply_in_stream_order(mirro
     gone = host(2, 40, "delete")
     await mirror.apply([host(2, 40, bk_host_name="x"), gone])
     assert state(await mirror.objects("host", include_deleted=True))["2"] == ((40, 0), True, gone.data, gone.id)
+
+
+async def test_a_redelivered_snapshot_row_rewrites_nothing(mirror: MirrorSink) -> None:
+    row = snapshot_row(host(1, 50), "r1")
+    await mirror.apply([row])
+    before = (await mirror.objects("host"))["1"]
+    await mirror.apply([row])  # the same row again (at-least-once): a tie with itself is not a tie to win
+    assert (await mirror.objects("host"))["1"] == before  # not even updated_at moved

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
-from sqlalchemy import Table, event, literal, select, tuple_, update
+from sqlalchemy import Table, and_, event, literal, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
@@ -121,8 +121,10 @@ class MirrorSink:
         # and how a later resync at the same head brings back what an earlier, wrong, sweep tombstoned.
         self._upsert = insert.on_conflict_do_update(index_elements=[_O.tenant, _O.resource, _O.key],
                                                     set_=columns, where=stored < given)
-        self._upsert_snapshot = insert.on_conflict_do_update(index_elements=[_O.tenant, _O.resource, _O.key],
-                                                             set_=columns, where=stored <= given)
+        # (The same row redelivered, same id, is left alone: a tie is for another writer's row.)
+        self._upsert_snapshot = insert.on_conflict_do_update(
+            index_elements=[_O.tenant, _O.resource, _O.key], set_=columns,
+            where=or_(stored < given, and_(stored == given, _O.event_id != insert.excluded.event_id)))
 
     def __repr__(self) -> str:
         return f"<MirrorSink {self.name} {self.url.render_as_string(hide_password=True)}>"
