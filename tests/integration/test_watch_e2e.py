@@ -157,8 +157,8 @@ async def test_cmdb_failures_back_off_and_keep_the_cursor(
         await asyncio.wait_for(watcher.wait_saved(lambda s: s.cursor == newest), 30)
         cursor = await saved_cursor(parts, "host")
         assert cursor == newest
-        backoffs = metric("rwatch_watch_backoffs_total", resource="host", reason="transient") + metric(
-            "rwatch_watch_backoffs_total", resource="host", reason="rate_limited")
+        backoffs = sum(metric("rwatch_watch_backoffs_total", resource="host", reason=r)
+                       for r in ("transient", "rate_limited", "malformed"))
         faults = [
             {"kind": "http_500", "resource": "host"}, {"kind": "http_502", "resource": "host"},
             {"kind": "http_429", "resource": "host"}, {"kind": "code", "code": 1199997, "resource": "host"},
@@ -169,8 +169,8 @@ async def test_cmdb_failures_back_off_and_keep_the_cursor(
         sim.faults.schedule(faults)
         await sim.stats.wait_for(lambda _: not sim.faults.script, 60)
         # Every fault was answered with a pause, and none moved the cursor.
-        after = metric("rwatch_watch_backoffs_total", resource="host", reason="transient") + metric(
-            "rwatch_watch_backoffs_total", resource="host", reason="rate_limited")
+        after = sum(metric("rwatch_watch_backoffs_total", resource="host", reason=r)
+                    for r in ("transient", "rate_limited", "malformed"))
         assert after - backoffs >= len(faults) - 1  # the last one may still be pausing
         assert await saved_cursor(parts, "host") == cursor
         # Real progress after the storm: every change arrives and the cursor follows.
@@ -269,6 +269,36 @@ async def test_cursor_older_than_retention_records_the_gap_and_moves_on(
         assert gap.reason == "cursor_expired" and gap.start == float(last_seen.sec)
         now = sim.state.clock.now()
         assert now - 3 * 3600 < gap.end < now - 3 * 3600 + 120  # the oldest retained second + margin
+
+
+@pytest.mark.parametrize("kind", ["empty_events", "missing_events", "events_not_list", "unwatched_with_events"])
+async def test_a_malformed_reply_keeps_the_position_and_loses_nothing(
+    sim: Simulator, setups: MakeSetup, kind: str
+) -> None:
+    """Issue 12, point 5: a successful reply that says nothing true about where the stream stands (no events, or
+    events under ``bk_watched: false``) is counted, logged, retried with backoff from the same cursor. It used to
+    restart the watch "from now" (or skip the events as a placeholder), losing what happened in between."""
+    setup = setups(sim.url, ["host"])
+    async with reading_after_declare(setup) as reader:
+        await run_until_caught_up(setup, sim, reader)
+        missed_from = len(sim.state.chain("host"))
+        for i, key in enumerate(list(sim.state.objects("host"))[:30]):
+            sim.state.update("host", key, {"bk_host_name": f"while-stopped-{i}"})
+        # The first answer to the restarted watcher's cursor is malformed.
+        sim.faults.schedule({"kind": kind, "resource": "host", "mode": "cursor"})
+        malformed = metric("rwatch_watch_requests_total", resource="host", outcome="malformed")
+        paused = metric("rwatch_watch_backoffs_total", resource="host", reason="malformed")
+        from_now = sim.stats.watch_requests("host", "now")
+        await run_until_caught_up(setup, sim, reader)
+        assert sim.faults.fired[kind] == 1 and not sim.faults.script
+        assert sim.stats.watch_requests("host", "now") == from_now  # never restarted "from now"
+        assert metric("rwatch_watch_requests_total", resource="host", outcome="malformed") == malformed + 1
+        assert metric("rwatch_watch_backoffs_total", resource="host", reason="malformed") == paused + 1
+    got = {e["id"] for e in reader.events["host"]}
+    missed = sim.state.chain("host")[missed_from:]
+    assert len(missed) == 30
+    assert [n.cursor for n in missed if watch_event_id("host", n.cursor) not in got] == []
+    assert await stored_gaps(setup, "host") == []
 
 
 @contextlib.asynccontextmanager

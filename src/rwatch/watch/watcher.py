@@ -34,6 +34,7 @@ from rwatch.errors import (
     TRANSIENT_ERRORS,
     CmdbRateLimited,
     CmdbRefused,
+    CmdbTransientError,
     CursorExpired,
     LeaseLost,
     PermanentError,
@@ -407,7 +408,8 @@ class Watcher:
             self._refused(exc, state.upcoming_sleep)
             return
         fields = exc.fields() if isinstance(exc, RwatchError) else {"error": repr(exc)}
-        level = self.log.error if isinstance(exc, PermanentError) else self.log.warning
+        # A malformed reply is no network hiccup: something between CMDB and us (or CMDB itself) answers wrong.
+        level = self.log.error if isinstance(exc, PermanentError) or reason == "malformed" else self.log.warning
         level("watch_failed", **{**fields, "outcome": reason, "mode": self.position.mode,
                                  "retry_in": round(state.upcoming_sleep, 2), "attempt": state.attempt_number})
 
@@ -550,7 +552,11 @@ class Watcher:
             for action, n in counts.items():
                 m.EVENTS_RECEIVED.labels(res, action).inc(n)
         last = reply.last_cursor
-        if last is None or last == p.NO_EVENT_CURSOR:
+        if last is None:
+            # No element says where the stream stands (the client refuses such replies as malformed): the
+            # position stays. Reading it as "from now" would skip everything since (issue 12, point 5).
+            return Batch(events, None, counts)
+        if last == p.NO_EVENT_CURSOR:
             # The NoEventCursor is a position only for the next poll: persisting it would replay the
             # whole retention window after a restart.
             self.position = Position(cursor=last, event_time=self.position.event_time)
@@ -707,4 +713,6 @@ def _outcome(exc: BaseException | None) -> str:
         return "refused"
     if isinstance(exc, PermanentError):
         return "permanent"
+    if isinstance(exc, CmdbTransientError) and exc.extra.get("reason") == "malformed":
+        return "malformed"
     return "transient"
