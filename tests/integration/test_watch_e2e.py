@@ -271,6 +271,47 @@ async def test_cursor_older_than_retention_records_the_gap_and_moves_on(
         assert now - 3 * 3600 < gap.end < now - 3 * 3600 + 120  # the oldest retained second + margin
 
 
+async def test_start_time_refused_resumes_inside_the_window_and_records_only_what_was_lost(
+    setups: MakeSetup
+) -> None:
+    """Issue 12, point 6: CMDB keeps less than ``watch.retention`` (1 h here, 3 h configured). After a long stop
+    the cursor is gone (1103007) and the start time it leads to is refused too (1199006). rwatch searches inside
+    the window (3 h, then 1 h 30, then 45 min back) instead of jumping to "from now", and records as a gap only
+    what lies between the last event it saw and the start the server accepted."""
+    async with Simulator(SimOptions(port=0, hold=1.0, error_delay=0.01, seed=5, retention=3600)) as sim:
+        setup = setups(sim.url, ["host"])
+        keys = list(sim.state.objects("host"))
+        async with reading_after_declare(setup) as reader:
+            await run_until_caught_up(setup, sim, reader)
+            last_seen = sim.state.chain("host")[-1]
+            # Stopped for two hours. A change 50 min ago is still in CMDB's window but before the start rwatch
+            # will find (45 min back): lost, and inside the recorded gap. Later changes arrive.
+            sim.state.clock.jump(70 * 60)
+            sim.state.update("host", keys[0], {"bk_host_name": "in-the-hole"})
+            lost = sim.state.chain("host")[-1]
+            sim.state.clock.jump(50 * 60)
+            after_from = len(sim.state.chain("host"))
+            for i, key in enumerate(keys[1:11]):
+                sim.state.update("host", key, {"bk_host_name": f"after-{i}"})
+            before = {mode: sim.stats.watch_requests("host", mode) for mode in ("cursor", "start_from", "now")}
+            await run_until_caught_up(setup, sim, reader)
+            asked = {mode: sim.stats.watch_requests("host", mode) - n for mode, n in before.items()}
+        # 1103007; start_from refused twice (2 h 5 min, 1 h 30 back), then accepted (45 min back); never from now.
+        assert asked["now"] == 0
+        assert asked["start_from"] == 3
+        assert sim.stats.watch_count("host", "start_from", "error:1199006") == 2
+        got = {e["id"] for e in reader.events["host"]}
+        assert all(watch_event_id("host", n.cursor) in got for n in sim.state.chain("host")[after_from:])
+        assert watch_event_id("host", lost.cursor) not in got
+        gaps = await stored_gaps(setup, "host")
+        assert [(g.reason, g.start) for g in gaps] == [("start_out_of_window", float(last_seen.sec))]
+        # It ends where the accepted start is: inside the server's window, after the lost change, before the rest.
+        now = sim.state.clock.now()
+        end = gaps[0].end
+        assert now - 3600 < end and lost.sec <= end < sim.state.chain("host")[after_from].sec
+        assert end < now - 40 * 60  # not "from now": a 1 h 15 min hole, not the whole 2 h
+
+
 @pytest.mark.parametrize("kind", ["empty_events", "missing_events", "events_not_list", "unwatched_with_events"])
 async def test_a_malformed_reply_keeps_the_position_and_loses_nothing(
     sim: Simulator, setups: MakeSetup, kind: str
