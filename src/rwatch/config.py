@@ -211,7 +211,8 @@ class ResourceConfig(_Section):
 
 class WatchConfig(_Section):
     bootstrap: Literal["resync", "now"] = "now"
-    lookback: Duration = 300.0
+    lookback: Duration = Field(default=300.0, description="after 1103007, resume this long before the last event "
+                               "(always from the second before it at least: 0 replays just that second)")
     retention: Duration = Field(default=3 * 3600.0, description="plan for 3 h (the docs); the code keeps 6 h")
     lease_ttl: Duration = Field(default=10.0, ge=1.0, description="HA lease per resource; renewed every ttl/3")
     resync_every: Duration = Field(default=0.0, ge=0, description="periodic resync of every resource; 0 = off")

@@ -271,6 +271,33 @@ async def test_cursor_older_than_retention_records_the_gap_and_moves_on(
         assert now - 3 * 3600 < gap.end < now - 3 * 3600 + 120  # the oldest retained second + margin
 
 
+async def test_lookback_zero_still_replays_the_events_that_shared_the_last_ones_second(
+    sim: Simulator, setups: MakeSetup
+) -> None:
+    """Issue 12, point 8: ``watch.lookback = 0`` used to resume an expired cursor at the last event's own second,
+    and CMDB answers only the events *after* the second it is given: the events that shared that second and came
+    after the cursor were skipped, with no gap recorded. It now means "from the second before"."""
+    setup = setups(sim.url, ["host"])
+    setup.path.write_text(setup.path.read_text().replace('lookback = "5m"', 'lookback = "0s"'))
+    assert setup.config().watch.lookback == 0
+    frozen = float(int(sim.state.clock.now()) + 1)
+    sim.state.clock.now = lambda: frozen  # type: ignore[method-assign]  # every event from here shares a second
+    keys = list(sim.state.objects("host"))
+    async with reading_after_declare(setup) as reader:
+        sim.state.update("host", keys[0], {"bk_host_name": "saved"})
+        await run_until_caught_up(setup, sim, reader)
+        missed_from = len(sim.state.chain("host"))
+        for i, key in enumerate(keys[1:6]):
+            sim.state.update("host", key, {"bk_host_name": f"same-second-{i}"})
+        sim.faults.schedule({"kind": "expire_cursors", "resource": "host"})
+        await run_until_caught_up(setup, sim, reader)
+    missed = sim.state.chain("host")[missed_from:]
+    assert {n.sec for n in missed} == {int(frozen)} and len(missed) == 5
+    got = {e["id"] for e in reader.events["host"]}
+    assert [n.cursor for n in missed if watch_event_id("host", n.cursor) not in got] == []
+    assert await stored_gaps(setup, "host") == []
+
+
 async def test_start_time_refused_resumes_inside_the_window_and_records_only_what_was_lost(
     setups: MakeSetup
 ) -> None:

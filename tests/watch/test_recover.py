@@ -126,3 +126,15 @@ async def test_a_start_the_server_takes_for_the_future_resumes_a_minute_back_and
     starts = [start for mode, start in cmdb.requests if mode == "start_from"]
     assert starts == [refused, int(NOW - RESUME_MARGIN)]
     assert store.gaps == []
+
+
+async def test_a_lookback_of_zero_still_replays_the_last_events_second() -> None:
+    """CMDB answers the events strictly after the second it is given: resuming at the last event's own second
+    would skip the events that shared it. lookback = 0 means "from the second before"."""
+    cmdb, store = FakeCmdb(held=3 * HOUR), Gaps()
+    w = make(cmdb, store, lookback="0s")
+    last = NOW - 600
+    w.position = Position(cursor=cursor_at(last), event_time=last)
+    await w.recover(CursorExpired("gone", code=p.CODE_CURSOR_EXPIRED))
+    assert w.position.start_from == int(last) - 1
+    assert store.gaps == []

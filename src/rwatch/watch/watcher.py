@@ -14,6 +14,7 @@ fence, so a save the store sees after a take-over is refused (``LeaseLost``), wh
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 import socket
@@ -443,8 +444,9 @@ class Watcher:
     async def recover(self, exc: CursorExpired | StartOutOfWindow) -> None:
         """Pick the next position after the server refused ours; record any history truly lost.
 
-        Cursor refused (1103007) -> resume by time: the last event − lookback if inside the window, else from
-        the oldest retained second, recording the gap.
+        Cursor refused (1103007) -> resume by time: the last event − lookback if inside the window (and always
+        at least the second before the last event's: CMDB answers only events *after* the second it is given,
+        so the last event's own second is replayed), else from the oldest retained second, recording the gap.
         Start time refused (1199006: the server keeps less than ``retention``, or the clocks disagree) -> a
         bounded search inside the window (``_next_start``); the gap, recorded once a start is accepted, is
         exactly [first refused start (or the last event seen, when later), accepted start). When no try is
@@ -460,6 +462,10 @@ class Watcher:
         m.CURSOR_EXPIRED.labels(self.resource).inc()
         oldest = now - self.watch.retention + RESUME_MARGIN
         wanted = (last if last is not None else now) - self.watch.lookback
+        if last is not None:
+            # CMDB answers the events *after* the second it is given: the second before the last event's, at the
+            # latest, or the events that shared that second and came after it would be skipped (lookback = 0).
+            wanted = min(wanted, math.floor(last) - 1)
         start = max(wanted, oldest)
         self.log.warning("cursor_expired", code=exc.code, cursor=pos.cursor, last_event_time=last,
                          resume_from=int(start))
