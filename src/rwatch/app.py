@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +21,7 @@ from rwatch.bus.memory import MemoryBus
 from rwatch.cmdb.client import CmdbClient
 from rwatch.config import Config
 from rwatch.errors import TRANSIENT_ERRORS, ConfigError, RwatchError
-from rwatch.events import Message
+from rwatch.events import Message, iso_utc
 from rwatch.http import serve_http
 from rwatch.metrics import DEAD_LETTERS, TASK_CRASHES, WATCHERS
 from rwatch.retry import HealthyResetWait, sleep_or_stop
@@ -78,12 +78,8 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
                     http_port: asyncio.Future[int] | None = None) -> None:
     """Run until ``stop`` is set, then stop cleanly: watchers finish the batch in hand and save its cursor,
     consumers finish the batch in hand and acknowledge it."""
+    config.check_role(role)  # what would wedge a watcher is refused before anything starts (exit 2)
     memory = config.bus.kind == "memory"
-    if memory and role != "all":
-        raise ConfigError(f"bus.kind = 'memory' runs watchers and sinks in one process; --role {role} needs "
-                          "'amqp'", key="bus.kind")
-    if memory and not config.queue_sinks:
-        raise ConfigError("bus.kind = 'memory' needs at least one enabled sink to apply events to", key="sinks")
     watching, consuming = role in ("watcher", "all"), role in ("consumer", "all")
     started = time.monotonic()
     install_error_tap()  # /status lists the last error log events, start-up's included
@@ -155,8 +151,16 @@ async def readiness(config: Config, bus: Bus | None, store: CursorStore | None,
                     consumers: ConsumerGroup | None, resyncer: Resyncer | None = None) -> dict[str, dict[str, Any]]:
     """The checks of ``/readyz``: broker connected, store reachable, every followed resource polled recently,
     no lag past two thirds of ``watch.retention`` (``lag:<resource>``: history is about to be lost), CMDB not
-    refusing a watcher (``cmdb:<resource>``), and no business hidden from the user (``hidden_businesses``)."""
+    refusing a watcher (``cmdb:<resource>``), no business hidden from the user (``hidden_businesses``), and no
+    resource whose events no queue receives (``route:<resource>``)."""
     checks: dict[str, dict[str, Any]] = {}
+    unrouted: Mapping[str, float] = getattr(bus, "unrouted", None) or {}
+    for resource, since in sorted(unrouted.items()):
+        # The broker returns its events (mandatory): no queue is bound for them, the watcher waits, nothing saved.
+        checks[f"route:{resource}"] = {
+            "ok": False, "since": iso_utc(since), "routing_key": f"cmdb.{resource}.*",
+            "fix": f"no queue on exchange {config.bus.exchange!r} takes cmdb.{resource}.*: start the consumers that "
+                   f"declare it (bus.publish_only), or give a sink of this configuration the resource"}
     if resyncer is not None and resyncer.hidden:
         # Degraded, not down: the stream flows, but resyncs sweep nothing their listing cannot see.
         checks["hidden_businesses"] = {
