@@ -2,18 +2,28 @@
 
 A resource whose events no sink of the configuration takes, or a ``--role watcher`` with no sink at all, is refused
 at start: exit 2, naming the key, the file and the fix (``bus.publish_only`` is the explicit mode for consumers that
-live elsewhere, tested in ``tests/integration/test_publish_only.py``).
+live elsewhere, tested in ``tests/integration/test_publish_only.py``). A watcher that keeps crashing fails
+``/readyz`` with its last error until it runs again; it never just vanishes from it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import rwatch.app as app_module
+from rwatch.app import run_async
+from rwatch.cmdb import protocol as p
+from rwatch.sim.server import SimOptions, Simulator
+from rwatch.watch.watcher import Batch, Watcher
 from tests.entrypoint import RWATCH
+from tests.test_refusals import daemon_config, readyz, until
 
 # Nothing listens here: a refused configuration must be refused before rwatch touches the broker or CMDB.
 NOWHERE = 'base_url = "http://127.0.0.1:1"\n'
@@ -87,3 +97,59 @@ def test_the_same_configurations_are_fine_where_they_wedge_nothing(tmp_path: Pat
     path = write(tmp_path, MIRROR_FOR_HOST.format(tmp=tmp_path), 'kind = "memory"\npublish_only = true')
     proc = rwatch("check-config", "--config", str(path))
     assert proc.returncode == 2 and f"{path}: [bus.publish_only]" in proc.stderr, proc.stderr
+
+
+# --- a watcher that keeps crashing --------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(SimOptions(port=0, hold=0.5, error_delay=0.0, hosts=4)) as s:
+        yield s
+
+
+async def test_a_crashing_watcher_fails_readyz_with_its_error_until_it_runs_again(
+        tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = True
+    normalize = Watcher.normalize
+
+    def buggy(self: Watcher, reply: p.WatchReply) -> Batch:
+        if broken:
+            raise RuntimeError("a bug in normalize")
+        return normalize(self, reply)
+
+    monkeypatch.setattr(Watcher, "normalize", buggy)
+    # Restarts within a tenth of a second instead of the production 1 s doubling: the policy is under test.
+    wait = app_module.HealthyResetWait
+    monkeypatch.setattr(app_module, "HealthyResetWait", lambda **_: wait(initial=0.05, maximum=0.1))
+    stop = asyncio.Event()
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    daemon = asyncio.create_task(run_async(daemon_config(tmp_path, sim), stop, http_port=port))
+    try:
+        http = await asyncio.wait_for(port, 30)
+
+        async def crashed(times: int) -> dict[str, Any] | None:
+            status, body = await readyz(http)
+            check = body["checks"].get("watch:host")
+            if check is not None and check["crashes"] >= times:
+                assert status == 503 and body["status"] == "not_ready" and "watch:host" in body["failing"]
+                return check
+            return None
+
+        check = await until(lambda: crashed(1))
+        assert check["ok"] is False and check["error"] == "RuntimeError: a bug in normalize"
+        assert "task_crashed" in check["fix"]
+        # It keeps crashing and keeps failing: the check never drops out between two crashes.
+        later = await until(lambda: crashed(3))
+        assert later["since"] == check["since"]
+
+        broken = False  # fixed (in real life: a new release); the next restart runs
+
+        async def ready() -> bool:
+            status, body = await readyz(http)
+            return status == 200 and "watch:host" not in body["checks"] and "poll:host" in body["checks"]
+
+        await until(ready)
+    finally:
+        stop.set()
+        await asyncio.wait_for(daemon, 30)

@@ -156,6 +156,10 @@ class Watcher:
         self.refused: dict[str, object] | None = None  # while CMDB refuses us: why, and the fix (readiness)
         self._businesses: dict[str, tuple[bool, bool]] = {}  # biz: (live, pool) as last noted in the store
         self._window: _WindowSearch | None = None  # after a 1199006: the search for a start the server accepts
+        # Monotonic time of the last sign that this watcher works: a batch through the whole pipeline (polled,
+        # published, saved), or queueing as a standby for a lease another process holds. A restart after a crash
+        # is "running again" (``/readyz``) only once this moves past the crash.
+        self.progress_at: float | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -194,6 +198,7 @@ class Watcher:
                 return fence
             if not waiting:
                 waiting = True
+                self.progress_at = time.monotonic()
                 self.log.info("lease_waiting", owner=self.owner, retry_every=round(pause, 2))
             if await sleep_or_stop(pause, self.stop):
                 raise Stopping("stopping")
@@ -690,6 +695,7 @@ class Watcher:
                 return
             if batch.state is not None and not await self.save_cursor(batch.state):
                 return
+            self.progress_at = time.monotonic()
 
     async def publish_batch(self, batch: Batch) -> bool:
         if not batch.events:
