@@ -138,3 +138,19 @@ async def test_a_lookback_of_zero_still_replays_the_last_events_second() -> None
     await w.recover(CursorExpired("gone", code=p.CODE_CURSOR_EXPIRED))
     assert w.position.start_from == int(last) - 1
     assert store.gaps == []
+
+
+async def test_a_refusal_of_a_mode_the_request_did_not_use_backs_off_and_records_nothing() -> None:
+    """1199006 to a request without a start time (a scripted fault, a confused proxy): no search, no gap."""
+    cmdb, store = FakeCmdb(held=3 * HOUR), Gaps()
+    w = make(cmdb, store)
+    w.position = Position(cursor=cursor_at(NOW - 600), event_time=NOW - 600)
+    refusal = StartOutOfWindow("'bk_start_from' invalid", code=p.CODE_START_FROM_INVALID, resource="host")
+
+    async def refuse(resource: str, **_: Any) -> p.WatchReply:
+        raise refusal
+
+    cmdb.watch = refuse  # type: ignore[method-assign]
+    with pytest.raises(StartOutOfWindow):
+        await w._call()
+    assert w.position.cursor == cursor_at(NOW - 600) and store.gaps == []

@@ -390,6 +390,10 @@ class Watcher:
             reply = poll.result()
         except (CursorExpired, StartOutOfWindow) as exc:
             self._outcomes.labels(self.resource, _outcome(exc)).inc()
+            if pos.mode != ("cursor" if isinstance(exc, CursorExpired) else "start_from"):
+                # A refusal of a start mode this request did not use (no server does that): nothing to recover
+                # from, and no gap to record; back off like any other error, the position kept.
+                raise
             await self.recover(exc)
             raise _Repoll() from exc
         except Exception as exc:
