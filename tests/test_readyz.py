@@ -126,9 +126,14 @@ exchange = "readyz-{tmp_path.name}"
 queue_prefix = "readyz-{tmp_path.name}"
 [store]
 url = "sqlite:///{tmp_path}/state.db"
+[sinks.events]
+kind = "jsonl"
+path = "{tmp_path}/events.jsonl"
 [http]
 listen = "127.0.0.1:0"
 """)
+        # The sink is not run by a watcher; it is there so that the events have a queue (a watcher whose events
+        # no queue receives is refused at start, issue 12).
         stop = asyncio.Event()
         port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(run_async(load_config(path, environ={}), stop, role="watcher", http_port=port))
@@ -163,5 +168,7 @@ listen = "127.0.0.1:0"
 
             connection = await aio_pika.connect(amqp_url)
             async with connection, connection.channel() as channel:
+                for queue in (f"readyz-{tmp_path.name}.events.host", f"readyz-{tmp_path.name}.events.dead"):
+                    await channel.queue_delete(queue)
                 for name in (f"readyz-{tmp_path.name}", f"readyz-{tmp_path.name}.dlx"):
                     await channel.exchange_delete(name)

@@ -9,7 +9,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +22,7 @@ from rwatch.bus.memory import MemoryBus
 from rwatch.cmdb.client import CmdbClient
 from rwatch.config import Config
 from rwatch.errors import TRANSIENT_ERRORS, ConfigError, RwatchError
-from rwatch.events import Message
+from rwatch.events import Message, iso_utc
 from rwatch.http import serve_http
 from rwatch.metrics import DEAD_LETTERS, TASK_CRASHES, WATCHERS
 from rwatch.retry import HealthyResetWait, sleep_or_stop
@@ -57,20 +58,44 @@ async def _until_up(what: str, connect: Callable[[], Awaitable[None]], stop: asy
     return False
 
 
-async def supervise(name: str, start: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
+@dataclass(slots=True)
+class Crash:
+    """The last time a supervised task died of a bug, for ``/readyz``: a crashing task must not just vanish."""
+
+    error: str
+    count: int  # crashes in a row, without progress in between
+    at: float  # monotonic time of the last crash
+    since: float  # Unix time of the first crash in a row
+    restart_in: float
+
+
+async def supervise(name: str, start: Callable[[], Awaitable[None]], stop: asyncio.Event,
+                    crashes: dict[str, Crash] | None = None,
+                    progress: Callable[[], float | None] | None = None) -> None:
     """Run a task; if it dies of a bug, log it with its traceback, count it, and start it again.
 
-    A watcher restarted this way reloads its cursor from the store, so a crash costs at most a replay.
+    A watcher restarted this way reloads its cursor from the store, so a crash costs at most a replay. Each crash
+    is kept in ``crashes`` (``/readyz`` reports a watcher's until it runs again); ``progress`` tells when the task
+    last made progress (monotonic), so crashes count as "in a row" only without progress in between.
     """
     wait = HealthyResetWait(initial=1.0, maximum=30.0)
     while not stop.is_set():
         try:
             await start()
+            if crashes is not None:
+                crashes.pop(name, None)
             return
-        except Exception:
+        except Exception as exc:
             TASK_CRASHES.labels(name).inc()
             delay = wait.next_delay()
             log.exception("task_crashed", task=name, restart_in=round(delay, 2))
+            if crashes is not None:
+                last = crashes.get(name)
+                moved = progress() if progress is not None else None
+                streak = last is not None and (moved is None or moved < last.at)
+                crashes[name] = Crash(f"{type(exc).__name__}: {exc}", last.count + 1 if streak and last else 1,
+                                      time.monotonic(), last.since if streak and last else time.time(),
+                                      round(delay, 2))
             await sleep_or_stop(delay, stop)
 
 
@@ -78,12 +103,8 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
                     http_port: asyncio.Future[int] | None = None) -> None:
     """Run until ``stop`` is set, then stop cleanly: watchers finish the batch in hand and save its cursor,
     consumers finish the batch in hand and acknowledge it."""
+    config.check_role(role)  # what would wedge a watcher is refused before anything starts (exit 2)
     memory = config.bus.kind == "memory"
-    if memory and role != "all":
-        raise ConfigError(f"bus.kind = 'memory' runs watchers and sinks in one process; --role {role} needs "
-                          "'amqp'", key="bus.kind")
-    if memory and not config.queue_sinks:
-        raise ConfigError("bus.kind = 'memory' needs at least one enabled sink to apply events to", key="sinks")
     watching, consuming = role in ("watcher", "all"), role in ("consumer", "all")
     started = time.monotonic()
     install_error_tap()  # /status lists the last error log events, start-up's included
@@ -99,6 +120,8 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
     owner = default_owner()  # one HA lease owner for every watcher of this process
     sinks = make_sinks(config) if consuming else {}
     tasks: set[asyncio.Task[None]] = set()
+    crashes: dict[str, Crash] = {}  # watchers that died of a bug, until they run again (/readyz)
+    followers: dict[str, Watcher] = {}  # the current watcher of each resource (a crash replaces it)
 
     def alive() -> bool:
         return all(not t.done() or t.cancelled() for t in tasks) or stop.is_set()
@@ -119,7 +142,7 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
 
             async def ready() -> dict[str, dict[str, Any]]:
                 return await readiness(config, bus if watching else None, store if watching else None, consumers,
-                                       resyncer if watching else None)
+                                       resyncer if watching else None, crashes=crashes, watchers=followers)
 
             status = Status(config, stop, role=role, owner=owner, started=started, name=f"{name} status")
             http = serve_http(config.http.listen, alive, stop, http_port, routes=sd_routes(prom), ready=ready,
@@ -131,15 +154,21 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
                 tasks.add(group.create_task(verified, name="verify_metrics"))
             for resource in resources:
                 def start(resource: str = resource) -> Awaitable[None]:
-                    return Watcher(
+                    watcher = followers[resource] = Watcher(
                         resource, settings=config.watch.resources[resource], watch=config.watch,
                         tenant=config.cmdb.tenant, client=client, bus=bus, store=store, stop=stop,
                         owner=owner, lease_ttl=config.watch.lease_ttl, resyncer=resyncer,
                         publish_grace=config.run.stop_grace,
-                    ).run()
+                    )
+                    return watcher.run()
+
+                def progress(resource: str = resource) -> float | None:
+                    current = followers.get(resource)
+                    return current.progress_at if current is not None else None
 
                 task_name = f"watch:{resource}"
-                tasks.add(group.create_task(supervise(task_name, start, stop), name=task_name))
+                watch_task = supervise(task_name, start, stop, crashes, progress)
+                tasks.add(group.create_task(watch_task, name=task_name))
             if consumers is not None and config.queue_sinks:
                 tasks.add(group.create_task(supervise("consumers", consumers.run, stop), name="consumers"))
     finally:
@@ -152,16 +181,35 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
 
 
 async def readiness(config: Config, bus: Bus | None, store: CursorStore | None,
-                    consumers: ConsumerGroup | None, resyncer: Resyncer | None = None) -> dict[str, dict[str, Any]]:
+                    consumers: ConsumerGroup | None, resyncer: Resyncer | None = None, *,
+                    crashes: Mapping[str, Crash] | None = None,
+                    watchers: Mapping[str, Watcher] | None = None) -> dict[str, dict[str, Any]]:
     """The checks of ``/readyz``: broker connected, store reachable, every followed resource polled recently,
     no lag past two thirds of ``watch.retention`` (``lag:<resource>``: history is about to be lost), CMDB not
-    refusing a watcher (``cmdb:<resource>``), no business hidden from the user (``hidden_businesses``) and no
-    sweep held by the mass-delete guard (``sweep_held:<resource>``)."""
+    refusing a watcher (``cmdb:<resource>``), no business hidden from the user (``hidden_businesses``), no sweep
+    held by the mass-delete guard (``sweep_held:<resource>``), no resource whose events no queue receives
+    (``route:<resource>``), and no watcher that died of a bug and has not run again since (``watch:<resource>``:
+    a crashed watcher is out of ``WATCHERS``, so without this it would just vanish from the other checks)."""
     checks: dict[str, dict[str, Any]] = {}
     for resource, held in sorted((resyncer.held if resyncer is not None else {}).items()):
         # Degraded: the stream flows, but a sweep waits for an operator (the mass-delete guard).
         checks[f"sweep_held:{resource}"] = {"ok": False, **held.to_dict(), "why": held.describe(),
                                             "fix": f"rwatch resync --resource {resource} --allow-mass-delete"}
+    for name, crash in sorted((crashes or {}).items()):
+        current = (watchers or {}).get(name.removeprefix("watch:"))
+        if current is not None and current.progress_at is not None and current.progress_at > crash.at:
+            continue  # restarted and past the point where it died: it runs again
+        checks[name] = {
+            "ok": False, "error": crash.error, "crashes": crash.count, "since": iso_utc(crash.since),
+            "restart_in_s": crash.restart_in,
+            "fix": "a bug: the task_crashed log line has the traceback; it is restarted with backoff"}
+    unrouted: Mapping[str, float] = getattr(bus, "unrouted", None) or {}
+    for resource, since in sorted(unrouted.items()):
+        # The broker returns its events (mandatory): no queue is bound for them, the watcher waits, nothing saved.
+        checks[f"route:{resource}"] = {
+            "ok": False, "since": iso_utc(since), "routing_key": f"cmdb.{resource}.*",
+            "fix": f"no queue on exchange {config.bus.exchange!r} takes cmdb.{resource}.*: start the consumers that "
+                   f"declare it (bus.publish_only), or give a sink of this configuration the resource"}
     if resyncer is not None and resyncer.hidden:
         # Degraded, not down: the stream flows, but resyncs sweep nothing their listing cannot see.
         checks["hidden_businesses"] = {

@@ -172,9 +172,20 @@ def sim(
 
 
 @app.command("check-config")
-def check_config(config: ConfigOption = None) -> None:
+def check_config(
+    config: ConfigOption = None,
+    role: Annotated[str, typer.Option(help="also check it can run with this --role: watcher, consumer or all")] = "all",
+) -> None:
     """Validate the configuration and print it, effective and with secrets masked."""
+    if role not in ("watcher", "consumer", "all"):
+        typer.echo(f"rwatch: --role {role!r}: choose watcher, consumer or all", err=True)
+        raise typer.Exit(2)
     cfg = _load(config)
+    try:
+        cfg.check_role(role)
+    except ConfigError as exc:
+        typer.echo(f"rwatch: bad configuration: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(tomli_w.dumps(cfg.masked()), nl=False)
 
 

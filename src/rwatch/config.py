@@ -22,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -211,7 +212,8 @@ class ResourceConfig(_Section):
 
 class WatchConfig(_Section):
     bootstrap: Literal["resync", "now"] = "now"
-    lookback: Duration = 300.0
+    lookback: Duration = Field(default=300.0, description="after 1103007, resume this long before the last event "
+                               "(always from the second before it at least: 0 replays just that second)")
     retention: Duration = Field(default=3 * 3600.0, description="plan for 3 h (the docs); the code keeps 6 h")
     lease_ttl: Duration = Field(default=10.0, ge=1.0, description="HA lease per resource; renewed every ttl/3")
     resync_every: Duration = Field(default=0.0, ge=0, description="periodic resync of every resource; 0 = off")
@@ -276,6 +278,8 @@ class BusConfig(_Section):
     publish_window: int = Field(default=256, ge=1, le=65535, description="unconfirmed publishes in flight")
     prefetch: int = Field(default=256, ge=1, le=65535)
     publish_timeout: Duration = Field(default=30.0, gt=0, description="per publish, until the broker confirms")
+    publish_only: bool = Field(default=False, description="watchers publish resources no sink here takes: their "
+                               "consumers are configured elsewhere and declare their own queues")
 
 
 class StoreConfig(_Section):
@@ -430,8 +434,18 @@ class Config(_Section):
     log: LogConfig = Field(default_factory=LogConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
+    _source: str | None = PrivateAttr(default=None)  # the file (or "<defaults>") load_config read
+
+    @property
+    def source(self) -> str | None:
+        """Where this configuration came from, for errors that name the file."""
+        return self._source
+
     @model_validator(mode="after")
     def _sinks_cover_resources(self) -> Config:
+        if self.bus.publish_only and self.bus.kind == "memory":
+            raise ValueError("bus.publish_only: the memory bus delivers only to this process's sinks; publishing "
+                             "for consumers configured elsewhere needs bus.kind = 'amqp'")
         enabled = set(self.watch.enabled)
         for name, sink in self.sinks.items():
             if not re.fullmatch(r"[a-z0-9_-]+", name):
@@ -447,6 +461,43 @@ class Config(_Section):
                 if res not in enabled:
                     raise ValueError(f"sinks.{name}.resources: {res!r} is not enabled in [watch.resources]")
         return self
+
+    def check_role(self, role: str) -> None:
+        """Refuse (ConfigError naming the key and the file) what would wedge ``rwatch run --role <role>``.
+
+        A watcher saves a cursor only once its events are durable, and an event nobody takes never is: with the
+        broker, its publish comes back (``mandatory``, no queue bound) and is retried for ever while the cursor
+        stands still; with the memory bus the watcher fails and restarts in a loop. So every resource a watcher
+        follows must be taken by an enabled sink of this configuration, unless ``bus.publish_only`` says the
+        consumers are configured elsewhere (they declare their queues; /readyz shows ``route:<resource>`` until
+        one is bound)."""
+        file = self.source
+        watching = role in ("watcher", "all")
+        if self.bus.kind == "memory" and role != "all":
+            raise ConfigError(f"bus.kind = 'memory' runs watchers and sinks in one process; --role {role} needs "
+                              "'amqp'", key="bus.kind", file=file)
+        if self.bus.kind == "memory" and not self.queue_sinks:
+            raise ConfigError("bus.kind = 'memory' needs at least one enabled sink to apply events to",
+                              key="sinks", file=file)
+        if not watching or self.bus.publish_only:
+            return
+        taken = {res for sink in self.queue_sinks for res in self.sink_resources(sink)}
+        missing = [res for res in self.watch.enabled if res not in taken]
+        if not missing:
+            return
+        if not self.queue_sinks:
+            raise ConfigError(
+                f"no enabled sink takes the events --role {role} would publish ({', '.join(missing)}): no queue "
+                "would receive them, and each publish would be returned and retried for ever. Add a "
+                "[sinks.<name>] table, or, when the consumers run elsewhere with their own configuration, set "
+                "bus.publish_only = true", key="sinks", file=file)
+        takers = "; ".join(f"sinks.{s}.resources = {self.sink_resources(s)}" for s in self.queue_sinks)
+        res = missing[0]
+        raise ConfigError(
+            f"{res!r} is followed but no enabled sink takes it ({takers}): its events would wait for a queue for "
+            f"ever. Add it to a sink's resources, set watch.resources.{res}.enabled = false, or, when its consumers "
+            "are configured elsewhere, set bus.publish_only = true", key=f"watch.resources.{res}.enabled",
+            file=file)
 
     def sink_resources(self, sink: str) -> list[str]:
         """The resources a queue sink takes: its own list, or every enabled resource."""
@@ -550,7 +601,9 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     source = str(file) if data or explicit else "<defaults>"
     overrides, origin = _env_overrides(environ)
     try:
-        return Config.model_validate(_merge(data, overrides))
+        config = Config.model_validate(_merge(data, overrides))
+        config._source = source
+        return config
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = _error_location(err)

@@ -11,8 +11,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 WATCH_REQUESTS = Counter(
     "rwatch_watch_requests_total",
-    "resource_watch calls by outcome (events, empty, cursor_expired, start_out_of_window, transient, "
-    "rate_limited, permanent)",
+    "resource_watch calls by outcome (events, empty, cursor_expired, start_out_of_window, malformed, transient, "
+    "rate_limited, refused, permanent)",
     ["resource", "outcome"],
 )
 WATCH_REQUEST_SECONDS = Histogram(

@@ -50,7 +50,7 @@ from tests.integration.test_apply_e2e import MIX, TOPOLOGY, seed_from_start
 CONVERGE_WITHIN = 60.0  # from the last fault healed to every sink equal to CMDB
 DRAIN_WITHIN = 15.0
 RSS_LIMIT_KB = 400 * 1024  # any rwatch process, any time (it starts near 90 MiB)
-EXPIRED_ANSWERS_MAX = 12  # per resource a round: a cursor loss costs at most three requests, never a loop
+EXPIRED_ANSWERS_MAX = 12  # per resource a round: a cursor loss draws at most five refusals (README), never a loop
 
 
 def seeds() -> list[int]:

@@ -58,13 +58,32 @@ def test_parse_reply_and_placeholder() -> None:
     assert not empty.watched and empty.last_cursor == "c2" and empty.events[0].event_type == ""
 
 
+PLACEHOLDER = {"bk_cursor": "c", "bk_resource": "host", "bk_event_type": "", "bk_detail": {}}
+EVENT = {"bk_cursor": "c", "bk_resource": "host", "bk_event_type": "update", "bk_detail": {"bk_host_id": 1}}
+
+
 @pytest.mark.parametrize("data", [
-    None, [], {"bk_events": {}}, {"bk_events": [1]}, {"bk_events": [{"bk_detail": {}}]},
-    {"bk_events": [{"bk_cursor": "c", "bk_detail": []}]},
+    None, [], {"bk_watched": True, "bk_events": {}}, {"bk_watched": True, "bk_events": [1]},
+    {"bk_watched": True, "bk_events": [{"bk_detail": {}}]},
+    {"bk_watched": True, "bk_events": [{"bk_cursor": "c", "bk_detail": []}]},
+    # Issue 12, point 5: nothing a real server sends, and each would move the position sideways if believed.
+    {"bk_watched": True, "bk_events": []}, {"bk_watched": False, "bk_events": []},
+    {"bk_watched": True}, {"bk_watched": True, "bk_events": None},
+    {"bk_events": [EVENT]}, {"bk_watched": "yes", "bk_events": [EVENT]},
+    {"bk_watched": False, "bk_events": [EVENT]},
+    {"bk_watched": False, "bk_events": [{**PLACEHOLDER, "bk_detail": {"bk_host_id": 1}}]},
+    {"bk_watched": False, "bk_events": [PLACEHOLDER, PLACEHOLDER]},
 ])
 def test_malformed_replies_raise(data: object) -> None:
     with pytest.raises(ValueError):
         p.parse_watch_data(data, "host")
+
+
+def test_a_placeholder_may_carry_an_empty_or_null_detail() -> None:
+    for element in (PLACEHOLDER, {"bk_cursor": "c", "bk_resource": "host"},
+                    {**PLACEHOLDER, "bk_detail": None, "bk_event_type": None}):
+        reply = p.parse_watch_data({"bk_watched": False, "bk_events": [element]}, "host")
+        assert not reply.watched and reply.last_cursor == "c"
 
 
 def test_watch_body_has_exactly_one_start_mode() -> None:

@@ -157,8 +157,8 @@ async def test_cmdb_failures_back_off_and_keep_the_cursor(
         await asyncio.wait_for(watcher.wait_saved(lambda s: s.cursor == newest), 30)
         cursor = await saved_cursor(parts, "host")
         assert cursor == newest
-        backoffs = metric("rwatch_watch_backoffs_total", resource="host", reason="transient") + metric(
-            "rwatch_watch_backoffs_total", resource="host", reason="rate_limited")
+        backoffs = sum(metric("rwatch_watch_backoffs_total", resource="host", reason=r)
+                       for r in ("transient", "rate_limited", "malformed"))
         faults = [
             {"kind": "http_500", "resource": "host"}, {"kind": "http_502", "resource": "host"},
             {"kind": "http_429", "resource": "host"}, {"kind": "code", "code": 1199997, "resource": "host"},
@@ -169,8 +169,8 @@ async def test_cmdb_failures_back_off_and_keep_the_cursor(
         sim.faults.schedule(faults)
         await sim.stats.wait_for(lambda _: not sim.faults.script, 60)
         # Every fault was answered with a pause, and none moved the cursor.
-        after = metric("rwatch_watch_backoffs_total", resource="host", reason="transient") + metric(
-            "rwatch_watch_backoffs_total", resource="host", reason="rate_limited")
+        after = sum(metric("rwatch_watch_backoffs_total", resource="host", reason=r)
+                    for r in ("transient", "rate_limited", "malformed"))
         assert after - backoffs >= len(faults) - 1  # the last one may still be pausing
         assert await saved_cursor(parts, "host") == cursor
         # Real progress after the storm: every change arrives and the cursor follows.
@@ -269,6 +269,104 @@ async def test_cursor_older_than_retention_records_the_gap_and_moves_on(
         assert gap.reason == "cursor_expired" and gap.start == float(last_seen.sec)
         now = sim.state.clock.now()
         assert now - 3 * 3600 < gap.end < now - 3 * 3600 + 120  # the oldest retained second + margin
+
+
+async def test_lookback_zero_still_replays_the_events_that_shared_the_last_ones_second(
+    sim: Simulator, setups: MakeSetup
+) -> None:
+    """Issue 12, point 8: ``watch.lookback = 0`` used to resume an expired cursor at the last event's own second,
+    and CMDB answers only the events *after* the second it is given: the events that shared that second and came
+    after the cursor were skipped, with no gap recorded. It now means "from the second before"."""
+    setup = setups(sim.url, ["host"])
+    setup.path.write_text(setup.path.read_text().replace('lookback = "5m"', 'lookback = "0s"'))
+    assert setup.config().watch.lookback == 0
+    frozen = float(int(sim.state.clock.now()) + 1)
+    sim.state.clock.now = lambda: frozen  # type: ignore[method-assign]  # every event from here shares a second
+    keys = list(sim.state.objects("host"))
+    async with reading_after_declare(setup) as reader:
+        sim.state.update("host", keys[0], {"bk_host_name": "saved"})
+        await run_until_caught_up(setup, sim, reader)
+        missed_from = len(sim.state.chain("host"))
+        for i, key in enumerate(keys[1:6]):
+            sim.state.update("host", key, {"bk_host_name": f"same-second-{i}"})
+        sim.faults.schedule({"kind": "expire_cursors", "resource": "host"})
+        await run_until_caught_up(setup, sim, reader)
+    missed = sim.state.chain("host")[missed_from:]
+    assert {n.sec for n in missed} == {int(frozen)} and len(missed) == 5
+    got = {e["id"] for e in reader.events["host"]}
+    assert [n.cursor for n in missed if watch_event_id("host", n.cursor) not in got] == []
+    assert await stored_gaps(setup, "host") == []
+
+
+async def test_start_time_refused_resumes_inside_the_window_and_records_only_what_was_lost(
+    setups: MakeSetup
+) -> None:
+    """Issue 12, point 6: CMDB keeps less than ``watch.retention`` (1 h here, 3 h configured). After a long stop
+    the cursor is gone (1103007) and the start time it leads to is refused too (1199006). rwatch searches inside
+    the window (3 h, then 1 h 30, then 45 min back) instead of jumping to "from now", and records as a gap only
+    what lies between the last event it saw and the start the server accepted."""
+    async with Simulator(SimOptions(port=0, hold=1.0, error_delay=0.01, seed=5, retention=3600)) as sim:
+        setup = setups(sim.url, ["host"])
+        keys = list(sim.state.objects("host"))
+        async with reading_after_declare(setup) as reader:
+            await run_until_caught_up(setup, sim, reader)
+            last_seen = sim.state.chain("host")[-1]
+            # Stopped for two hours. A change 50 min ago is still in CMDB's window but before the start rwatch
+            # will find (45 min back): lost, and inside the recorded gap. Later changes arrive.
+            sim.state.clock.jump(70 * 60)
+            sim.state.update("host", keys[0], {"bk_host_name": "in-the-hole"})
+            lost = sim.state.chain("host")[-1]
+            sim.state.clock.jump(50 * 60)
+            after_from = len(sim.state.chain("host"))
+            for i, key in enumerate(keys[1:11]):
+                sim.state.update("host", key, {"bk_host_name": f"after-{i}"})
+            before = {mode: sim.stats.watch_requests("host", mode) for mode in ("cursor", "start_from", "now")}
+            await run_until_caught_up(setup, sim, reader)
+            asked = {mode: sim.stats.watch_requests("host", mode) - n for mode, n in before.items()}
+        # 1103007; start_from refused twice (2 h 5 min, 1 h 30 back), then accepted (45 min back); never from now.
+        assert asked["now"] == 0
+        assert asked["start_from"] == 3
+        assert sim.stats.watch_count("host", "start_from", "error:1199006") == 2
+        got = {e["id"] for e in reader.events["host"]}
+        assert all(watch_event_id("host", n.cursor) in got for n in sim.state.chain("host")[after_from:])
+        assert watch_event_id("host", lost.cursor) not in got
+        gaps = await stored_gaps(setup, "host")
+        assert [(g.reason, g.start) for g in gaps] == [("start_out_of_window", float(last_seen.sec))]
+        # It ends where the accepted start is: inside the server's window, after the lost change, before the rest.
+        now = sim.state.clock.now()
+        end = gaps[0].end
+        assert now - 3600 < end and lost.sec <= end < sim.state.chain("host")[after_from].sec
+        assert end < now - 40 * 60  # not "from now": a 1 h 15 min hole, not the whole 2 h
+
+
+@pytest.mark.parametrize("kind", ["empty_events", "missing_events", "events_not_list", "unwatched_with_events"])
+async def test_a_malformed_reply_keeps_the_position_and_loses_nothing(
+    sim: Simulator, setups: MakeSetup, kind: str
+) -> None:
+    """Issue 12, point 5: a successful reply that says nothing true about where the stream stands (no events, or
+    events under ``bk_watched: false``) is counted, logged, retried with backoff from the same cursor. It used to
+    restart the watch "from now" (or skip the events as a placeholder), losing what happened in between."""
+    setup = setups(sim.url, ["host"])
+    async with reading_after_declare(setup) as reader:
+        await run_until_caught_up(setup, sim, reader)
+        missed_from = len(sim.state.chain("host"))
+        for i, key in enumerate(list(sim.state.objects("host"))[:30]):
+            sim.state.update("host", key, {"bk_host_name": f"while-stopped-{i}"})
+        # The first answer to the restarted watcher's cursor is malformed.
+        sim.faults.schedule({"kind": kind, "resource": "host", "mode": "cursor"})
+        malformed = metric("rwatch_watch_requests_total", resource="host", outcome="malformed")
+        paused = metric("rwatch_watch_backoffs_total", resource="host", reason="malformed")
+        from_now = sim.stats.watch_requests("host", "now")
+        await run_until_caught_up(setup, sim, reader)
+        assert sim.faults.fired[kind] == 1 and not sim.faults.script
+        assert sim.stats.watch_requests("host", "now") == from_now  # never restarted "from now"
+        assert metric("rwatch_watch_requests_total", resource="host", outcome="malformed") == malformed + 1
+        assert metric("rwatch_watch_backoffs_total", resource="host", reason="malformed") == paused + 1
+    got = {e["id"] for e in reader.events["host"]}
+    missed = sim.state.chain("host")[missed_from:]
+    assert len(missed) == 30
+    assert [n.cursor for n in missed if watch_event_id("host", n.cursor) not in got] == []
+    assert await stored_gaps(setup, "host") == []
 
 
 @contextlib.asynccontextmanager

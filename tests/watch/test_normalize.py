@@ -58,6 +58,16 @@ def test_no_event_cursor_is_polled_with_but_never_saved() -> None:
     assert w.position.cursor == p.NO_EVENT_CURSOR and w.position.mode == "cursor"
 
 
+def test_a_reply_without_elements_never_moves_the_position() -> None:
+    """The client refuses such replies as malformed; should one reach normalize, it is no "from now"."""
+    w = make()
+    c = cursor(1_700_000_050, 2)
+    w.normalize(p.WatchReply(True, [p.WatchEvent(c, "host", "update", {"bk_host_id": 1})]))
+    batch = w.normalize(p.WatchReply(True, []))
+    assert batch.events == [] and batch.state is None
+    assert w.position.cursor == c and w.position.mode == "cursor" and w.position.event_time == 1_700_000_050.0
+
+
 def test_placeholder_cursor_is_saved_but_an_unchanged_one_is_not() -> None:
     w = make()
     c = cursor(1_700_000_050, 2)

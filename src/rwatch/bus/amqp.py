@@ -230,6 +230,9 @@ class AmqpBus:
         self._exchange_name = config.bus.exchange
         self._ever_connected = False
         self._log = get_logger("rwatch.bus", exchange=config.bus.exchange)
+        # Resources whose last publish the broker returned (no queue bound for them), since when (Unix time):
+        # their watcher waits, saving nothing, until a queue is bound. /readyz shows each as route:<resource>.
+        self.unrouted: dict[str, float] = {}
 
     @property
     def connected(self) -> bool:
@@ -271,6 +274,7 @@ class AmqpBus:
             confirmed: list[int] = []
             reasons: Counter[str] = Counter()
             bug: BaseException | None = None
+            returned: set[str] = set()
             for i, result in zip(pending, results, strict=False):
                 if result is None:
                     confirmed.append(i)
@@ -281,7 +285,10 @@ class AmqpBus:
                     bug = bug or result
                 else:
                     reasons[reason] += 1
+                    if reason == "returned":
+                        returned.add(events[i].resource)
             _count_published(events, confirmed)
+            self._note_routes(events, confirmed, returned)
             if bug is not None:
                 raise bug
             # Events never launched because an earlier one failed stay pending after the failed ones.
@@ -302,6 +309,17 @@ class AmqpBus:
             self._log.warning("publish_retry", pending=len(pending), reasons=dict(reasons),
                               attempt=backoff.attempt, delay=round(delay, 3), stopping=backoff.stopping)
             await backoff.pause(delay)
+
+    def _note_routes(self, events: Sequence[Message], confirmed: list[int], returned: set[str]) -> None:
+        for resource in {events[i].resource for i in confirmed} - returned:
+            if self.unrouted.pop(resource, None) is not None:
+                self._log.info("publish_routed", resource=resource)
+        for resource in returned - set(self.unrouted):
+            self.unrouted[resource] = time.time()
+            # Once per episode, not per retry: the watcher waits (nothing lost, nothing saved) until a queue exists.
+            self._log.error("publish_unrouted", resource=resource, routing_key=f"cmdb.{resource}.*",
+                            fix="no queue takes these events: start the consumers that declare it, or give a sink "
+                                "of this configuration the resource")
 
     async def _publish_round(
         self,

@@ -220,8 +220,9 @@ class CmdbClient:
         try:
             return p.parse_watch_data(data, resource)
         except ValueError as exc:
-            raise CmdbTransientError(f"malformed watch reply: {exc}", resource=resource,
-                                     reason="malformed") from None
+            # Retried with the position unchanged, never read as "from now": what the server meant is unknown.
+            raise CmdbTransientError(f"malformed watch reply: {exc}", resource=resource, reason="malformed",
+                                     data=orjson.dumps(data).decode(errors="replace")[:300]) from None
 
     def api_url(self, gateway_path: str, esb_name: str) -> str:
         """The URL of a list API: its gateway path, or its ESB component name."""

@@ -206,14 +206,29 @@ class WatchReply:
 
 
 def parse_watch_data(data: Any, resource: str) -> WatchReply:
-    """Turn the ``data`` member of a successful reply into a WatchReply; ValueError if it is malformed."""
+    """Turn the ``data`` member of a successful reply into a WatchReply; ValueError if it is malformed.
+
+    The server always sends at least one element (§3.2, §3.3): ``bk_watched: true`` carries the events, and
+    ``bk_watched: false`` exactly one cursor-only placeholder. So a reply without ``bk_events``, with an empty
+    list or a list that is no list, and a ``bk_watched: false`` reply that carries events are malformed: none
+    of them says where the stream stands, and taking one at its word would move the position sideways (an
+    empty reply read as "from now" skips what happened since; events under ``bk_watched: false`` are skipped
+    as if they were a placeholder). The caller retries with its position unchanged.
+    """
     if not isinstance(data, dict):
         raise ValueError("data is not an object")
-    raw_events = data.get("bk_events")
-    if raw_events is None:
-        raw_events = []
+    watched = data.get("bk_watched")
+    if not isinstance(watched, bool):
+        raise ValueError("bk_watched is missing or not a boolean")
+    if "bk_events" not in data or data["bk_events"] is None:
+        raise ValueError("bk_events is missing")
+    raw_events = data["bk_events"]
     if not isinstance(raw_events, list):
         raise ValueError("bk_events is not a list")
+    if not raw_events:
+        raise ValueError("bk_events is empty (the server always sends an event or a placeholder)")
+    if not watched and len(raw_events) != 1:
+        raise ValueError(f"bk_watched is false but bk_events holds {len(raw_events)} elements, not one placeholder")
     events = []
     for raw in raw_events:
         if not isinstance(raw, dict):
@@ -229,8 +244,11 @@ def parse_watch_data(data: Any, resource: str) -> WatchReply:
         event_type = raw.get("bk_event_type") or ""
         if not isinstance(event_type, str):
             raise ValueError("bk_event_type is not a string")
+        if not watched and (event_type or detail):
+            raise ValueError("bk_watched is false but its element is an event (bk_event_type or bk_detail set), "
+                             "not a placeholder")
         events.append(WatchEvent(cursor, str(raw.get("bk_resource") or resource), event_type, detail))
-    return WatchReply(watched=bool(data.get("bk_watched")), events=events)
+    return WatchReply(watched=watched, events=events)
 
 
 def watch_body(

@@ -9,6 +9,18 @@ normally), ``malformed`` (HTTP 200, body not JSON), ``truncated`` (HTTP 200, JSO
 (connection closed without a response), ``expire_cursors`` (cursor mode only: 1103007 for any cursor
 that is not the resource's newest), ``detail_missing`` (from-now / start_from only: 1103008).
 
+Malformed successful watch replies (watch requests only): ``empty_events`` (``bk_events: []``),
+``missing_events`` (no ``bk_events`` key), ``events_not_list`` (``bk_events`` an object), and
+``unwatched_with_events`` (the real answer's events under ``bk_watched: false``; used up only by an answer that
+has events, so it waits for one). None of them is anything a real server sends (cmdb-watch-api §3.2, §3.3).
+
+Misbehaving list APIs (list requests only; ``api`` narrows one to a single list API): ``empty_page`` (the real
+page with an empty ``info``, ``count`` kept), ``truncated_page`` (the real page less its second half, at least
+one object, ``count`` kept), ``ignore_keyset`` (the keyset rule of the request's condition or filter, ``$gt`` /
+``greater`` on a field, is dropped, so the first page comes again, as ESB's ``search_set`` does with a
+``filter``). Each is used up only by a request it changes: a page that is already empty, or a request without a
+keyset rule, is answered normally and leaves the fault in place.
+
 Event faults (applied to the state when scheduled, not consumed by requests): ``drop_event`` (the next
 ``count`` changes, or each change with ``probability``, produce no event while the object still changes:
 the server's silent loss) and ``collapse`` (the next ``count`` repeats of an (object, op) reuse the previous
@@ -22,7 +34,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 from rwatch.cmdb.protocol import (
@@ -50,8 +62,40 @@ REQUEST_KINDS: Final = frozenset(
         "drop",
         "expire_cursors",
         "detail_missing",
+        "empty_events",
+        "missing_events",
+        "events_not_list",
+        "unwatched_with_events",
+        "empty_page",
+        "truncated_page",
+        "ignore_keyset",
     }
 )
+# Kinds that answer a successful watch reply that breaks the protocol; watch requests only.
+WATCH_REPLY_KINDS: Final = frozenset({"empty_events", "missing_events", "events_not_list", "unwatched_with_events"})
+# Kinds that bend a list API's real answer; list requests only.
+LIST_REPLY_KINDS: Final = frozenset({"empty_page", "truncated_page", "ignore_keyset"})
+# Kinds that need the real answer first, and are used up only by an answer they change (``FaultPlan.give_back``).
+CONDITIONAL_KINDS: Final = frozenset({"unwatched_with_events", *LIST_REPLY_KINDS})
+MODES: Final = frozenset({"cursor", "start_from", "now"})
+# The list APIs the simulator serves, with the resource each lists (a fault's ``resource`` matches it); None
+# for the APIs that list no one resource.
+LIST_API_RESOURCES: Final[dict[str, str | None]] = {
+    "search_business": "biz",
+    "list_business_set": "biz_set",
+    "list_business_in_business_set": "biz",
+    "search_set": "set",
+    "search_module": "module",
+    "search_biz_inst_topo": None,
+    "list_biz_hosts": "host",
+    "list_biz_hosts_topo": "host",
+    "find_host_topo_relation": "host_relation",
+    "find_host_biz_relations": "host_relation",
+    "list_hosts_without_biz": "host",
+    "search_cloud_area": "plat",
+    "search_object_instances": "object_instance",
+    "list_project": "project",
+}
 EVENT_KINDS: Final = frozenset({"drop_event", "collapse"})
 SCOPES: Final = frozenset({"watch", "list", "any"})
 # The gateway's transient errors (apisix errorx) a ``gateway`` fault answers; ESB adds its own 1306201.
@@ -69,24 +113,38 @@ ESB_CODES: Final[tuple[int, ...]] = (*GATEWAY_CODES, ESB_BACKEND_FAILED)
 class Fault:
     kind: str
     count: int = 1  # how many requests it hits before it is used up
-    resource: str | None = None  # None = any resource
-    scope: str = "watch"  # watch | list | any
+    resource: str | None = None  # None = any resource (a list API counts for the resource it lists)
+    scope: str = "watch"  # watch | list | any (the list-only kinds default to list)
     code: int | None = None  # kind=code: the CMDB code (default 1199997); kind=gateway: which error (default: drawn)
     message: str | None = None  # for kind=code; default: the server's text for the code
     delay: float = 1.0  # for kind=slow
+    api: str | None = None  # list requests of this list API only (a name in LIST_API_RESOURCES)
+    mode: str | None = None  # watch requests in this start mode only: cursor | start_from | now
+    scripted: bool = field(default=True, repr=False)  # False for a random fault (nothing to give back)
 
     @classmethod
     def from_json(cls, raw: Any) -> Fault:
         if not isinstance(raw, dict):
             raise ValueError("a fault must be an object")
-        unknown = set(raw) - {"kind", "count", "resource", "scope", "code", "message", "delay"}
+        unknown = set(raw) - {"kind", "count", "resource", "scope", "code", "message", "delay", "api", "mode"}
         if unknown:
             raise ValueError(f"unknown fault fields: {sorted(unknown)}")
+        if raw.get("kind") in LIST_REPLY_KINDS and "scope" not in raw:
+            raw = {**raw, "scope": "list"}
         fault = cls(**raw)
         if fault.kind not in REQUEST_KINDS:
             raise ValueError(f"unknown fault kind {fault.kind!r}")
         if fault.scope not in SCOPES:
             raise ValueError(f"fault scope must be one of {sorted(SCOPES)}")
+        if fault.kind in LIST_REPLY_KINDS and fault.scope == "watch":
+            raise ValueError(f"a {fault.kind} fault bends list replies: its scope is list (or any)")
+        if fault.kind in WATCH_REPLY_KINDS and fault.scope == "list":
+            raise ValueError(f"a {fault.kind} fault bends watch replies: its scope is watch (or any)")
+        if fault.api is not None and (fault.api not in LIST_API_RESOURCES or fault.scope == "watch"):
+            raise ValueError(f"fault api must name a list API ({', '.join(LIST_API_RESOURCES)}) with scope list "
+                             "or any")
+        if fault.mode is not None and fault.mode not in MODES:
+            raise ValueError(f"fault mode must be one of {sorted(MODES)}")
         if fault.resource is not None and fault.resource not in RESOURCE_TYPES:
             raise ValueError(f"unknown resource {fault.resource!r}")
         if not isinstance(fault.count, int) or fault.count < 1:
@@ -98,15 +156,25 @@ class Fault:
             raise ValueError(f"a gateway fault's code must be one of {list(ESB_CODES)}")
         return fault
 
-    def applies(self, api: str, resource: str | None, mode: str | None, newest: bool = False) -> bool:
+    def applies(
+        self, api: str, resource: str | None, mode: str | None, newest: bool = False, list_api: str | None = None
+    ) -> bool:
         if self.scope != "any" and self.scope != api:
             return False
         if self.resource is not None and self.resource != resource:
+            return False
+        if self.api is not None and self.api != list_api:
+            return False
+        if self.mode is not None and self.mode != mode:
             return False
         if self.kind == "expire_cursors":  # the newest cursor never expires (watch token)
             return api == "watch" and mode == "cursor" and not newest
         if self.kind == "detail_missing":
             return api == "watch" and mode in ("now", "start_from")
+        if self.kind in WATCH_REPLY_KINDS:
+            return api == "watch"
+        if self.kind in LIST_REPLY_KINDS:
+            return api == "list"
         return True
 
 
@@ -186,14 +254,20 @@ class FaultPlan:
             ef.collapse_next = int(spec.get("count", 1))
 
     def take(
-        self, api: str, resource: str | None, mode: str | None = None, newest: bool = False
+        self,
+        api: str,
+        resource: str | None,
+        mode: str | None = None,
+        newest: bool = False,
+        list_api: str | None = None,
     ) -> Fault | None:
         """The fault for this request, consuming one use of a scripted fault; None for a normal answer.
 
-        ``newest``: the request's cursor is the resource's newest (``expire_cursors`` spares it).
+        ``newest``: the request's cursor is the resource's newest (``expire_cursors`` spares it). ``list_api``:
+        the list API called (list requests).
         """
         for i, fault in enumerate(self.script):
-            if fault.applies(api, resource, mode, newest):
+            if fault.applies(api, resource, mode, newest, list_api):
                 fault.count -= 1
                 if fault.count <= 0:
                     del self.script[i]
@@ -202,14 +276,28 @@ class FaultPlan:
         template = self.random_fault
         for kind, rate in self.rates.items():
             code = template.code if kind == "code" else None
-            candidate = Fault(kind, scope=template.scope, code=code, delay=template.delay)
-            if candidate.applies(api, resource, mode, newest) and self.rng.random() < rate:
+            candidate = Fault(kind, scope=template.scope, code=code, delay=template.delay, scripted=False)
+            if candidate.applies(api, resource, mode, newest, list_api) and self.rng.random() < rate:
                 self.fired[kind] += 1
                 return candidate
         if self.gateway_error_rate and self.rng.random() < self.gateway_error_rate:
             self.fired["gateway"] += 1
-            return Fault("gateway", scope="any")
+            return Fault("gateway", scope="any", scripted=False)
         return None
+
+    def give_back(self, fault: Fault) -> None:
+        """Undo ``take`` for a fault that did not change the answer (a conditional kind whose condition the
+        request did not meet): it stays first in line for the next request it applies to."""
+        self.fired[fault.kind] -= 1
+        if self.fired[fault.kind] <= 0:
+            del self.fired[fault.kind]
+        if not fault.scripted:
+            return
+        if any(f is fault for f in self.script):
+            fault.count += 1
+        else:
+            fault.count = 1
+            self.script.insert(0, fault)
 
     def clear(self) -> None:
         self.script.clear()
@@ -220,7 +308,7 @@ class FaultPlan:
     def to_json(self) -> dict[str, Any]:
         ef = self.event_faults
         return {
-            "script": [asdict(f) for f in self.script],
+            "script": [{k: v for k, v in asdict(f).items() if k != "scripted"} for f in self.script],
             "rates": dict(self.rates),
             "random_scope": self.random_fault.scope,
             "gateway_error_rate": self.gateway_error_rate,

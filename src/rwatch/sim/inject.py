@@ -8,7 +8,7 @@ ESB's envelope. The 5xx HTML pages are what a load balancer, or a crashed backen
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from aiohttp import web
@@ -20,8 +20,9 @@ from rwatch.cmdb.protocol import (
     CODE_TOO_MANY_REQUESTS,
     ESB_BACKEND_FAILED,
     GW_TIMEOUT,
+    NO_EVENT_CURSOR,
 )
-from rwatch.sim.faults import Fault
+from rwatch.sim.faults import CONDITIONAL_KINDS, Fault
 from rwatch.sim.wire import GW_ERRORS, MESSAGES, envelope, gateway_error, is_esb, watch_permission
 
 if TYPE_CHECKING:
@@ -44,6 +45,16 @@ async def inject(sim: Simulator, request: web.Request, fault: Fault, resource: s
     if kind == "slow":
         await asyncio.sleep(fault.delay)
         return None
+    if kind in CONDITIONAL_KINDS:
+        return None  # they bend the real answer: the caller computes it, then asks ``unwatch`` / ``bend_page``
+    if kind == "empty_events":
+        return envelope(request, data={"bk_watched": True, "bk_events": []})
+    if kind == "missing_events":
+        return envelope(request, data={"bk_watched": True})
+    if kind == "events_not_list":
+        # The placeholder element itself instead of a one-element list (as a careless JSON rewriter would).
+        return envelope(request, data={"bk_watched": False, "bk_events": {
+            "bk_cursor": NO_EVENT_CURSOR, "bk_resource": resource, "bk_event_type": "", "bk_detail": {}}})
     if kind == "http_429":
         return _gateway(request, RATE_LIMIT_CODE)
     if kind == "gateway":
@@ -110,3 +121,73 @@ def _truncated(resource: str) -> web.Response:
     }
     full = orjson.dumps({"result": True, "code": 0, "message": "success", "permission": None, "data": data})
     return web.Response(status=200, content_type="application/json", body=full[: len(full) // 2])
+
+
+# --- faults that bend a real answer -----------------------------------------------------------------------
+
+_KEYSET_OPERATORS: Final = frozenset({"$gt", "$gte", "greater", "greater_or_equal"})
+
+
+def unwatch(data: dict[str, Any]) -> dict[str, Any] | None:
+    """``unwatched_with_events``: the answer's real events under ``bk_watched: false``; None for a placeholder."""
+    if not data.get("bk_watched") or not data.get("bk_events"):
+        return None
+    return {**data, "bk_watched": False}
+
+
+def bend_page(kind: str, data: Any) -> Any | None:
+    """``empty_page`` / ``truncated_page``: the page with none, or only the first half, of its objects (at least
+    one fewer), every other member (``count``) kept; None when the page has no object to take away."""
+    key: str | None = None
+    if isinstance(data, dict):
+        key = "info" if isinstance(data.get("info"), list) else "data" if isinstance(data.get("data"), list) else None
+        if key is None:
+            return None
+        items: list[Any] = data[key]
+    elif isinstance(data, list):
+        items = data
+    else:
+        return None
+    if not items:
+        return None
+    kept = [] if kind == "empty_page" else items[: len(items) - max(1, len(items) // 2)]
+    return {**data, key: kept} if key is not None else kept
+
+
+def ignore_keyset(params: dict[str, Any]) -> dict[str, Any] | None:
+    """``ignore_keyset``: the request without its keyset rule (``$gt``/``$gte`` in a legacy condition,
+    ``greater``/``greater_or_equal`` in a query filter; on the sort field when one is named), so the listing
+    gets the first page again; None when it has no such rule."""
+    sort = str((params.get("page") or {}).get("sort") or "").split(",")[0].lstrip("+-") or None
+    out = dict(params)
+    changed = False
+    for name, value in params.items():
+        if name == "page" or not isinstance(value, dict):
+            continue
+        if "rules" in value:
+            stripped = _strip_rules(value, sort)
+        else:
+            stripped = {k: v for k, v in value.items() if not (
+                isinstance(v, dict) and (sort is None or k == sort) and _KEYSET_OPERATORS & set(v))}
+        if stripped != value:
+            changed = True
+            if stripped:
+                out[name] = stripped
+            else:
+                del out[name]
+    return out if changed else None
+
+
+def _strip_rules(flt: dict[str, Any], sort: str | None) -> dict[str, Any] | None:
+    rules = []
+    for rule in flt.get("rules") or []:
+        if isinstance(rule, dict) and "rules" in rule:
+            inner = _strip_rules(rule, sort)
+            if inner:
+                rules.append(inner)
+        elif not (isinstance(rule, dict) and rule.get("operator") in _KEYSET_OPERATORS
+                  and (sort is None or rule.get("field") == sort)):
+            rules.append(rule)
+    if not rules:
+        return None
+    return {**flt, "rules": rules}

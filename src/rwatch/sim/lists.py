@@ -26,8 +26,9 @@ from aiohttp import web
 
 from rwatch.cmdb.protocol import CODE_JSON_DECODE, CODE_NO_PERMISSION, CODE_PAGE_LIMIT
 from rwatch.sim import esb
+from rwatch.sim.faults import LIST_API_RESOURCES, LIST_REPLY_KINDS
 from rwatch.sim.gate import admit
-from rwatch.sim.inject import inject
+from rwatch.sim.inject import bend_page, ignore_keyset, inject
 from rwatch.sim.paging import (
     CODE_PARAM_INVALID,
     ListError,
@@ -293,23 +294,40 @@ def _handler(
         sim.stats.lists[name] += 1
         if not isinstance(body, dict):
             return envelope(request, code=CODE_JSON_DECODE, message=MESSAGES[CODE_JSON_DECODE])
-        fault = sim.faults.take("list", None)
+        fault = sim.faults.take("list", LIST_API_RESOURCES[name], list_api=name)
         if fault is not None:
             response = await inject(sim, request, fault, name)
             if response is not None:
                 return response
+        bend = fault if fault is not None and fault.kind in LIST_REPLY_KINDS else None
         if is_esb(request):
             params = esb.forward(name, body)
         else:
             params = {k: v for k, v in body.items() if k not in esb.CREDENTIALS}
             params.update(request.match_info)
             params.pop("stage", None)
+        if bend is not None and bend.kind == "ignore_keyset":
+            first_page = ignore_keyset(params)
+            if first_page is None:  # no keyset rule to ignore: the fault waits for a request that has one
+                sim.faults.give_back(bend)
+                bend = None
+            else:
+                params = first_page
         try:
-            return envelope(request, data=fn(sim, params))
-        except ListError as err:
-            return envelope(request, code=err.code, message=err.message, permission=err.permission)
-        except SimError as err:  # an unknown biz / biz set id
-            return envelope(request, code=CODE_PARAM_INVALID, message=str(err))
+            data = fn(sim, params)
+        except (ListError, SimError) as err:
+            if bend is not None:
+                sim.faults.give_back(bend)
+            if isinstance(err, ListError):
+                return envelope(request, code=err.code, message=err.message, permission=err.permission)
+            return envelope(request, code=CODE_PARAM_INVALID, message=str(err))  # an unknown biz / biz set id
+        if bend is not None and bend.kind != "ignore_keyset":
+            bent = bend_page(bend.kind, data)
+            if bent is None:  # nothing on the page to take away: the fault waits for a page that has some
+                sim.faults.give_back(bend)
+            else:
+                data = bent
+        return envelope(request, data=data)
 
     return handle
 

@@ -23,9 +23,9 @@ from rwatch.cmdb.protocol import (
 )
 from rwatch.logs import get_logger
 from rwatch.sim import admin, lists
-from rwatch.sim.faults import FaultPlan
+from rwatch.sim.faults import Fault, FaultPlan
 from rwatch.sim.gate import WATCH_API, Permissions, admit
-from rwatch.sim.inject import inject
+from rwatch.sim.inject import inject, unwatch
 from rwatch.sim.load import LoadGenerator, build_topology
 from rwatch.sim.state import SimState
 from rwatch.sim.stats import Stats
@@ -195,7 +195,9 @@ class Simulator:
                 if response is not None:
                     self.stats.record_watch(resource, mode, f"fault:{fault.kind}")
                     return response
+            bend = fault if fault is not None and fault.kind == "unwatched_with_events" else None
             if resource in self.permissions.deny:
+                self._give_back(bend)
                 return await self._error(
                     request,
                     resource,
@@ -207,11 +209,26 @@ class Simulator:
             try:
                 answer = await self._answer(parse_watch(resource, body))
             except WatchError as err:
+                self._give_back(bend)
                 return await self._error(request, resource, mode, err.code, err.message)
+            except BaseException:  # the long-poll cancelled (client gone, shutdown): nothing was answered
+                self._give_back(bend)
+                raise
+            data = answer.to_json()
+            if bend is not None:
+                bent = unwatch(data)
+                if bent is not None:
+                    self.stats.record_watch(resource, mode, f"fault:{bend.kind}")
+                    return envelope(request, data=bent)
+                self._give_back(bend)  # a placeholder: the fault waits for an answer with events
             self.stats.record_watch(resource, mode, "events" if answer.watched else "placeholder")
-            return envelope(request, data=answer.to_json())
+            return envelope(request, data=data)
         finally:
             self.stats.end(resource)
+
+    def _give_back(self, fault: Fault | None) -> None:
+        if fault is not None:
+            self.faults.give_back(fault)
 
     def _is_newest(self, resource: str, body: dict[str, Any]) -> bool:
         newest = self.state.chain_of(resource).newest if resource in RESOURCE_TYPES else None

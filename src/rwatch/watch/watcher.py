@@ -14,6 +14,7 @@ fence, so a save the store sees after a take-over is refused (``LeaseLost``), wh
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 import socket
@@ -34,6 +35,7 @@ from rwatch.errors import (
     TRANSIENT_ERRORS,
     CmdbRateLimited,
     CmdbRefused,
+    CmdbTransientError,
     CursorExpired,
     LeaseLost,
     PermanentError,
@@ -53,6 +55,8 @@ from rwatch.watch.resync import Resyncer, fill_gaps
 PAGE_SIZE = 200  # the server's eventStep: a full page means more is waiting
 # How far inside the retention window a forced resume starts, so the request is not refused on arrival.
 RESUME_MARGIN = 60.0
+# After a start time is refused (1199006), at most this many other start times are tried before "from now".
+WINDOW_TRIES = 3
 
 T = TypeVar("T")
 
@@ -80,6 +84,15 @@ class Position:
     @property
     def mode(self) -> str:
         return "cursor" if self.cursor else "start_from" if self.start_from is not None else "now"
+
+
+@dataclass(slots=True)
+class _WindowSearch:
+    """After a start time was refused (1199006): where unseen history begins, and the tries made so far."""
+
+    lost_from: float
+    tries: int = 0
+    depth: int = 0  # the next fraction of the window to try (retention, 1/2, 1/4)
 
 
 @dataclass(slots=True)
@@ -142,6 +155,11 @@ class Watcher:
         self.last_poll: float | None = None  # monotonic time of the last successful watch request
         self.refused: dict[str, object] | None = None  # while CMDB refuses us: why, and the fix (readiness)
         self._businesses: dict[str, tuple[bool, bool]] = {}  # biz: (live, pool) as last noted in the store
+        self._window: _WindowSearch | None = None  # after a 1199006: the search for a start the server accepts
+        # Monotonic time of the last sign that this watcher works: a batch through the whole pipeline (polled,
+        # published, saved), or queueing as a standby for a lease another process holds. A restart after a crash
+        # is "running again" (``/readyz``) only once this moves past the crash.
+        self.progress_at: float | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -180,6 +198,7 @@ class Watcher:
                 return fence
             if not waiting:
                 waiting = True
+                self.progress_at = time.monotonic()
                 self.log.info("lease_waiting", owner=self.owner, retry_every=round(pause, 2))
             if await sleep_or_stop(pause, self.stop):
                 raise Stopping("stopping")
@@ -269,6 +288,7 @@ class Watcher:
             self._saved_changed.set()
             # Where the last holder stood when it last saved is the head we can vouch for.
             self.caught_up_at = self.saved.saved_at if self.saved is not None else self.clock()
+            self._window = None
             self.position = await self._initial_position(self.saved)
         except Stopping:
             return
@@ -370,12 +390,19 @@ class Watcher:
             reply = poll.result()
         except (CursorExpired, StartOutOfWindow) as exc:
             self._outcomes.labels(self.resource, _outcome(exc)).inc()
+            if pos.mode != ("cursor" if isinstance(exc, CursorExpired) else "start_from"):
+                # A refusal of a start mode this request did not use (no server does that): nothing to recover
+                # from, and no gap to record; back off like any other error, the position kept.
+                raise
             await self.recover(exc)
             raise _Repoll() from exc
         except Exception as exc:
             self._outcomes.labels(self.resource, _outcome(exc)).inc()
             raise
         self._outcomes.labels(self.resource, "events" if reply.watched else "empty").inc()
+        if self._window is not None and pos.start_from is not None:
+            # Recorded before this reply's events are published, so before any cursor past the gap is saved.
+            await self._start_accepted(pos.start_from)
         if self.refused is not None:
             self.log.info("cmdb_accepted", refused_for_s=round(self.clock() - float(str(self.refused["since"])), 1))
             self.refused = None
@@ -407,7 +434,8 @@ class Watcher:
             self._refused(exc, state.upcoming_sleep)
             return
         fields = exc.fields() if isinstance(exc, RwatchError) else {"error": repr(exc)}
-        level = self.log.error if isinstance(exc, PermanentError) else self.log.warning
+        # A malformed reply is no network hiccup: something between CMDB and us (or CMDB itself) answers wrong.
+        level = self.log.error if isinstance(exc, PermanentError) or reason == "malformed" else self.log.warning
         level("watch_failed", **{**fields, "outcome": reason, "mode": self.position.mode,
                                  "retry_in": round(state.upcoming_sleep, 2), "attempt": state.attempt_number})
 
@@ -425,31 +453,84 @@ class Watcher:
     async def recover(self, exc: CursorExpired | StartOutOfWindow) -> None:
         """Pick the next position after the server refused ours; record any history truly lost.
 
-        Cursor refused -> resume by time (last event − lookback) if inside the window, else from the
-        oldest retained second, recording the gap. Start time refused too (the server keeps less than
-        ``retention``, or the clocks disagree) -> from now, recording the rest as a gap. At most three
-        requests per loss: never a loop.
+        Cursor refused (1103007) -> resume by time: the last event − lookback if inside the window (and always
+        at least the second before the last event's: CMDB answers only events *after* the second it is given,
+        so the last event's own second is replayed), else from the oldest retained second, recording the gap.
+        Start time refused (1199006: the server keeps less than ``retention``, or the clocks disagree) -> a
+        bounded search inside the window (``_next_start``); the gap, recorded once a start is accepted, is
+        exactly [first refused start (or the last event seen, when later), accepted start). When no try is
+        left, from now, the rest recorded as a gap. Never a loop: at most six requests per loss (the cursor,
+        the start it led to, ``WINDOW_TRIES`` starts, from now).
         """
-        m.CURSOR_EXPIRED.labels(self.resource).inc()
         pos = self.position
         now = self.client.server_now()
         last = pos.event_time
-        if pos.mode == "cursor":
-            oldest = now - self.watch.retention + RESUME_MARGIN
-            wanted = (last if last is not None else now) - self.watch.lookback
-            start = max(wanted, oldest)
-            self.log.warning("cursor_expired", code=exc.code, cursor=pos.cursor, last_event_time=last,
-                             resume_from=int(start))
-            if last is None or last < oldest:  # the lookback before ``last`` is a margin, not lost history
-                await self.record_gap(last if last is not None else 0.0, start, "cursor_expired")
-            self.position = Position(start_from=int(start), event_time=last)
+        if isinstance(exc, StartOutOfWindow) and pos.start_from is not None:
+            await self._start_refused(exc, pos.start_from, now, last)
             return
-        # The start time itself was refused: only "from now" is left.
-        self.log.warning("start_from_refused", code=exc.code, start_from=pos.start_from)
-        lost_from = pos.start_from if pos.start_from is not None else last
-        if lost_from is not None and now > lost_from:
-            await self.record_gap(float(lost_from), now, "start_out_of_window")
+        m.CURSOR_EXPIRED.labels(self.resource).inc()
+        oldest = now - self.watch.retention + RESUME_MARGIN
+        wanted = (last if last is not None else now) - self.watch.lookback
+        if last is not None:
+            # CMDB answers the events *after* the second it is given: the second before the last event's, at the
+            # latest, or the events that shared that second and came after it would be skipped (lookback = 0).
+            wanted = min(wanted, math.floor(last) - 1)
+        start = max(wanted, oldest)
+        self.log.warning("cursor_expired", code=exc.code, cursor=pos.cursor, last_event_time=last,
+                         resume_from=int(start))
+        if last is None or last < oldest:  # the lookback before ``last`` is a margin, not lost history
+            await self.record_gap(last if last is not None else 0.0, start, "cursor_expired")
+        self.position = Position(start_from=int(start), event_time=last)
+
+    async def _start_refused(self, exc: StartOutOfWindow, refused: int, now: float, last: float | None) -> None:
+        search = self._window
+        if search is None:
+            m.CURSOR_EXPIRED.labels(self.resource).inc()
+            # What we have not seen starts at the refused start, or at the last event seen when that is later
+            # (a start of last − lookback: the lookback is a margin, not history).
+            search = self._window = _WindowSearch(float(max(refused, last) if last is not None else refused))
+        start = self._next_start(search, refused, now)
+        self.log.warning("start_from_refused", code=exc.code, start_from=refused, attempt=search.tries,
+                         resume_from=start if start is not None else "now", server_now=int(now))
+        if start is not None:
+            self.position = Position(start_from=start, event_time=last)
+            return
+        # No try left: only "from now" remains, and everything since what we last saw is lost.
+        self._window = None
+        if now > search.lost_from:
+            await self.record_gap(search.lost_from, now, "start_out_of_window")
         self.position = Position(event_time=last)
+
+    def _next_start(self, search: _WindowSearch, refused: int, now: float) -> int | None:
+        """The next start time to try after ``refused`` was refused, or None when none is left.
+
+        Refused from inside the window as we reckon the server's clock (its ``Date`` header, corrected for when
+        more than a few seconds off): the server took it for the future, its clock being behind the one we read.
+        A minute before its now (then two, four) loses nothing, nothing newer than its now existing. Refused as
+        too old: the server keeps less than ``retention``. Try the window's edge as configured, then half of it,
+        then a quarter, each at least a minute later than the start just refused.
+        """
+        if search.tries >= WINDOW_TRIES:
+            return None
+        search.tries += 1
+        if refused >= now - RESUME_MARGIN:
+            return int(now - RESUME_MARGIN * 2 ** (search.tries - 1))
+        span = self.watch.retention - RESUME_MARGIN
+        for depth in range(search.depth, WINDOW_TRIES):
+            candidate = int(now - span / 2**depth)
+            if candidate >= refused + RESUME_MARGIN:
+                search.depth = depth + 1
+                return candidate
+        return None
+
+    async def _start_accepted(self, start: int) -> None:
+        """A start time was accepted after a refusal: what lay before it, back to what we last saw, is lost."""
+        search, self._window = self._window, None
+        assert search is not None
+        self.log.info("start_from_accepted", start_from=start, lost_from=iso_utc(search.lost_from),
+                      attempts=search.tries)
+        if start > search.lost_from:
+            await self.record_gap(search.lost_from, float(start), "start_out_of_window")
 
     async def record_gap(self, start: float, end: float, reason: str) -> None:
         gap = await self._retry_store(
@@ -550,7 +631,11 @@ class Watcher:
             for action, n in counts.items():
                 m.EVENTS_RECEIVED.labels(res, action).inc(n)
         last = reply.last_cursor
-        if last is None or last == p.NO_EVENT_CURSOR:
+        if last is None:
+            # No element says where the stream stands (the client refuses such replies as malformed): the
+            # position stays. Reading it as "from now" would skip everything since (issue 12, point 5).
+            return Batch(events, None, counts)
+        if last == p.NO_EVENT_CURSOR:
             # The NoEventCursor is a position only for the next poll: persisting it would replay the
             # whole retention window after a restart.
             self.position = Position(cursor=last, event_time=self.position.event_time)
@@ -614,6 +699,7 @@ class Watcher:
                 return
             if batch.state is not None and not await self.save_cursor(batch.state):
                 return
+            self.progress_at = time.monotonic()
 
     async def publish_batch(self, batch: Batch) -> bool:
         if not batch.events:
@@ -707,4 +793,6 @@ def _outcome(exc: BaseException | None) -> str:
         return "refused"
     if isinstance(exc, PermanentError):
         return "permanent"
+    if isinstance(exc, CmdbTransientError) and exc.extra.get("reason") == "malformed":
+        return "malformed"
     return "transient"
