@@ -13,6 +13,7 @@ channel per bus; concurrent ``publish`` calls (one per watcher) share them and t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 import uuid
@@ -227,6 +228,7 @@ class AmqpBus:
         self._window = asyncio.Semaphore(config.bus.publish_window)
         self._connect_lock = asyncio.Lock()
         self._link: _Link | None = None  # the connection and channel (and aio-pika's channel's aiormq one)
+        self._reconnecting: asyncio.Task[None] | None = None  # after the broker closed it (kept: not collected)
         self._exchange_name = config.bus.exchange
         self._ever_connected = False
         self._log = get_logger("rwatch.bus", exchange=config.bus.exchange)
@@ -246,6 +248,9 @@ class AmqpBus:
     async def close(self) -> None:
         """Close the connection. A publish still retrying ends with ``Stopping``."""
         self._closed.set()
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            await asyncio.gather(self._reconnecting, return_exceptions=True)
         link, self._link = self._link, None
         BUS_CONNECTED.set(0)
         if link is not None:
@@ -465,6 +470,13 @@ class AmqpBus:
         link = self._link
         if link is None or sender is not link.connection or self._closed.is_set():
             return
-        # The broker or the network closed it; the next publish (or the current one's retry) reconnects.
+        # The broker or the network closed it. Reconnect now, not at the next publish: an idle watcher may not
+        # publish for a long time, and meanwhile /readyz would report the broker down after it came back.
         BUS_CONNECTED.set(0)
         self._log.warning("bus_connection_lost", reason="closed", error=repr(exc))
+        if self._reconnecting is None or self._reconnecting.done():
+            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect(), name="bus:reconnect")
+
+    async def _reconnect(self) -> None:
+        with contextlib.suppress(Stopping, TopologyConflict):  # stopping; a conflict is reported by the next publish
+            await self._ready()
