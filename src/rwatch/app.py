@@ -260,9 +260,11 @@ def subscribe_sinks(bus: MemoryBus, config: Config, sinks: dict[str, Sink], stop
     for sink_name in config.queue_sinks:
 
         async def dead_letter(event: Message, reason: str, fields: dict[str, object], sink: str = sink_name) -> None:
-            # No broker, no dead-letter queue: the refused event is logged whole, so nothing vanishes unseen.
+            # No broker, no dead-letter queue: the refused event is logged whole, so nothing vanishes unseen. (Not
+            # as ``event``: that is the log line's own name, and passing it again raised TypeError instead.)
             DEAD_LETTERS.labels(sink, event.resource).inc()
-            log.error("event_dead_lettered", **{**fields, "sink": sink, "reason": reason, "event": event.to_dict()})
+            log.error("event_dead_lettered", **{**fields, "sink": sink, "reason": reason, "event_id": event.id,
+                                                "payload": event.to_dict()})
 
         appliers = {
             resource: Applier(sinks[sink_name], resource, stop, dead_letter)
