@@ -26,7 +26,7 @@ from rwatch.events import Message, iso_utc
 from rwatch.http import serve_http
 from rwatch.metrics import DEAD_LETTERS, TASK_CRASHES, WATCHERS
 from rwatch.retry import HealthyResetWait, sleep_or_stop
-from rwatch.sinks.applier import Applier, RetryPolicy, SinkHealth
+from rwatch.sinks.applier import Applier, RetryPolicy, SinkHealth, apply_counting_crashes
 from rwatch.sinks.base import Sink, make_sink
 from rwatch.sinks.consumer import ConsumerGroup
 from rwatch.sinks.prom_sd import PromSdSink, sd_routes
@@ -258,7 +258,8 @@ def make_sinks(config: Config) -> dict[str, Sink]:
 def subscribe_sinks(bus: MemoryBus, config: Config, sinks: dict[str, Sink], stop: asyncio.Event) -> None:
     """With the memory bus, a batch is durable once every sink applied it: the watcher then saves its cursor.
 
-    The same rules as a queue's consumer: each sink's bound, and isolation of poison."""
+    The same rules as a queue's consumer: each sink's bound and isolation of poison, and a message that crashes
+    its sink dead-lettered after ``bus.delivery_limit`` more attempts (there is no broker to count them)."""
 
     for sink_name in config.queue_sinks:
 
@@ -276,7 +277,7 @@ def subscribe_sinks(bus: MemoryBus, config: Config, sinks: dict[str, Sink], stop
         }
 
         async def handler(events: Sequence[Message], appliers: dict[str, Applier] = appliers) -> None:
-            await appliers[events[0].resource].apply(events)
+            await apply_counting_crashes(appliers[events[0].resource], events, config.bus.delivery_limit)
 
         bus.subscribe(sink_name, appliers, handler)
 

@@ -118,6 +118,12 @@ POISON_EVENTS = Counter(
     "Events dead-lettered because they failed alone while the sink applied others (also in rwatch_dead_letters_total)",
     ["sink", "resource"],
 )
+APPLY_CRASHES = Counter(
+    "rwatch_apply_crashes_total",
+    "Messages whose apply raised an unexpected exception (a bug), each crash counted; rejected so that the "
+    "broker's delivery limit counts them",
+    ["sink", "resource"],
+)
 CONSUMER_CONNECTED = Gauge("rwatch_consumer_connected", "1 while the consumers' broker connection is up")
 PROM_SD_TARGETS = Gauge(
     "rwatch_prom_sd_targets", "Target groups (one per job and host) in the last rendered service discovery", ["sink"]

@@ -3,20 +3,22 @@
 A payload the receiver fails for ever (HTTP 500, a transient status) is isolated once the batch passed its
 sink's bound and dead-lettered with its reason and attempt count, while everything else is delivered; `rwatch
 dlq replay` brings it back. A receiver that is down for every event holds the queue through many bounds and
-dead-letters nothing.
+dead-letters nothing. An event that crashes the sink (a bug) is rejected on each delivery until the broker
+dead-letters it, and the other events of its batches are delivered exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
 from prometheus_client import REGISTRY
 
-from rwatch.events import watch_event_id
+from rwatch.events import Event, watch_event_id
 from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sinks.webhook import WebhookSink
 from tests.entrypoint import RWATCH
 from tests.integration.harness import MakeSetup, Receiver, Setup, rabbitmqctl
 from tests.integration.test_apply_e2e import rwatch_all
@@ -154,3 +156,39 @@ async def test_a_receiver_down_for_every_event_holds_the_queue_and_dead_letters_
                if n.detail.get("bk_host_name") == "while-down"]
     assert len(updates) == len(hosts)
     assert all(receiver.deliveries.count(i) == 1 for i in updates)  # each delivered once, none lost
+
+
+@pytest.mark.amqp
+async def test_an_event_that_crashes_the_sink_is_dead_lettered_by_the_broker_and_the_rest_delivered_once(
+    sim: Simulator, setups: MakeSetup, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = setups(sim.url, ["host"], delivery_limit=2, extra=hook(receiver))
+    apply = WebhookSink.apply
+
+    async def buggy(self: WebhookSink, events: Sequence[Event]) -> None:
+        if any(e.data.get("bk_host_name") == "crash-3" for e in events):
+            raise KeyError("bk_host_innerip")  # a bug in the sink that this one event trips
+        await apply(self, events)
+
+    monkeypatch.setattr(WebhookSink, "apply", buggy)
+    hosts = sorted(sim.state.objects("host"), key=int)[:8]
+    crashes = metric("rwatch_apply_crashes_total")
+    async with rwatch_all(setup):
+        await wait_long_polling(sim, ["host"])
+        for i, key in enumerate(hosts):
+            sim.state.update("host", key, {"bk_host_name": f"crash-{i}"})
+        crasher = event_id_of(sim, "crash-3")
+        innocents = [event_id_of(sim, f"crash-{i}") for i in range(8) if i != 3]
+        await receiver.wait(lambda: set(innocents) <= set(receiver.deliveries))
+        # Rejected on each delivery; past bus.delivery_limit (2) redeliveries the broker dead-letters it.
+        listing = await dlq_listing(setup, lambda out: crasher[:16] in out)
+        assert "1 dead letter(s)" in listing
+        row = dead_row(listing, crasher)
+        assert row[5] == "3" and row[6] == "broker: delivery_limit"
+        assert metric("rwatch_apply_crashes_total") == crashes + 3
+        # The queue moved on.
+        sim.state.update("host", hosts[0], {"bk_host_name": "later"})
+        await receiver.wait(lambda: receiver.live("host")[hosts[0]]["bk_host_name"] == "later")
+    # The innocent events of the crashing batches were acknowledged, never returned: each delivered once.
+    assert all(receiver.deliveries.count(i) == 1 for i in innocents)
+    assert crasher not in receiver.deliveries

@@ -20,7 +20,7 @@ from rwatch.config import Config
 from rwatch.errors import PermanentError, SinkRejected, SinkUnavailable, Stopping
 from rwatch.events import Event, Message, ResyncMark, iso_utc, resync_event_id, watch_event_id
 from rwatch.sinks import applier as applier_module
-from rwatch.sinks.applier import Applier, RetryPolicy, SinkHealth
+from rwatch.sinks.applier import Applier, RetryPolicy, SinkHealth, apply_counting_crashes
 from rwatch.sinks.consumer import ConsumerGroup
 from rwatch.sinks.dlq import list_dead, replay
 from tests.chaos.proxy import Proxy
@@ -714,7 +714,35 @@ async def test_the_bound_is_also_a_duration() -> None:
     assert dead.letters[0][2]["attempts"] >= 3  # 0 s, 10 s, 20 s, 30 s: past 25 s after the first failure
 
 
-# --- through the broker: a held lone poison grows with what is delivered meanwhile -------------------------------
+async def test_memory_bus_a_message_that_crashes_the_sink_is_dead_lettered_after_the_delivery_limit() -> None:
+    sink = RecordingSink()
+    dead = DeadLetters()
+    events = [event(i, key=f"k{i}") for i in range(6)]
+    crasher = events[3]
+    crashes = 0
+
+    def buggy(batch: Sequence[Event]) -> None:
+        nonlocal crashes
+        if crasher in batch:
+            crashes += 1
+            raise KeyError("bk_host_innerip")  # a bug in the sink, not a verdict on the event
+
+    sink.refuse = buggy
+    before = REGISTRY.get_sample_value("rwatch_apply_crashes_total", {"sink": "rec", "resource": "host"}) or 0.0
+    applier = Applier(sink, "host", asyncio.Event(), dead, policy())  # type: ignore[arg-type]
+    async with asyncio.timeout(10):
+        await apply_counting_crashes(applier, events, limit=2)
+    # The batch crashed once, then alone 3 times (limit + 1 deliveries), then it was dead-lettered.
+    assert crashes == 1 + 3
+    [(message, reason, fields)] = dead.letters
+    assert message is crasher and reason == "crashed: KeyError: 'bk_host_innerip'" and fields["attempts"] == 3
+    assert sorted(applied_ids(sink)) == sorted(ids(*events[:3], *events[4:]))  # each innocent once
+    assert len(applied_ids(sink)) == 5
+    assert (REGISTRY.get_sample_value("rwatch_apply_crashes_total", {"sink": "rec", "resource": "host"})
+            or 0.0) == before + 3
+
+
+# --- through the broker: a held lone poison grows with what is delivered meanwhile; a crash is counted -----------
 
 
 async def test_a_lone_poison_in_the_queue_goes_once_later_deliveries_prove_the_sink_up(amqp_url: str,
@@ -742,6 +770,51 @@ async def test_a_lone_poison_in_the_queue_goes_once_later_deliveries_prove_the_s
             (poison.id, "poison: HTTP 500 Internal Server Error", dead[0].attempts)]
         assert dead[0].attempts is not None and dead[0].attempts >= 6
         assert applied_ids(sink) == ids(*later)
+        assert await queue_depth(config, queue_name(config, "rec", "host")) == 0
+    finally:
+        await delete_queues(amqp_url, config)
+
+
+async def test_a_message_that_crashes_the_sink_is_dead_lettered_by_the_broker_and_the_rest_are_not_charged(
+    amqp_url: str, unique: str
+) -> None:
+    config = make_config(amqp_url, unique)
+    config.bus.delivery_limit = 2
+    sink = RecordingSink()
+    events = [event(i, key=f"k{i}") for i in range(40)]
+    crasher = events[17]
+    deliveries = 0
+
+    def buggy(batch: Sequence[Event]) -> None:
+        nonlocal deliveries
+        if [e.id for e in batch] == [crasher.id]:
+            deliveries += 1  # it crashes alone once per delivery
+        if crasher.id in {e.id for e in batch}:
+            raise KeyError("bk_host_innerip")
+
+    sink.refuse = buggy
+    crashes = REGISTRY.get_sample_value("rwatch_apply_crashes_total", {"sink": "rec", "resource": "host"}) or 0.0
+    try:
+        await publish(config, events)
+        async with consuming(config, sink):
+            await sink.wait(lambda: len(sink.applied) == 39)
+            dead: list[Any] = []
+            for _ in range(200):
+                dead = await list_dead(config)
+                if dead:
+                    break
+                await asyncio.sleep(0.05)
+            more = [event(i, key=f"k{i}") for i in range(40, 45)]
+            await publish(config, more)  # the queue moved on
+            await sink.wait(lambda: len(sink.applied) == 44)
+        # Rejected on each delivery, counted by the quorum queue, dead-lettered past x-delivery-limit redeliveries.
+        assert [(d.event_id, d.reason, d.attempts) for d in dead] == [(crasher.id, "broker: delivery_limit", 3)]
+        assert deliveries == 3
+        assert (REGISTRY.get_sample_value("rwatch_apply_crashes_total", {"sink": "rec", "resource": "host"})
+                or 0.0) == crashes + 3
+        # The innocent messages of the crashing batches were acknowledged, never returned: each applied once.
+        assert sorted(applied_ids(sink)) == sorted(ids(*events[:17], *events[18:], *more))
+        assert len(applied_ids(sink)) == 44
         assert await queue_depth(config, queue_name(config, "rec", "host")) == 0
     finally:
         await delete_queues(amqp_url, config)

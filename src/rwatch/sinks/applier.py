@@ -10,7 +10,9 @@ since. Without that proof the sink is down: the batch stays in hand, is retried 
 dead-lettered, however long it lasts.
 
 A permanent refusal dead-letters exactly the refused events (finding them one by one when the sink cannot name
-them). Anything else a sink raises is a bug, and propagates.
+them). Anything else a sink raises is a bug: it leaves as ``SinkCrashed``, for the consumer to find and reject
+the message that crashes (the broker's delivery limit counts it), or, on the memory bus, for
+``apply_counting_crashes`` to count it in place.
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ from typing import Any, Literal
 import structlog
 
 from rwatch import metrics as m
-from rwatch.errors import TRANSIENT_ERRORS, PermanentError, RwatchError, SinkRejected, Stopping
+from rwatch.errors import (
+    TRANSIENT_ERRORS,
+    PermanentError,
+    RwatchError,
+    SinkCrashed,
+    SinkRejected,
+    Stopping,
+)
 from rwatch.events import Event, Message, ResyncMark
 from rwatch.retry import HealthyResetWait, sleep_or_stop
 from rwatch.sinks.base import Sink
@@ -129,8 +138,8 @@ class Applier:
 
     async def apply(self, messages: Sequence[Message], more: More | None = None) -> None:
         """Return once every message is applied (every mark swept) or dead-lettered; ``Stopping`` if asked to
-        stop first. A resync mark is swept after the events before it and before those after it. ``more`` may
-        grow the last run of events while it is held (see ``_isolate``)."""
+        stop first, ``SinkCrashed`` if the sink raised a bug. A resync mark is swept after the events before it
+        and before those after it. ``more`` may grow the last run of events while it is held (see ``_isolate``)."""
         queue: deque[Message] = deque(messages)
         while queue:
             head = queue.popleft()
@@ -206,6 +215,8 @@ class Applier:
                 swept = await self.sink.sweep(messages[0])
             else:
                 await self.sink.apply(messages)  # type: ignore[arg-type]  # a run holds events only
+        except Stopping:
+            raise
         except SinkRejected as exc:
             return await self._refused(items, exc)
         except PermanentError as exc:
@@ -224,6 +235,9 @@ class Applier:
                 item.failed_at, item.error = seq, exc
                 item.proven = item.proven and alone
             return "failed"
+        except Exception as exc:
+            raise SinkCrashed(f"{type(exc).__name__}: {exc}", sink=self.sink.name, resource=self.resource,
+                              events=len(items)) from exc
         self.health.applied()
         if isinstance(messages[0], ResyncMark):
             mark = messages[0]
@@ -353,3 +367,42 @@ class Applier:
             counts[event.action] = counts.get(event.action, 0) + 1
         for action, n in counts.items():
             m.EVENTS_APPLIED.labels(self.sink.name, self.resource, action).inc(n)
+
+
+def report_crash(applier: Applier, message: Message, error: SinkCrashed, delivery: int, limit: int) -> None:
+    """A message crashed its sink alone: counted, and logged with the traceback (a bug to fix)."""
+    m.APPLY_CRASHES.labels(applier.sink.name, applier.resource).inc()
+    applier.log.error("apply_crashed", event_id=message.id, action=message.action, delivery=delivery,
+                      delivery_limit=limit, error=error.message, exc_info=error)
+
+
+async def _crash_of(applier: Applier, message: Message) -> SinkCrashed | None:
+    try:
+        await applier.apply([message])
+    except SinkCrashed as exc:
+        return exc
+    return None
+
+
+async def apply_counting_crashes(applier: Applier, messages: Sequence[Message], limit: int) -> None:
+    """The memory bus has no broker to count deliveries: a batch whose apply crashes (a bug) is applied one
+    message at a time; one that crashes alone is tried again, with backoff, until it crashed ``limit`` + 1
+    times (as many deliveries as the broker allows), then dead-lettered. The others apply once."""
+    try:
+        await applier.apply(messages)
+        return
+    except SinkCrashed as exc:
+        crashed = exc
+    for message in messages:
+        error = crashed if len(messages) == 1 else await _crash_of(applier, message)
+        crashes = 0
+        while error is not None:
+            crashes += 1
+            report_crash(applier, message, error, crashes, limit)
+            if crashes > limit:
+                await applier.dead_letter(message, f"crashed: {error.message}",
+                                          {**error.fields(), "attempts": crashes, "crashed": True})
+                break
+            if await sleep_or_stop(applier.backoff.next_delay(), applier.stop):
+                raise Stopping("stopping while a message crashes its sink") from error
+            error = await _crash_of(applier, message)

@@ -2,8 +2,11 @@
 
 ``QueueConsumer`` feeds one ``<prefix>.<sink>.<resource>`` queue to an ``Applier`` (``rwatch.sinks.applier``: retries,
 the bound, isolation of poison, dead letters) and acknowledges the whole batch (``multiple``) only after it applied.
-``ConsumerGroup`` runs every consumer of the process over one connection and starts them again when the connection
-is lost.
+A batch whose apply crashes (``SinkCrashed``, a bug) is applied again one message at a time: each message that
+applies is acknowledged alone, and the one that crashes is rejected (``basic.reject``, requeue), which every
+RabbitMQ version counts against the quorum queue's ``x-delivery-limit``; innocent messages are never returned,
+so never charged (closing the channel would return, and on 3.x charge, every one of them). ``ConsumerGroup``
+runs every consumer of the process over one connection and starts them again when the connection is lost.
 
 Memory bound (invariant 5): a consumer holds at most ``bus.prefetch`` unacknowledged messages (the
 broker sends no more), so the process holds at most prefetch x queues messages, whatever the backlog.
@@ -26,11 +29,11 @@ from rwatch import metrics as m
 from rwatch.bus import Backoff
 from rwatch.bus.amqp import dead_queue_name, declare_topology, dlx_name, queue_name
 from rwatch.config import Config
-from rwatch.errors import TRANSIENT_ERRORS, Stopping
+from rwatch.errors import TRANSIENT_ERRORS, SinkCrashed, Stopping
 from rwatch.events import Message, parse_message
 from rwatch.failpoints import failpoint
 from rwatch.retry import close_quietly, finish_or_abandon
-from rwatch.sinks.applier import Applier, RetryPolicy, SinkHealth
+from rwatch.sinks.applier import Applier, RetryPolicy, SinkHealth, report_crash
 from rwatch.sinks.base import Sink
 
 log = structlog.get_logger("rwatch.consume")
@@ -137,10 +140,43 @@ class QueueConsumer:
                     grown.append(event)
             return grown
 
-        await self._applier.apply([e for _, e in decoded if e is not None], more)
+        try:
+            await self._applier.apply([e for _, e in decoded if e is not None], more)
+        except SinkCrashed as exc:
+            await self._apply_one_by_one(decoded, exc)
+            return
         failpoint("consume.after_apply")
         # One acknowledgement for the whole batch, after it applied: a crash before it replays the batch.
         await batch[-1].ack(multiple=True)
+
+    async def _apply_one_by_one(self, decoded: list[tuple[AbstractIncomingMessage, Message | None]],
+                                crash: SinkCrashed) -> None:
+        """The batch crashed the sink (a bug): apply each message alone, acknowledge each that applies, reject
+        each that crashes. ``basic.reject`` with requeue is what every RabbitMQ version counts against
+        ``x-delivery-limit`` (4.3 no longer counts ``basic.nack``), so past ``bus.delivery_limit`` redeliveries
+        the broker dead-letters it, and the innocent messages, acknowledged, are never charged."""
+        events = [(message, event) for message, event in decoded if event is not None]
+        culprits = 0
+        for message, event in decoded:
+            if event is None:  # already dead-lettered as undecodable
+                await message.ack()
+                continue
+            error: SinkCrashed | None = crash if len(events) == 1 else None
+            if error is None:
+                try:
+                    await self._applier.apply([event])
+                except SinkCrashed as exc:
+                    error = exc
+            if error is None:
+                await message.ack()
+                continue
+            culprits += 1
+            delivery = 1 + _delivery_count(message)
+            report_crash(self._applier, event, error, delivery, self.config.bus.delivery_limit)
+            await message.reject(requeue=True)
+        if not culprits:
+            # It crashed as a batch, never alone: applied one by one, so nothing is rejected.
+            self.log.error("apply_crashed", events=len(events), error=crash.message, exc_info=crash)
 
     async def _decode(self, message: AbstractIncomingMessage) -> Message | None:
         headers = message.headers or {}
@@ -178,6 +214,13 @@ class QueueConsumer:
         )
         await self._dlx.publish(message, routing_key=dead_queue_name(self.config, self.sink.name),
                                 mandatory=True, timeout=self.config.bus.publish_timeout)
+
+
+def _delivery_count(message: AbstractIncomingMessage) -> int:
+    """Earlier deliveries of this message, as the quorum queue counts them (``x-delivery-count``; absent on the
+    first delivery)."""
+    count = (message.headers or {}).get("x-delivery-count")
+    return count if isinstance(count, int) else 0
 
 
 class ConsumerGroup:
