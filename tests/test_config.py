@@ -148,3 +148,21 @@ def test_tenant_id_and_supplier_account_are_two_settings(tmp_path: Path) -> None
     assert (multi.cmdb.tenant, multi.cmdb.multi_tenant, multi.cmdb.supplier_account) == ("acme", True, "0")
     blank = load_config(write(tmp_path, ""), environ={"RWATCH_CMDB__TENANT_ID": ""})
     assert blank.cmdb.tenant_id is None and blank.cmdb.tenant == "0"
+
+
+def test_a_queue_sinks_retry_bound_and_backoff(tmp_path: Path) -> None:
+    from rwatch.sinks.applier import RetryPolicy
+
+    hook = "[sinks.hook]\nkind = 'webhook'\nurl = 'http://h/'\nsecret = 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw'\n"
+    cfg = load_config(write(tmp_path, hook), environ={})
+    # The defaults: a poison isolated after 10 failed attempts or 2 minutes; today's backoff (0.2 s doubling to 30 s).
+    assert RetryPolicy.of(cfg.sinks["hook"]) == RetryPolicy(10, 120.0, 0.2, 30.0)
+    tuned = load_config(write(tmp_path, hook + "max_attempts = 3\nretry_timeout = '30s'\nretry_backoff = '10ms'\n"
+                                               "retry_backoff_max = '1s'\n"), environ={})
+    assert RetryPolicy.of(tuned.sinks["hook"]) == RetryPolicy(3, 30.0, 0.01, 1.0)
+    for bad, key in (("max_attempts = 0", "sinks.hook.max_attempts"),
+                     ("retry_timeout = '0s'", "sinks.hook.retry_timeout"),
+                     ("retry_backoff = '1m'", "sinks.hook.retry_backoff")):
+        with pytest.raises(ConfigError) as err:
+            load_config(write(tmp_path, hook + bad + "\n"), environ={})
+        assert err.value.key == key

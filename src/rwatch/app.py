@@ -26,8 +26,9 @@ from rwatch.events import Message, iso_utc
 from rwatch.http import serve_http
 from rwatch.metrics import DEAD_LETTERS, TASK_CRASHES, WATCHERS
 from rwatch.retry import HealthyResetWait, sleep_or_stop
+from rwatch.sinks.applier import Applier, RetryPolicy, SinkHealth, apply_counting_crashes
 from rwatch.sinks.base import Sink, make_sink
-from rwatch.sinks.consumer import Applier, ConsumerGroup
+from rwatch.sinks.consumer import ConsumerGroup
 from rwatch.sinks.prom_sd import PromSdSink, sd_routes
 from rwatch.status import Status, install_error_tap
 from rwatch.watch.cursors import CursorStore, open_store
@@ -255,22 +256,28 @@ def make_sinks(config: Config) -> dict[str, Sink]:
 
 
 def subscribe_sinks(bus: MemoryBus, config: Config, sinks: dict[str, Sink], stop: asyncio.Event) -> None:
-    """With the memory bus, a batch is durable once every sink applied it: the watcher then saves its cursor."""
+    """With the memory bus, a batch is durable once every sink applied it: the watcher then saves its cursor.
+
+    The same rules as a queue's consumer: each sink's bound and isolation of poison, and a message that crashes
+    its sink dead-lettered after ``bus.delivery_limit`` more attempts (there is no broker to count them)."""
 
     for sink_name in config.queue_sinks:
 
         async def dead_letter(event: Message, reason: str, fields: dict[str, object], sink: str = sink_name) -> None:
-            # No broker, no dead-letter queue: the refused event is logged whole, so nothing vanishes unseen.
+            # No broker, no dead-letter queue: the refused event is logged whole, so nothing vanishes unseen. (Not
+            # as ``event``: that is the log line's own name, and passing it again raised TypeError instead.)
             DEAD_LETTERS.labels(sink, event.resource).inc()
-            log.error("event_dead_lettered", **{**fields, "sink": sink, "reason": reason, "event": event.to_dict()})
+            log.error("event_dead_lettered", **{**fields, "sink": sink, "reason": reason, "event_id": event.id,
+                                                "payload": event.to_dict()})
 
+        policy, health = RetryPolicy.of(config.sinks[sink_name]), SinkHealth()
         appliers = {
-            resource: Applier(sinks[sink_name], resource, stop, dead_letter)
+            resource: Applier(sinks[sink_name], resource, stop, dead_letter, policy, health)
             for resource in config.sink_resources(sink_name)
         }
 
         async def handler(events: Sequence[Message], appliers: dict[str, Applier] = appliers) -> None:
-            await appliers[events[0].resource].apply(events)
+            await apply_counting_crashes(appliers[events[0].resource], events, config.bus.delivery_limit)
 
         bus.subscribe(sink_name, appliers, handler)
 

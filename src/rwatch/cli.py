@@ -230,9 +230,12 @@ def dlq_list(
 
     cfg = _load(config)
     letters = _dlq_call(lambda: asyncio.run(list_dead(cfg, sink, limit)))
-    typer.echo(f"{'sink':<12} {'resource':<16} {'action':<7} {'failed at':<27} {'event id':<16} reason")
+    typer.echo(f"{'sink':<12} {'resource':<16} {'action':<7} {'failed at':<27} {'event id':<16} {'attempts':>8}  "
+               "reason")
     for d in letters:
-        typer.echo(f"{d.sink:<12} {d.resource:<16} {d.action:<7} {d.failed_at:<27} {d.event_id[:16]:<16} {d.reason}")
+        attempts = "-" if d.attempts is None else str(d.attempts)
+        typer.echo(f"{d.sink:<12} {d.resource:<16} {d.action:<7} {d.failed_at:<27} {d.event_id[:16]:<16} "
+                   f"{attempts:>8}  {d.reason}")
     typer.echo(f"{len(letters)} dead letter(s)")
 
 

@@ -346,6 +346,14 @@ class _QueueSink(_SinkBase):
     batch_max: int = Field(default=500, ge=1, description="events applied together at most")
     batch_wait: Duration = Field(default=0.05,
                                  description="at most how long a batch waits for more, while they keep arriving")
+    # The bound on holding a failing batch (issue 12): past it the consumer bisects the batch to find the event
+    # that fails alone while the others apply, and dead-letters only that one. A sink that fails for every event
+    # is never past it in effect: nothing proves it up, so the batch is held and retried, whatever this says.
+    max_attempts: int = Field(default=10, ge=1, description="failed attempts of a batch before it is bisected")
+    retry_timeout: Duration = Field(default=120.0, gt=0,
+                                    description="or this long after its first failure, whichever comes first")
+    retry_backoff: Duration = Field(default=0.2, gt=0, description="first pause before retrying a failed batch")
+    retry_backoff_max: Duration = Field(default=30.0, gt=0, description="the pause doubles up to this")
 
     @field_validator("resources")
     @classmethod
@@ -354,6 +362,12 @@ class _QueueSink(_SinkBase):
             if name not in RESOURCES:
                 raise ValueError(f"unknown resource {name!r}")
         return value
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> _QueueSink:
+        if self.retry_backoff > self.retry_backoff_max:
+            raise ValueError("retry_backoff: must not exceed retry_backoff_max")
+        return self
 
 
 class MirrorSinkConfig(_QueueSink):

@@ -153,6 +153,11 @@ class SinkRejected(PermanentError):
         self.event_ids = event_ids
 
 
+class SinkCrashed(RwatchError):
+    """A sink raised an exception no rule covers: a bug, not a verdict on the events. The consumer finds the
+    message that crashes alone and rejects it, so the broker's delivery limit counts it (README, "Guarantees")."""
+
+
 class StoreError(TransientError):
     """The cursor store could not be read or written."""
 

@@ -104,7 +104,25 @@ APPLY_SECONDS = Histogram(
 )
 APPLY_RETRIES = Counter("rwatch_apply_retries_total", "Batches retried after a transient sink failure", ["sink"])
 DEAD_LETTERS = Counter(
-    "rwatch_dead_letters_total", "Events a sink refused for good, moved to its dead-letter queue", ["sink", "resource"]
+    "rwatch_dead_letters_total", "Events a sink refused for good or that failed alone as poison, moved to its "
+    "dead-letter queue", ["sink", "resource"]
+)
+APPLY_ISOLATIONS = Counter(
+    "rwatch_apply_isolations_total",
+    "Batches that failed up to their sink's bound and were bisected, by outcome (poison: an event that fails "
+    "alone was dead-lettered; applied: all of it applied; held: nothing proved the sink up, the batch is held)",
+    ["sink", "resource", "outcome"],
+)
+POISON_EVENTS = Counter(
+    "rwatch_poison_events_total",
+    "Events dead-lettered because they failed alone while the sink applied others (also in rwatch_dead_letters_total)",
+    ["sink", "resource"],
+)
+APPLY_CRASHES = Counter(
+    "rwatch_apply_crashes_total",
+    "Messages whose apply raised an unexpected exception (a bug), each crash counted; rejected so that the "
+    "broker's delivery limit counts them",
+    ["sink", "resource"],
 )
 CONSUMER_CONNECTED = Gauge("rwatch_consumer_connected", "1 while the consumers' broker connection is up")
 PROM_SD_TARGETS = Gauge(

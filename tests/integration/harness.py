@@ -44,6 +44,7 @@ class Setup:
     bus: str = "amqp"
     mirror_url: str = ""
     prefetch: int = 256
+    delivery_limit: int = 5
     extra: str = ""
     cmdb: str = ""  # more [cmdb] keys (api, tenant_id, ...)
     watch: str = ""  # more [watch] keys (mass_delete_share, ...)
@@ -88,6 +89,7 @@ url = "{self.bus_url or self.amqp_url}"
 exchange = "{self.exchange}"
 queue_prefix = "{self.prefix}"
 prefetch = {self.prefetch}
+delivery_limit = {self.delivery_limit}
 [store]
 url = "{self.store_url}"
 [sinks.{SINK}]

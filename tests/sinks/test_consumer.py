@@ -19,8 +19,9 @@ from rwatch.bus.amqp import AmqpBus, dead_queue_name, dlx_name, queue_name
 from rwatch.config import Config
 from rwatch.errors import PermanentError, SinkRejected, SinkUnavailable, Stopping
 from rwatch.events import Event, Message, ResyncMark, iso_utc, resync_event_id, watch_event_id
-from rwatch.sinks import consumer as consumer_module
-from rwatch.sinks.consumer import Applier, ConsumerGroup
+from rwatch.sinks import applier as applier_module
+from rwatch.sinks.applier import Applier, RetryPolicy, SinkHealth, apply_counting_crashes
+from rwatch.sinks.consumer import ConsumerGroup
 from rwatch.sinks.dlq import list_dead, replay
 from tests.chaos.proxy import Proxy
 
@@ -120,8 +121,8 @@ async def queue_depth(config: Config, name: str) -> int:
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = consumer_module.HealthyResetWait
-    monkeypatch.setattr(consumer_module, "HealthyResetWait",
+    original = applier_module.HealthyResetWait
+    monkeypatch.setattr(applier_module, "HealthyResetWait",
                         lambda **_: original(initial=0.01, maximum=0.05))
 
 
@@ -474,3 +475,346 @@ async def test_a_refused_mark_goes_to_the_dead_letter_queue_and_replays(config: 
         assert await replay(config, sink="rec") == 1
         await sink.wait(lambda: ("sweep", [end.id]) in sink.calls)
     assert await list_dead(config) == []
+
+
+# --- the bound and the bisection: a poison is isolated, a sink that is down is held -----------------------------
+
+
+def policy(max_attempts: int = 3, retry_timeout: float = 3600.0) -> RetryPolicy:
+    return RetryPolicy(max_attempts=max_attempts, retry_timeout=retry_timeout, retry_backoff=0.001,
+                       retry_backoff_max=0.005)
+
+
+def isolations(outcome: str, resource: str = "host") -> float:
+    return REGISTRY.get_sample_value("rwatch_apply_isolations_total",
+                                     {"sink": "rec", "resource": resource, "outcome": outcome}) or 0.0
+
+
+class Timeline(DeadLetters):
+    """Dead letters recorded into the sink's call log, so a test sees what came before what."""
+
+    def __init__(self, sink: RecordingSink) -> None:
+        super().__init__()
+        self.sink = sink
+
+    async def __call__(self, message: Message, reason: str, fields: dict[str, Any]) -> None:
+        await super().__call__(message, reason, fields)
+        self.sink.calls.append(("dead", [message.id]))
+
+
+def failing_with(sink: RecordingSink, *poison: Event,
+                 down: Callable[[], bool] = lambda: False) -> Callable[[Sequence[Event]], None]:
+    """A sink that fails transiently for any batch holding a poison event (for ever), or for all while ``down``.
+    Every attempt wakes ``sink.wait``."""
+    bad = {e.id for e in poison}
+
+    def refuse(events: Sequence[Event]) -> None:
+        sink.changed.set()
+        if down() or bad & {e.id for e in events}:
+            raise SinkUnavailable("HTTP 500 Internal Server Error", status=500)
+
+    return refuse
+
+
+def applied_ids(sink: RecordingSink) -> list[str]:
+    return [i for kind, batch in sink.calls if kind == "apply" for i in batch]
+
+
+async def test_a_poison_is_isolated_after_the_bound_and_only_it_is_dead_lettered() -> None:
+    sink = RecordingSink()
+    dead = Timeline(sink)
+    events = [event(i, key=f"k{i}") for i in range(16)]
+    poison = events[5]
+    tried: list[list[str]] = []
+    refuse = failing_with(sink, poison)
+
+    def recording(batch: Sequence[Event]) -> None:
+        tried.append([e.id for e in batch])
+        refuse(batch)
+
+    sink.refuse = recording
+    before = isolations("poison")
+    applier = Applier(sink, "host", asyncio.Event(), dead, policy(max_attempts=3))  # type: ignore[arg-type]
+    async with asyncio.timeout(10):
+        await applier.apply(events)
+    # Held and retried whole up to the bound, then bisected: a handful of probes, not one per event.
+    assert tried[:3] == [[e.id for e in events]] * 3
+    assert len(tried) <= 3 + 2 * 4 + 2
+    assert applied_ids(sink) == [e.id for e in events if e is not poison]  # the rest, in order
+    [(message, reason, fields)] = dead.letters
+    assert message is poison
+    assert reason == "poison: HTTP 500 Internal Server Error"
+    assert fields["attempts"] == sum(poison.id in batch for batch in tried) and fields["attempts"] > 3
+    assert fields["status"] == 500 and fields["poison"] is True
+    assert isolations("poison") == before + 1
+
+
+async def test_the_poisons_later_events_of_its_object_wait_behind_it() -> None:
+    sink = RecordingSink()
+    dead = Timeline(sink)
+    events = [event(i, key=f"k{i}") for i in range(8)]
+    poison, later = events[2], event(6, key="k2")  # a newer event of the poison's object
+    events[6] = later
+    sink.refuse = failing_with(sink, poison)
+    applier = Applier(sink, "host", asyncio.Event(), dead, policy(max_attempts=2))  # type: ignore[arg-type]
+    async with asyncio.timeout(10):
+        await applier.apply(events)
+    timeline = [(kind, i) for kind, batch in sink.calls for i in batch]
+    # The object's newer event is applied only after the poison left: per-object order holds.
+    assert timeline.index(("dead", poison.id)) < timeline.index(("apply", later.id))
+    assert applied_ids(sink) == [e.id for e in events if e is not poison]
+
+
+async def test_poisons_together_at_the_head_of_the_batch_are_all_found() -> None:
+    sink = RecordingSink()
+    dead = DeadLetters()
+    events = [event(i, key=f"k{i}") for i in range(12)]
+    sink.refuse = failing_with(sink, events[0], events[1], events[7])
+    applier = Applier(sink, "host", asyncio.Event(), dead, policy(max_attempts=2))  # type: ignore[arg-type]
+    async with asyncio.timeout(10):
+        await applier.apply(events)
+    assert [m.id for m, _, _ in dead.letters] == ids(events[0], events[1], events[7])
+    assert sorted(applied_ids(sink)) == sorted(ids(*events[2:7], *events[8:]))
+
+
+async def test_a_sink_down_for_every_event_is_held_through_many_bounds_and_nothing_is_dead_lettered() -> None:
+    sink = RecordingSink()
+    dead = DeadLetters()
+    events = [event(i, key=f"k{i % 5}") for i in range(40)]
+    down = True
+    calls = 0
+    refuse = failing_with(sink, down=lambda: down)
+
+    def counting(batch: Sequence[Event]) -> None:
+        nonlocal calls
+        calls += 1
+        refuse(batch)
+
+    sink.refuse = counting
+    held = isolations("held")
+    applier = Applier(sink, "host", asyncio.Event(), dead, policy(max_attempts=2))  # type: ignore[arg-type]
+    task = asyncio.create_task(applier.apply(events))
+    await sink.wait(lambda: isolations("held") >= held + 5, timeout=10)  # five bounds, each found the sink down
+    assert not task.done() and dead.letters == [] and sink.applied == []
+    down = False  # the endpoint is back
+    async with asyncio.timeout(10):
+        await task
+    assert dead.letters == []
+    assert applied_ids(sink) == ids(*events)  # all of it, in order, once it is back
+    # Each isolation of a down sink costs a few probes, not one per event.
+    assert calls < 5 * (2 + 2 * 6 + 3) + 10
+
+
+async def test_a_batch_that_fails_a_few_times_then_applies_is_not_dead_lettered() -> None:
+    sink = RecordingSink()
+    dead = DeadLetters()
+    failures = iter(range(4))
+
+    def flaky(events: Sequence[Event]) -> None:
+        if next(failures, None) is not None:
+            raise SinkUnavailable("connection reset")
+
+    sink.refuse = flaky
+    events = [event(i) for i in range(10)]
+    applier = Applier(sink, "host", asyncio.Event(), dead, policy(max_attempts=2))  # type: ignore[arg-type]
+    async with asyncio.timeout(10):
+        await applier.apply(events)
+    assert dead.letters == [] and sorted(applied_ids(sink)) == sorted(ids(*events))
+
+
+async def test_a_lone_failing_event_is_held_until_events_delivered_meanwhile_prove_the_sink_up() -> None:
+    sink = RecordingSink()
+    dead = DeadLetters()
+    poison, later = event(1, key="a"), [event(2, key="b"), event(3, key="c")]
+    sink.refuse = failing_with(sink, poison)
+    delivered: list[Message] = []
+    asked = 0
+
+    async def more() -> list[Message]:
+        nonlocal asked
+        asked += 1
+        sink.changed.set()
+        taken = list(delivered)
+        delivered.clear()
+        return taken
+
+    applier = Applier(sink, "host", asyncio.Event(), dead, policy(max_attempts=2))  # type: ignore[arg-type]
+    task = asyncio.create_task(applier.apply([poison], more))
+    # Several bounds passed with nothing else to try: it might be the sink that is down.
+    await sink.wait(lambda: asked >= 3, timeout=10)
+    assert dead.letters == [] and not task.done()
+    delivered.extend(later)  # the next changes arrive: they apply, so the sink is up and the lone event is poison
+    async with asyncio.timeout(10):
+        await task
+    assert [m for m, _, _ in dead.letters] == [poison]
+    assert applied_ids(sink) == ids(*later)
+
+
+async def test_a_lone_failing_event_is_proved_poison_by_another_queue_of_the_same_sink() -> None:
+    sink = RecordingSink()
+    dead = DeadLetters()
+    health = SinkHealth()
+    poison = event(1, key="a")
+    sink.refuse = failing_with(sink, poison)
+    hosts = Applier(sink, "host", asyncio.Event(), dead, policy(max_attempts=2), health)  # type: ignore[arg-type]
+    processes = Applier(sink, "process", asyncio.Event(), dead, policy(max_attempts=2), health)  # type: ignore[arg-type]
+    held = isolations("held")
+    task = asyncio.create_task(hosts.apply([poison]))
+    await sink.wait(lambda: isolations("held") >= held + 2, timeout=10)
+    assert dead.letters == []
+    await processes.apply([event(2, "process")])  # the sink applies another queue's event: it is up
+    async with asyncio.timeout(10):
+        await task
+    assert [m for m, _, _ in dead.letters] == [poison]
+
+
+async def test_a_lone_event_of_a_sink_down_for_every_queue_is_never_dead_lettered() -> None:
+    sink = RecordingSink()
+    dead = DeadLetters()
+    health = SinkHealth()
+    sink.refuse = failing_with(sink, down=lambda: True)
+    stop = asyncio.Event()
+    hosts = Applier(sink, "host", stop, dead, policy(max_attempts=2), health)  # type: ignore[arg-type]
+    processes = Applier(sink, "process", stop, dead, policy(max_attempts=2), health)  # type: ignore[arg-type]
+    held = isolations("held") + isolations("held", "process")
+    tasks = [asyncio.create_task(hosts.apply([event(1)])),
+             asyncio.create_task(processes.apply([event(i, "process") for i in range(2, 6)]))]
+    await sink.wait(lambda: isolations("held") + isolations("held", "process") >= held + 10, timeout=10)
+    stop.set()
+    for task in tasks:
+        with pytest.raises(Stopping):
+            await task
+    assert dead.letters == [] and sink.applied == []
+
+
+async def test_the_bound_is_also_a_duration() -> None:
+    sink = RecordingSink()
+    dead = DeadLetters()
+    now = 0.0
+
+    def clock() -> float:
+        return now
+
+    events = [event(i, key=f"k{i}") for i in range(4)]
+    tried = 0
+    refuse = failing_with(sink, events[1])
+
+    def ticking(batch: Sequence[Event]) -> None:
+        nonlocal now, tried
+        tried += 1
+        now += 10.0  # each attempt takes ten seconds
+        refuse(batch)
+
+    sink.refuse = ticking
+    applier = Applier(sink, "host", asyncio.Event(), dead,  # type: ignore[arg-type]
+                      policy(max_attempts=1000, retry_timeout=25.0), clock=clock)
+    async with asyncio.timeout(10):
+        await applier.apply(events)
+    assert [m for m, _, _ in dead.letters] == [events[1]]
+    assert dead.letters[0][2]["attempts"] >= 3  # 0 s, 10 s, 20 s, 30 s: past 25 s after the first failure
+
+
+async def test_memory_bus_a_message_that_crashes_the_sink_is_dead_lettered_after_the_delivery_limit() -> None:
+    sink = RecordingSink()
+    dead = DeadLetters()
+    events = [event(i, key=f"k{i}") for i in range(6)]
+    crasher = events[3]
+    crashes = 0
+
+    def buggy(batch: Sequence[Event]) -> None:
+        nonlocal crashes
+        if crasher in batch:
+            crashes += 1
+            raise KeyError("bk_host_innerip")  # a bug in the sink, not a verdict on the event
+
+    sink.refuse = buggy
+    before = REGISTRY.get_sample_value("rwatch_apply_crashes_total", {"sink": "rec", "resource": "host"}) or 0.0
+    applier = Applier(sink, "host", asyncio.Event(), dead, policy())  # type: ignore[arg-type]
+    async with asyncio.timeout(10):
+        await apply_counting_crashes(applier, events, limit=2)
+    # The batch crashed once, then alone 3 times (limit + 1 deliveries), then it was dead-lettered.
+    assert crashes == 1 + 3
+    [(message, reason, fields)] = dead.letters
+    assert message is crasher and reason == "crashed: KeyError: 'bk_host_innerip'" and fields["attempts"] == 3
+    assert sorted(applied_ids(sink)) == sorted(ids(*events[:3], *events[4:]))  # each innocent once
+    assert len(applied_ids(sink)) == 5
+    assert (REGISTRY.get_sample_value("rwatch_apply_crashes_total", {"sink": "rec", "resource": "host"})
+            or 0.0) == before + 3
+
+
+# --- through the broker: a held lone poison grows with what is delivered meanwhile; a crash is counted -----------
+
+
+async def test_a_lone_poison_in_the_queue_goes_once_later_deliveries_prove_the_sink_up(amqp_url: str,
+                                                                                       unique: str) -> None:
+    config = make_config(amqp_url, unique, max_attempts=2, retry_backoff="1ms", retry_backoff_max="5ms")
+    sink = RecordingSink()
+    poison = event(1, key="a")
+    sink.refuse = failing_with(sink, poison)
+    held = isolations("held")
+    try:
+        await publish(config, [poison])
+        async with consuming(config, sink):
+            # Alone in its queue it cannot be told from a sink that is down: held, not dead-lettered.
+            await sink.wait(lambda: isolations("held") >= held + 3)
+            assert await list_dead(config) == []
+            later = [event(i, key=f"k{i}") for i in range(2, 6)]
+            await publish(config, later)  # delivered while it is held: the batch grows, they apply
+            await sink.wait(lambda: len(sink.applied) == 4)
+            for _ in range(100):
+                dead = await list_dead(config)
+                if dead:
+                    break
+                await asyncio.sleep(0.05)
+        assert [(d.event_id, d.reason, d.attempts) for d in dead] == [
+            (poison.id, "poison: HTTP 500 Internal Server Error", dead[0].attempts)]
+        assert dead[0].attempts is not None and dead[0].attempts >= 6
+        assert applied_ids(sink) == ids(*later)
+        assert await queue_depth(config, queue_name(config, "rec", "host")) == 0
+    finally:
+        await delete_queues(amqp_url, config)
+
+
+async def test_a_message_that_crashes_the_sink_is_dead_lettered_by_the_broker_and_the_rest_are_not_charged(
+    amqp_url: str, unique: str
+) -> None:
+    config = make_config(amqp_url, unique)
+    config.bus.delivery_limit = 2
+    sink = RecordingSink()
+    events = [event(i, key=f"k{i}") for i in range(40)]
+    crasher = events[17]
+    deliveries = 0
+
+    def buggy(batch: Sequence[Event]) -> None:
+        nonlocal deliveries
+        if [e.id for e in batch] == [crasher.id]:
+            deliveries += 1  # it crashes alone once per delivery
+        if crasher.id in {e.id for e in batch}:
+            raise KeyError("bk_host_innerip")
+
+    sink.refuse = buggy
+    crashes = REGISTRY.get_sample_value("rwatch_apply_crashes_total", {"sink": "rec", "resource": "host"}) or 0.0
+    try:
+        await publish(config, events)
+        async with consuming(config, sink):
+            await sink.wait(lambda: len(sink.applied) == 39)
+            dead: list[Any] = []
+            for _ in range(200):
+                dead = await list_dead(config)
+                if dead:
+                    break
+                await asyncio.sleep(0.05)
+            more = [event(i, key=f"k{i}") for i in range(40, 45)]
+            await publish(config, more)  # the queue moved on
+            await sink.wait(lambda: len(sink.applied) == 44)
+        # Rejected on each delivery, counted by the quorum queue, dead-lettered past x-delivery-limit redeliveries.
+        assert [(d.event_id, d.reason, d.attempts) for d in dead] == [(crasher.id, "broker: delivery_limit", 3)]
+        assert deliveries == 3
+        assert (REGISTRY.get_sample_value("rwatch_apply_crashes_total", {"sink": "rec", "resource": "host"})
+                or 0.0) == crashes + 3
+        # The innocent messages of the crashing batches were acknowledged, never returned: each applied once.
+        assert sorted(applied_ids(sink)) == sorted(ids(*events[:17], *events[18:], *more))
+        assert len(applied_ids(sink)) == 44
+        assert await queue_depth(config, queue_name(config, "rec", "host")) == 0
+    finally:
+        await delete_queues(amqp_url, config)

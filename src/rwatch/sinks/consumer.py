@@ -1,10 +1,12 @@
-"""Consumers: queue -> batch -> Sink.apply -> ack, and the retry and isolation rules shared by both buses.
+"""Consumers: queue -> batch -> ``Applier`` -> ack, and the group that runs them over one connection.
 
-``Applier`` owns what happens to a batch: transient sink failures retry it with backoff while holding it;
-a permanent refusal dead-letters exactly the refused events (finding them one by one when the sink cannot
-name them) and lets the rest apply. ``QueueConsumer`` feeds it from one ``<prefix>.<sink>.<resource>``
-queue and acknowledges the whole batch (``multiple``) only after it applied; ``ConsumerGroup`` runs every
-consumer of the process over one connection and starts them again when the connection is lost.
+``QueueConsumer`` feeds one ``<prefix>.<sink>.<resource>`` queue to an ``Applier`` (``rwatch.sinks.applier``: retries,
+the bound, isolation of poison, dead letters) and acknowledges the whole batch (``multiple``) only after it applied.
+A batch whose apply crashes (``SinkCrashed``, a bug) is applied again one message at a time: each message that
+applies is acknowledged alone, and the one that crashes is rejected (``basic.reject``, requeue), which every
+RabbitMQ version counts against the quorum queue's ``x-delivery-limit``; innocent messages are never returned,
+so never charged (closing the channel would return, and on 3.x charge, every one of them). ``ConsumerGroup``
+runs every consumer of the process over one connection and starts them again when the connection is lost.
 
 Memory bound (invariant 5): a consumer holds at most ``bus.prefetch`` unacknowledged messages (the
 broker sends no more), so the process holds at most prefetch x queues messages, whatever the backlog.
@@ -14,9 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import aio_pika
 import orjson
@@ -28,109 +29,19 @@ from rwatch import metrics as m
 from rwatch.bus import Backoff
 from rwatch.bus.amqp import dead_queue_name, declare_topology, dlx_name, queue_name
 from rwatch.config import Config
-from rwatch.errors import TRANSIENT_ERRORS, PermanentError, RwatchError, SinkRejected, Stopping
-from rwatch.events import Event, Message, ResyncMark, parse_message
+from rwatch.errors import TRANSIENT_ERRORS, SinkCrashed, Stopping
+from rwatch.events import Message, parse_message
 from rwatch.failpoints import failpoint
-from rwatch.retry import HealthyResetWait, close_quietly, finish_or_abandon, sleep_or_stop
+from rwatch.retry import close_quietly, finish_or_abandon
+from rwatch.sinks.applier import Applier, RetryPolicy, SinkHealth, report_crash
 from rwatch.sinks.base import Sink
 
 log = structlog.get_logger("rwatch.consume")
 
 _BROKER_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, aio_pika.exceptions.AMQPError)
-DeadLetter = Callable[[Message, str, dict[str, Any]], Awaitable[None]]
-T = TypeVar("T")
 # Deliveries of a burst (a watcher's batch, a backlog) follow each other well within this; a longer quiet gap
 # means the stream paused, and waiting on would only delay the events in hand.
 _ARRIVAL_GAP = 0.001
-
-
-class Applier:
-    """Applies batches of one resource to one sink until each event is applied or dead-lettered."""
-
-    def __init__(self, sink: Sink, resource: str, stop: asyncio.Event, dead_letter: DeadLetter) -> None:
-        self.sink = sink
-        self.resource = resource
-        self.stop = stop
-        self.dead_letter = dead_letter
-        self.backoff = HealthyResetWait(initial=0.2, maximum=30.0)
-        self.log = log.bind(sink=sink.name, resource=resource)
-
-    async def apply(self, messages: Sequence[Message]) -> None:
-        """Return once every event is applied (every mark swept) or dead-lettered; ``Stopping`` if asked to
-        stop first. A resync mark is swept after the events before it and before those after it."""
-        run: list[Event] = []
-        for message in messages:
-            if isinstance(message, ResyncMark):
-                await self._apply_events(run)
-                run = []
-                await self._sweep(message)
-            else:
-                run.append(message)
-        await self._apply_events(run)
-
-    async def _sweep(self, mark: ResyncMark) -> None:
-        try:
-            swept = await self._retrying(lambda: self.sink.sweep(mark), 1)
-        except SinkRejected as exc:
-            await self.dead_letter(mark, exc.message, exc.fields())
-            return
-        m.RESYNC_SWEPT.labels(self.sink.name, mark.resource).inc(swept)
-        self.log.info("resync_swept", resync_id=mark.resync_id, swept=swept, version=list(mark.version))
-
-    async def _apply_events(self, events: Sequence[Event]) -> None:
-        if not events:
-            return
-        started = time.perf_counter()
-        try:
-            await self._retrying(lambda: self.sink.apply(events), len(events))
-        except SinkRejected as exc:
-            if exc.event_ids:
-                refused = set(exc.event_ids)
-                for event in events:
-                    if event.id in refused:
-                        await self.dead_letter(event, exc.message, exc.fields())
-                self._count(e for e in events if e.id not in refused)
-            else:
-                await self._one_by_one(events)
-            return
-        m.APPLY_SECONDS.labels(self.sink.name).observe(time.perf_counter() - started)
-        self._count(events)
-
-    async def _retrying(self, op: Callable[[], Awaitable[T]], size: int) -> T:
-        while True:
-            try:
-                return await op()
-            except SinkRejected:
-                raise
-            except PermanentError as exc:
-                raise SinkRejected(exc.message, **exc.extra) from exc
-            except TRANSIENT_ERRORS as exc:
-                delay = self.backoff.next_delay()
-                m.APPLY_RETRIES.labels(self.sink.name).inc()
-                fields = exc.fields() if isinstance(exc, RwatchError) else {"error": repr(exc)}
-                self.log.warning("sink_apply_failed", **{**fields, "events": size,
-                                                          "retry_in": round(delay, 2)})
-                if await sleep_or_stop(delay, self.stop):
-                    raise Stopping("stopping while the sink is failing") from exc
-
-    async def _one_by_one(self, events: Sequence[Event]) -> None:
-        """The sink refused the batch without saying which event: apply each alone to find out."""
-        applied = []
-        for event in events:
-            try:
-                await self._retrying(lambda event=event: self.sink.apply([event]), 1)  # type: ignore[misc]
-            except SinkRejected as exc:
-                await self.dead_letter(event, exc.message, exc.fields())
-                continue
-            applied.append(event)
-        self._count(applied)
-
-    def _count(self, events: Any) -> None:
-        counts: dict[str, int] = {}
-        for event in events:
-            counts[event.action] = counts.get(event.action, 0) + 1
-        for action, n in counts.items():
-            m.EVENTS_APPLIED.labels(self.sink.name, self.resource, action).inc(n)
 
 
 class QueueConsumer:
@@ -140,7 +51,8 @@ class QueueConsumer:
     they keep arriving, so a lone change is applied at once and a backlog goes in large batches.
     """
 
-    def __init__(self, config: Config, sink: Sink, resource: str, stop: asyncio.Event) -> None:
+    def __init__(self, config: Config, sink: Sink, resource: str, stop: asyncio.Event,
+                 health: SinkHealth | None = None) -> None:
         settings = config.sinks[sink.name]
         self.config = config
         self.sink = sink
@@ -155,7 +67,8 @@ class QueueConsumer:
         self.linger_limit = min(self.batch_max, max(1, config.bus.prefetch // 2))
         self.log = log.bind(sink=sink.name, resource=resource)
         self._dlx: AbstractExchange | None = None
-        self._applier = Applier(sink, resource, stop, self._dead_letter)
+        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._applier = Applier(sink, resource, stop, self._dead_letter, RetryPolicy.of(settings), health)
 
     async def run(self, connection: AbstractConnection) -> None:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -165,6 +78,7 @@ class QueueConsumer:
             queue = await channel.get_queue(self.queue, ensure=False)
             # Bounded by prefetch: the broker sends no more than that many unacknowledged messages.
             inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+            self._inbox = inbox
             await queue.consume(inbox.put, no_ack=False)
             while not self.stop.is_set():
                 batch = await self._collect(inbox)
@@ -209,15 +123,60 @@ class QueueConsumer:
             batch.append(inbox.get_nowait())
 
     async def _handle(self, batch: list[AbstractIncomingMessage]) -> None:
-        events: list[Message] = []
+        decoded: list[tuple[AbstractIncomingMessage, Message | None]] = []
         for message in batch:
-            event = await self._decode(message)
-            if event is not None:
-                events.append(event)
-        await self._applier.apply(events)
+            decoded.append((message, await self._decode(message)))
+
+        async def more() -> list[Message]:
+            """A held batch grows with what was delivered meanwhile (up to the batch limit): events that
+            apply prove the sink up, so that the one that does not can be told from a sink that is down."""
+            grown: list[Message] = []
+            while len(batch) < self.batch_limit and not self._inbox.empty():
+                message = self._inbox.get_nowait()
+                batch.append(message)
+                event = await self._decode(message)
+                decoded.append((message, event))
+                if event is not None:
+                    grown.append(event)
+            return grown
+
+        try:
+            await self._applier.apply([e for _, e in decoded if e is not None], more)
+        except SinkCrashed as exc:
+            await self._apply_one_by_one(decoded, exc)
+            return
         failpoint("consume.after_apply")
         # One acknowledgement for the whole batch, after it applied: a crash before it replays the batch.
         await batch[-1].ack(multiple=True)
+
+    async def _apply_one_by_one(self, decoded: list[tuple[AbstractIncomingMessage, Message | None]],
+                                crash: SinkCrashed) -> None:
+        """The batch crashed the sink (a bug): apply each message alone, acknowledge each that applies, reject
+        each that crashes. ``basic.reject`` with requeue is what every RabbitMQ version counts against
+        ``x-delivery-limit`` (4.3 no longer counts ``basic.nack``), so past ``bus.delivery_limit`` redeliveries
+        the broker dead-letters it, and the innocent messages, acknowledged, are never charged."""
+        events = [(message, event) for message, event in decoded if event is not None]
+        culprits = 0
+        for message, event in decoded:
+            if event is None:  # already dead-lettered as undecodable
+                await message.ack()
+                continue
+            error: SinkCrashed | None = crash if len(events) == 1 else None
+            if error is None:
+                try:
+                    await self._applier.apply([event])
+                except SinkCrashed as exc:
+                    error = exc
+            if error is None:
+                await message.ack()
+                continue
+            culprits += 1
+            delivery = 1 + _delivery_count(message)
+            report_crash(self._applier, event, error, delivery, self.config.bus.delivery_limit)
+            await message.reject(requeue=True)
+        if not culprits:
+            # It crashed as a batch, never alone: applied one by one, so nothing is rejected.
+            self.log.error("apply_crashed", events=len(events), error=crash.message, exc_info=crash)
 
     async def _decode(self, message: AbstractIncomingMessage) -> Message | None:
         headers = message.headers or {}
@@ -235,7 +194,8 @@ class QueueConsumer:
         return event
 
     async def _dead_letter(self, event: Message, reason: str, fields: dict[str, Any]) -> None:
-        headers = {"x-event-id": event.id, "x-resource": event.resource, "x-action": event.action}
+        headers: dict[str, Any] = {"x-event-id": event.id, "x-resource": event.resource, "x-action": event.action,
+                                   "x-rwatch-attempts": int(fields.get("attempts", 1))}
         await self._publish_dead(event.to_json(), headers, reason, fields)
 
     async def _publish_dead(self, body: bytes, headers: dict[str, Any], reason: str,
@@ -244,7 +204,7 @@ class QueueConsumer:
         assert self._dlx is not None
         m.DEAD_LETTERS.labels(self.sink.name, self.resource).inc()
         self.log.error("event_dead_lettered", reason=reason, event_id=headers.get("x-event-id"),
-                       error_type=fields.get("error_type"))
+                       error_type=fields.get("error_type"), attempts=headers.get("x-rwatch-attempts"))
         message = aio_pika.Message(
             body, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             headers={**headers, "x-rwatch-reason": reason[:1000], "x-rwatch-sink": self.sink.name,
@@ -256,6 +216,13 @@ class QueueConsumer:
                                 mandatory=True, timeout=self.config.bus.publish_timeout)
 
 
+def _delivery_count(message: AbstractIncomingMessage) -> int:
+    """Earlier deliveries of this message, as the quorum queue counts them (``x-delivery-count``; absent on the
+    first delivery)."""
+    count = (message.headers or {}).get("x-delivery-count")
+    return count if isinstance(count, int) else 0
+
+
 class ConsumerGroup:
     """Every consumer of this process on one connection; a lost connection restarts them all."""
 
@@ -263,8 +230,10 @@ class ConsumerGroup:
         self.config = config
         self.stop = stop
         self.name = name
+        # One health per sink, shared by its queues: events another queue applies prove the sink up.
+        healths = {sink: SinkHealth() for sink in config.queue_sinks}
         self.consumers = [
-            QueueConsumer(config, sinks[sink], resource, stop)
+            QueueConsumer(config, sinks[sink], resource, stop, healths[sink])
             for sink in config.queue_sinks for resource in config.sink_resources(sink)
         ]
         self.connected = False

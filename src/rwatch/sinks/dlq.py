@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -28,21 +29,39 @@ class DeadLetter:
     reason: str
     failed_at: str
     queue: str
+    attempts: int | None = None  # failed attempts (deliveries, for the broker's delivery limit); None: unknown
 
     @classmethod
-    def of(cls, sink: str, message: AbstractIncomingMessage) -> DeadLetter:
+    def of(cls, sink: str, message: AbstractIncomingMessage, delivery_limit: int | None = None) -> DeadLetter:
         h: dict[str, Any] = dict(message.headers or {})
+        death = _broker_death(h)
+        attempts = h.get("x-rwatch-attempts")
+        if not isinstance(attempts, int) and death.get("reason") == "delivery_limit" and delivery_limit is not None:
+            # The quorum queue dead-letters a message returned more than x-delivery-limit times: it was
+            # delivered delivery_limit + 1 times (checked on RabbitMQ 3.10; 4.x documents the same).
+            attempts = delivery_limit + 1
+        failed_at = h.get("x-rwatch-failed-at") or _iso(death.get("time"))
         return cls(sink, str(h.get("x-event-id", "")), str(h.get("x-resource", "")), str(h.get("x-action", "")),
-                   str(h.get("x-rwatch-reason") or _broker_reason(h)), str(h.get("x-rwatch-failed-at", "")),
-                   str(h.get("x-rwatch-queue", "")))
+                   str(h.get("x-rwatch-reason") or _broker_reason(death)), str(failed_at or ""),
+                   str(h.get("x-rwatch-queue") or death.get("queue") or ""),
+                   attempts if isinstance(attempts, int) else None)
 
 
-def _broker_reason(headers: dict[str, Any]) -> str:
-    """Dead-lettered by the broker itself (e.g. past x-delivery-limit): its x-death says why."""
+def _broker_death(headers: dict[str, Any]) -> dict[str, Any]:
+    """The newest ``x-death`` entry: set when the broker itself dead-lettered the message."""
     deaths = headers.get("x-death") or []
-    if deaths and isinstance(deaths[0], dict):
-        return f"broker: {deaths[0].get('reason', 'unknown')}"
-    return "unknown"
+    return deaths[0] if deaths and isinstance(deaths[0], dict) else {}
+
+
+def _broker_reason(death: dict[str, Any]) -> str:
+    """Dead-lettered by the broker itself (e.g. past x-delivery-limit): its x-death says why."""
+    return f"broker: {death.get('reason', 'unknown')}" if death else "unknown"
+
+
+def _iso(value: Any) -> str | None:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return None
 
 
 @contextlib.asynccontextmanager
@@ -75,7 +94,7 @@ async def list_dead(config: Config, sink: str | None = None, limit: int = 1000) 
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
-                found.append(DeadLetter.of(name, message))
+                found.append(DeadLetter.of(name, message, config.bus.delivery_limit))
     return found
 
 

@@ -18,7 +18,8 @@ whole sink (several consumers, one per resource, share one sink). When an event 
 its later events are not sent in this attempt: they would reach the receiver ahead of the failed one. A refused
 event does not hold back the object's later events (it goes to the dead-letter queue, it cannot come first).
 A receiver that will never accept some event should answer 4xx (422, say), not 5xx: a 5xx holds up its
-whole queue, retried with backoff until the answer changes.
+whole queue, retried with backoff, until the batch passes the sink's bound (``max_attempts``, ``retry_timeout``)
+and the consumer isolates that event as poison (``rwatch.sinks.applier``).
 
 Outcomes: 2xx is delivered. 408, 429, 5xx, timeouts and connection errors are transient. Every other status
 (other 4xx, and 3xx: redirects are not followed) refuses that event for good.
