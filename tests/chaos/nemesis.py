@@ -9,6 +9,7 @@ records in the step's ``outcome``, shown in the round's table.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,7 @@ from rwatch.watch.cursors import open_store
 from tests.chaos.cluster import SHUTDOWN_TIMEOUT, TERM_SLACK, Cluster, Proc
 from tests.chaos.proxy import Proxy
 from tests.chaos.receiver import ChaosReceiver
+from tests.entrypoint import RWATCH
 from tests.integration.harness import Setup, close_connections, rabbitmqctl
 from tests.integration.test_apply_e2e import TOPOLOGY
 
@@ -52,9 +54,15 @@ KINDS: Final[dict[str, tuple[int, ...]]] = {
     "clock_jump": (4, 1),  # watchers down, CMDB's clock jumps past retention: gap, resync (SIGKILL mid-resync)
     "hook_stall": (5,),  # the webhook receiver stops answering: unacked <= prefetch, RSS bounded
     "pause": (1, 3),  # SIGSTOP a process past the HA lease: the other replica takes over; SIGCONT
+    "cmdb_bad_reply": (4, 1),  # a successful reply that cannot be true (empty bk_events...): same position, no loss
+    "list_truncated": (1,),  # rwatch resync against a listing cut short: published, never swept, nothing deleted
+    "poison": (1, 3),  # the receiver answers 500 to one payload for ever: isolated, dead-lettered, replayed
 }
 TOPOLOGIES: Final = ("all", "split", "ha")  # by seed % 3: --role all; watcher + consumer; 2 watchers on PG
 CMDB_ERRORS: Final = ("http_500", "http_502", "http_503", "http_429", "malformed", "truncated", "drop")
+BAD_REPLIES: Final = ("empty_events", "missing_events", "events_not_list", "unwatched_with_events")
+# Listings that look answered but are short: a resync must prove itself complete before it deletes anything.
+SHORT_LISTINGS: Final = ("truncated_page", "empty_page")
 
 
 @dataclass
@@ -92,7 +100,7 @@ def topology_of(seed: int) -> str:
 
 def make_plan(seed: int) -> Plan:
     """The round's whole schedule from its seed. Round ``seed`` always features kind number ``seed - 1``
-    (cycling), so any 19 consecutive seeds cover the catalogue; 2 or 3 more kinds are drawn at random."""
+    (cycling), so any 22 consecutive seeds cover the catalogue; 2 or 3 more kinds are drawn at random."""
     rng = random.Random(seed)
     kinds = list(KINDS)
     featured = kinds[(seed - 1) % len(kinds)]
@@ -321,6 +329,39 @@ class Nemesis:
         kinds = [CMDB_ERRORS[(step.pick + i) % len(CMDB_ERRORS)] for i in range(2)]
         self.w.sim.faults.schedule([{"kind": kind, "count": 1 + step.n % 3} for kind in kinds])
         step.outcome = "+".join(kinds)
+
+    async def _cmdb_bad_reply(self, step: Step) -> None:
+        kinds = [BAD_REPLIES[(step.pick + i) % len(BAD_REPLIES)] for i in range(2)]
+        self.w.sim.faults.schedule([{"kind": kind, "count": 1 + step.n % 3} for kind in kinds])
+        step.outcome = "+".join(kinds)
+
+    async def _list_truncated(self, step: Step) -> None:
+        """An operator's ``rwatch resync -r host`` against a listing cut short: the rows are published, but no
+        mark goes out, so nothing downstream is deleted (the oracle checks every deletion)."""
+        kind = SHORT_LISTINGS[step.pick % len(SHORT_LISTINGS)]
+        self.w.sim.faults.schedule({"kind": kind, "scope": "list", "api": "list_hosts_without_biz"})
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RWATCH_")}
+        proc = await asyncio.create_subprocess_exec(
+            RWATCH, "resync", "--resource", "host", "--no-progress", "--config", str(self.w.setup.path), env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        step.outcome = f"{kind} exit {proc.returncode}"
+        if proc.returncode != 1 or b"not proved complete" not in err:
+            self.w.problems.append(f"list_truncated: rwatch resync against {kind} exited {proc.returncode}: "
+                                   f"{(out + err).decode(errors='replace')[-300:]}")
+
+    async def _poison(self, step: Step) -> None:
+        """The receiver refuses one host's events with a 500 from now on (until the round heals): the batch is
+        bisected, the poison dead-lettered with its reason and attempts, and the queue moves on; at quiescence
+        the receiver accepts again and ``rwatch dlq replay`` brings it back."""
+        sim, receiver = self.w.sim, self.w.receiver
+        key = sim.state.random_key("host", random.Random(step.pick))
+        if key is None:
+            step.outcome = "no host"
+            return
+        receiver.refuse = lambda event: 500 if (event.get("resource"), event.get("key")) == ("host", key) else None
+        sim.state.update("host", key, {"bk_host_name": f"poison-{step.pick}"})
+        step.outcome = f"host {key}"
 
     async def _expire_cursors(self, step: Step) -> None:
         self.w.sim.faults.schedule({"kind": "expire_cursors", "count": 1 + step.n % 3})

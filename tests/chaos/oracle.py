@@ -33,15 +33,23 @@ _AUDIT_TABLE = ("CREATE TABLE chaos_audit (resource TEXT, key TEXT, old_s BIGINT
 _AUDIT_ROW = ("INSERT INTO chaos_audit VALUES (NEW.resource, NEW.key, OLD.version_s, OLD.version_i, NEW.version_s, "
               "NEW.version_i, NEW.event_id)")
 _NOT_NEWER = "(NEW.version_s, NEW.version_i) <= (OLD.version_s, OLD.version_i)"
+# Every deletion of a live row, as it happens (a later event may bring the row back; the end state alone would
+# then hide a wrong delete).
+_DELETES_TABLE = "CREATE TABLE chaos_deletes (resource TEXT, key TEXT, new_s BIGINT, new_i BIGINT, event_id TEXT)"
+_DELETE_ROW = "INSERT INTO chaos_deletes VALUES (NEW.resource, NEW.key, NEW.version_s, NEW.version_i, NEW.event_id)"
+_DELETED = "NEW.deleted AND NOT OLD.deleted"
 AUDIT_SQL = {
     "sqlite": [
         _AUDIT_TABLE,
         f"CREATE TRIGGER chaos_audit_update AFTER UPDATE ON rwatch_objects WHEN {_NOT_NEWER} BEGIN {_AUDIT_ROW}; END",
+        _DELETES_TABLE,
+        f"CREATE TRIGGER chaos_audit_delete AFTER UPDATE ON rwatch_objects WHEN {_DELETED} BEGIN {_DELETE_ROW}; END",
     ],
     "postgresql": [
         _AUDIT_TABLE,
         "CREATE FUNCTION chaos_audit_fn() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-        f"IF {_NOT_NEWER} THEN {_AUDIT_ROW}; END IF; RETURN NEW; END $$",
+        f"IF {_NOT_NEWER} THEN {_AUDIT_ROW}; END IF; IF {_DELETED} THEN {_DELETE_ROW}; END IF; RETURN NEW; END $$",
+        _DELETES_TABLE,
         "CREATE TRIGGER chaos_audit_update AFTER UPDATE ON rwatch_objects FOR EACH ROW "
         "EXECUTE FUNCTION chaos_audit_fn()",
     ],
@@ -64,17 +72,40 @@ async def prepare_mirror(setup: Setup) -> AsyncEngine:
     return engine
 
 
-async def mirror_audit(engine: AsyncEngine) -> tuple[list[str], list[str]]:
-    """(regressions, effective duplicates) the trigger recorded."""
+async def mirror_audit(engine: AsyncEngine, ties: set[str]) -> tuple[list[str], list[str]]:
+    """(regressions, effective duplicates) the trigger recorded. ``ties``: ids that may rewrite a row of their own
+    version (README "Version ties"): a resync's snapshot rows and its marks (a sweep tombstones at the head's
+    version what its snapshot did not write)."""
     async with engine.connect() as conn:
         rows = (await conn.exec_driver_sql(
-            "SELECT resource, key, old_s, old_i, new_s, new_i FROM chaos_audit")).all()
+            "SELECT resource, key, old_s, old_i, new_s, new_i, event_id FROM chaos_audit")).all()
     regressions: list[str] = []
     duplicates: list[str] = []
-    for resource, key, old_s, old_i, new_s, new_i in (tuple(row) for row in rows):
+    for resource, key, old_s, old_i, new_s, new_i, event_id in (tuple(row) for row in rows):
         line = f"mirror {resource} {key}: v[{old_s}, {old_i}] -> v[{new_s}, {new_i}]"
-        (regressions if (new_s, new_i) < (old_s, old_i) else duplicates).append(line)
+        if (new_s, new_i) < (old_s, old_i):
+            regressions.append(line)
+        elif event_id not in ties:
+            duplicates.append(line)
     return regressions, duplicates
+
+
+async def wrong_deletes(engine: AsyncEngine, sim: Simulator) -> list[str]:
+    """Deletions of a mirror row whose object CMDB still has, in the same incarnation: it was never deleted
+    there, so nothing proved the delete. Ids are never reused in CMDB; a host_relation key can come back (a host
+    moved back), so for one its current incarnation must be newer than the deletion to excuse it."""
+    async with engine.connect() as conn:
+        rows = (await conn.exec_driver_sql("SELECT resource, key, new_s, new_i, event_id FROM chaos_deletes")).all()
+    wrong = []
+    for resource, key, new_s, new_i, event_id in (tuple(row) for row in rows):
+        if resource not in TOPOLOGY or key not in sim.state.objects_view(resource):
+            continue
+        if resource == "host_relation":
+            created = [(n.sec, n.inc) for n in sim.state.chain(resource) if n.key == key and n.event_type == "create"]
+            if not created or created[-1] > (new_s, new_i):
+                continue  # recreated after the delete (or its creation is no longer known): not this incarnation
+        wrong.append(f"{resource} {key} deleted at v[{new_s}, {new_i}] by {event_id[:12]} while CMDB still has it")
+    return wrong
 
 
 def divergence(got: dict[str, Any], want: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:

@@ -53,6 +53,8 @@ class ChaosReceiver(Receiver):
         self.order_violations: list[str] = []
         self.held: dict[tuple[str, str], tuple[Version, bool, Any]] = {}
         self.held_ids: dict[tuple[str, str], str] = {}  # the webhook-id of what ``held`` holds
+        self.refused = 0  # deliveries answered with ``refuse``'s status
+        self.poisoned: set[str] = set()  # webhook-ids refused that way: they come back by replay, late
         self.cursors: set[tuple[str, str]] = set()  # (resource, cursor) of every watch event delivered
         self._changes: dict[tuple[Any, ...], str] = {}
         self._watch_high: dict[tuple[str, str], Version] = {}
@@ -63,6 +65,11 @@ class ChaosReceiver(Receiver):
         body = await request.read()
         event = self.webhook.verify(body, dict(request.headers))  # raises on a bad signature: a 500 here
         await self.gate.wait()
+        status = self.refuse(event)  # the poison fault: one payload answered 500 for ever
+        if status is not None:
+            self.refused += 1
+            self.poisoned.add(request.headers["webhook-id"])
+            return web.Response(status=status, text="refused by the chaos round")
         webhook_id = request.headers["webhook-id"]
         self.deliveries.append(webhook_id)
         self.record(webhook_id, event)
@@ -92,7 +99,9 @@ class ChaosReceiver(Receiver):
         if first != webhook_id:
             self.effective_duplicates.append(f"{resource} {key} v{list(version)} {origin}: ids {first[:12]}, "
                                              f"{webhook_id[:12]}")
-        if origin == "watch":
+        if origin == "watch" and webhook_id not in self.poisoned:
+            # (A poisoned event comes back by ``rwatch dlq replay``, after its object's later events: the version
+            # fence keeps the newest, and the replay is the operator's, not the stream's order.)
             high = self._watch_high.get(ident)
             if high is not None and version < high:
                 self.order_violations.append(f"{resource} {key}: v{list(version)} after v{list(high)}")
