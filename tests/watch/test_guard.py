@@ -118,3 +118,52 @@ async def rwatch(path: Path, *args: str) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+async def test_the_daemon_holds_the_sweep_and_reports_it_until_released(sim: Simulator, tmp_path: Path) -> None:
+    """rwatch run fills a gap by a resync whose sweep the guard holds: /readyz degraded naming the resource, the
+    metric, the gap open; rwatch resync --allow-mass-delete releases it, and the daemon's alarm clears with its
+    next resync."""
+    from prometheus_client import REGISTRY
+
+    from rwatch.app import run_async
+    from tests.test_refusals import readyz, until
+
+    path = write_config(tmp_path, sim.url, extra="")
+    text = path.read_text().replace("[bus]", "[watch]\nresync_every = \"2s\"\n[bus]")
+    path.write_text(text)
+    config = load_config(path, environ={})
+    await fill_mirror(config)
+    delete_silently(sim, 40)
+    async with open_store(config.store.url.get_secret_value()) as store:
+        await store.add_gap(config.cmdb.tenant, "host", 0.0, 1.0, "cursor_expired")
+    stop = asyncio.Event()
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    daemon = asyncio.create_task(run_async(config, stop, http_port=port))
+    try:
+        http = await asyncio.wait_for(port, 30)
+
+        async def held() -> dict[str, object] | None:
+            status, body = await readyz(http)
+            return body if status == 503 and "sweep_held:host" in body.get("failing", []) else None
+
+        body = await until(held)
+        assert body["status"] == "degraded"
+        check = body["checks"]["sweep_held:host"]  # type: ignore[index]
+        assert (check["would_delete"], check["live"], check["held"]) == (40, 100, True)
+        assert "--allow-mass-delete" in check["fix"]
+        assert REGISTRY.get_sample_value("rwatch_sweep_held_objects", {"resource": "host"}) == 40
+        assert len(await hosts_in(config)) == 100  # nothing deleted
+
+        released = (await resync_now(config, ["host"], asyncio.Event(), allow_mass_delete=True))["host"]
+        assert not isinstance(released, BaseException) and released.complete
+
+        async def cleared() -> bool:
+            _, body = await readyz(http)
+            return "sweep_held:host" not in body.get("failing", [])
+
+        await until(cleared)  # the daemon's next resync (resync_every) finds nothing left to hold
+        assert await hosts_in(config) == set(sim.state.objects("host"))
+    finally:
+        stop.set()
+        await asyncio.wait_for(daemon, 30)
