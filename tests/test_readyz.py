@@ -16,6 +16,7 @@ from rwatch.config import Config, load_config
 from rwatch.http import serve_http
 from rwatch.metrics import WATCHERS, WatchHealth
 from rwatch.watch.cursors import open_store
+from tests.configs import only
 
 
 class FakeWatcher:
@@ -110,16 +111,7 @@ async def test_readyz_follows_the_broker(tmp_path: Path, amqp_url: str) -> None:
 [cmdb]
 base_url = "{sim.url}"
 rate_limit = 0
-[watch.resources.host]
-enabled = true
-[watch.resources.host_relation]
-enabled = false
-[watch.resources.biz]
-enabled = false
-[watch.resources.set]
-enabled = false
-[watch.resources.module]
-enabled = false
+{only("host")}
 [bus]
 url = "{amqp_url}"
 exchange = "readyz-{tmp_path.name}"

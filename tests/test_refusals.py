@@ -18,6 +18,7 @@ from rwatch.app import run_async
 from rwatch.config import Config, load_config
 from rwatch.logs import setup_logging
 from rwatch.sim.server import SimOptions, Simulator
+from tests.configs import only
 
 
 @pytest.fixture
@@ -34,16 +35,7 @@ base_url = "{sim.url}"
 rate_limit = 0
 refusal_retry = "2s"
 {extra}
-[watch.resources.host]
-enabled = true
-[watch.resources.host_relation]
-enabled = false
-[watch.resources.biz]
-enabled = false
-[watch.resources.set]
-enabled = false
-[watch.resources.module]
-enabled = false
+{only("host")}
 [bus]
 kind = "memory"
 [store]

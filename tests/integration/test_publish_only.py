@@ -20,6 +20,7 @@ from rwatch.app import run_async
 from rwatch.config import load_config
 from rwatch.sim.server import SimOptions, Simulator
 from rwatch.watch.cursors import open_store
+from tests.configs import only
 from tests.test_refusals import readyz, until
 
 pytestmark = pytest.mark.amqp
@@ -34,16 +35,7 @@ async def test_a_publish_only_watcher_waits_for_a_queue_and_says_so(tmp_path: Pa
 [cmdb]
 base_url = "{sim.url}"
 rate_limit = 0
-[watch.resources.host]
-enabled = true
-[watch.resources.host_relation]
-enabled = false
-[watch.resources.biz]
-enabled = false
-[watch.resources.set]
-enabled = false
-[watch.resources.module]
-enabled = false
+{only("host")}
 [bus]
 url = "{amqp_url}"
 exchange = "{exchange}"
