@@ -351,17 +351,34 @@ class Nemesis:
                                    f"{(out + err).decode(errors='replace')[-300:]}")
 
     async def _poison(self, step: Step) -> None:
-        """The receiver refuses one host's events with a 500 from now on (until the round heals): the batch is
-        bisected, the poison dead-lettered with its reason and attempts, and the queue moves on; at quiescence
-        the receiver accepts again and ``rwatch dlq replay`` brings it back."""
-        sim, receiver = self.w.sim, self.w.receiver
-        key = sim.state.random_key("host", random.Random(step.pick))
+        """The receiver refuses one host event with a 500 from now on (until the round heals): the batch is
+        bisected, the poison dead-lettered with its reason and attempts, and the queue moves on (the step waits
+        for that); at quiescence the receiver accepts again and ``rwatch dlq replay`` brings it back."""
+        w = self.w
+        key = w.sim.state.random_key("host", random.Random(step.pick))
         if key is None:
             step.outcome = "no host"
             return
-        receiver.refuse = lambda event: 500 if (event.get("resource"), event.get("key")) == ("host", key) else None
-        sim.state.update("host", key, {"bk_host_name": f"poison-{step.pick}"})
-        step.outcome = f"host {key}"
+        poisoned: list[str] = []
+
+        def refuse(event: dict[str, object]) -> int | None:
+            if (event.get("resource"), event.get("key"), event.get("origin")) != ("host", key, "watch"):
+                return None
+            if not poisoned:
+                poisoned.append(str(event.get("id")))
+            return 500 if event.get("id") == poisoned[0] else None
+
+        w.receiver.refuse = refuse
+        w.sim.state.update("host", key, {"bk_host_name": f"poison-{step.pick}"})
+        dead = f"{w.setup.prefix}.hook.dead"
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            if (await ready_counts(w.setup)).get(dead):
+                step.outcome = f"host {key} dead-lettered"
+                return
+            await asyncio.sleep(0.5)
+        step.outcome = f"host {key} not isolated"
+        w.problems.append(f"poison: host {key}'s refused event was not dead-lettered within 30 s (its queue is held)")
 
     async def _expire_cursors(self, step: Step) -> None:
         self.w.sim.faults.schedule({"kind": "expire_cursors", "count": 1 + step.n % 3})

@@ -732,3 +732,15 @@ async def test_a_redelivered_snapshot_row_rewrites_nothing(mirror: MirrorSink) -
     before = (await mirror.objects("host"))["1"]
     await mirror.apply([row])  # the same row again (at-least-once): a tie with itself is not a tie to win
     assert (await mirror.objects("host"))["1"] == before  # not even updated_at moved
+
+
+async def test_in_one_batch_a_snapshot_row_beats_the_heads_own_event_so_its_sweep_keeps_it(mirror: MirrorSink) -> None:
+    """The chaos suite's find (seeds 12 and 29): the head's event (a create at V) and the resync's row of the same
+    object at V arrived in one batch, the watch event last; the batch kept it, and the resync's mark then swept
+    an object CMDB had, because no row of its own snapshot was there."""
+    created = host(7, 50)  # the head's own event, at the head's version
+    row = snapshot_row(host(7, 50), "r1")
+    await mirror.apply([row, created])
+    assert (await mirror.objects("host"))["7"].event_id == row.id
+    assert await mirror.sweep(mark("host", 50, resync_id="r1")) == 0
+    assert "7" in await mirror.objects("host")

@@ -205,8 +205,11 @@ class MirrorSink:
             held = newest.get(ident)
             # Only the newest version of a key can change the row (the fence makes the others no-ops), and
             # one statement must not touch a row twice (PostgreSQL refuses that in a multi-row upsert). Of
-            # events sharing a version, the later in the stream wins: the batch is in stream order.
-            if held is None or tuple(ev.version) >= tuple(held.version):
+            # events sharing a version, the later in the stream wins (the batch is in stream order), except
+            # that a snapshot row beats a watch event, as it does across batches (the tie rule): a resync's
+            # row and the head's own event often travel in one batch.
+            if held is None or tuple(ev.version) > tuple(held.version) or (
+                    tuple(ev.version) == tuple(held.version) and (ev.origin == "resync" or held.origin != "resync")):
                 newest[ident] = ev
         # Sorted by primary key: concurrent batches lock rows in one order, so they cannot deadlock.
         watched: list[dict[str, Any]] = []
