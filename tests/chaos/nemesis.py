@@ -355,6 +355,8 @@ class Nemesis:
         bisected, the poison dead-lettered with its reason and attempts, and the queue moves on (the step waits
         for that); at quiescence the receiver accepts again and ``rwatch dlq replay`` brings it back."""
         w = self.w
+        for proc in w.cluster.consumers:
+            await w.cluster.ready(proc, event="consumers_started")  # the queues (the dead one too) exist
         key = w.sim.state.random_key("host", random.Random(step.pick))
         if key is None:
             step.outcome = "no host"
