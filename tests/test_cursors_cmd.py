@@ -366,3 +366,22 @@ def test_bad_configuration_exits_2(tmp_path: Path) -> None:
         result = cli("cursors", *args, "-c", str(path))
         assert result.exit_code == 2, result.output
         assert "watch.retention" in result.stderr
+
+
+def test_list_says_why_a_gap_stays_open(cfg_path: Path) -> None:
+    """Issue 12: an unproved listing or a held sweep keeps the gap open, and the list says which and why."""
+    url = store_url(cfg_path)
+
+    async def record() -> None:
+        async with open_store(url) as store:
+            await store.add_gap("0", "host", 0.0, 100.0, "cursor_expired")
+            await store.record_resync("0", "host", "held", ["the sweep would delete 40 of 100 live host objects"])
+            await store.record_resync("0", "set", "ok", [], listed=12)
+
+    sync(record())
+    out = cli("cursors", "list", "--config", str(cfg_path)).output
+    assert "host: gaps stay open: last resync held at" in out and "would delete 40 of 100" in out
+    assert "set: gaps stay open" not in out  # no open gap, nothing to explain
+    doc = json.loads(cli("cursors", "list", "--json", "--config", str(cfg_path)).output)
+    rows = {r["resource"]: r for r in doc["resources"]}
+    assert rows["host"]["last_resync"]["outcome"] == "held" and rows["set"]["last_resync"]["listed"] == 12
