@@ -72,3 +72,117 @@ async def test_finish_or_abandon_takes_the_task_along_when_its_caller_is_cancell
         await caller
     await asyncio.sleep(0)
     assert hung.cancelled()
+
+
+# -- the one retry builder --------------------------------------------------------------------------------------
+
+from rwatch.errors import PermanentError, Stopping, TransientError  # noqa: E402
+from rwatch.retry import Policy, log_retry, retrying  # noqa: E402
+
+FAST = Policy("test", 0.001, 0.002)
+
+
+async def test_retrying_retries_transient_errors_and_returns_the_result() -> None:
+    calls = 0
+    async for attempt in retrying(FAST, stop=asyncio.Event()):
+        with attempt:
+            calls += 1
+            if calls < 3:
+                raise TransientError("flaky")
+    assert calls == 3
+    assert attempt.retry_state.attempt_number == 3
+
+
+async def test_retrying_lets_other_errors_through_at_once() -> None:
+    calls = 0
+
+    async def refuse() -> None:
+        nonlocal calls
+        calls += 1
+        raise PermanentError("no")
+
+    with pytest.raises(PermanentError):
+        await retrying(FAST, stop=asyncio.Event())(refuse)
+    assert calls == 1
+
+
+async def test_retrying_gives_up_after_its_attempts_with_the_last_error() -> None:
+    calls = 0
+
+    async def fail() -> None:
+        nonlocal calls
+        calls += 1
+        raise TransientError(str(calls))
+
+    with pytest.raises(TransientError, match="3"):
+        await retrying(FAST, stop=asyncio.Event(), attempts=3)(fail)
+    assert calls == 3
+
+
+async def test_retrying_stops_its_pause_when_the_stop_signal_is_set() -> None:
+    stop = asyncio.Event()
+    slow = Policy("slow", 60.0, 60.0)
+
+    async def follow() -> None:
+        async for attempt in retrying(slow, stop=stop):
+            with attempt:
+                raise TransientError("down")
+
+    task = asyncio.create_task(follow())
+    await asyncio.sleep(0.01)
+    stop.set()
+    with pytest.raises(Stopping):
+        await asyncio.wait_for(task, 5)
+
+
+async def test_retrying_any_of_several_stop_signals_stops_it() -> None:
+    first, second = asyncio.Event(), asyncio.Event()
+    second.set()
+
+    async def fail() -> None:
+        raise TransientError("down")
+
+    with pytest.raises(Stopping):
+        await retrying(Policy("slow", 60.0, 60.0), stop=[first, second])(fail)
+
+
+async def test_retrying_until_a_result_is_acceptable_at_a_fixed_pause() -> None:
+    answers = iter([None, None, 7])
+
+    async def ask() -> int | None:
+        return next(answers)
+
+    got = await retrying(FAST, stop=asyncio.Event(), until=lambda r: r is not None, fixed=0.001)(ask)
+    assert got == 7
+
+
+async def test_a_kept_wait_carries_its_streak_across_calls() -> None:
+    wait = FAST.wait(clock=FakeClock())
+    for _ in range(2):
+        calls = 0
+        async for attempt in retrying(wait, stop=asyncio.Event()):
+            with attempt:
+                calls += 1
+                if calls < 2:
+                    raise TransientError("flap")
+    assert wait.streak == 2  # one success between failures did not reset it
+
+
+async def test_log_retry_names_the_error_the_attempt_and_the_pause() -> None:
+    seen: list[tuple[str, dict[str, object]]] = []
+
+    class Log:
+        def warning(self, event: str, **fields: object) -> None:
+            seen.append((event, fields))
+
+    calls = 0
+    hook = log_retry(Log(), "thing_failed", api="x")
+    async for attempt in retrying(Policy("t", 0.02, 0.04), stop=asyncio.Event(), before_sleep=hook):
+        with attempt:
+            calls += 1
+            if calls < 2:
+                raise TransientError("flaky", code=7)
+    assert [e for e, _ in seen] == ["thing_failed"]
+    fields = seen[0][1]
+    assert fields["attempt"] == 1 and fields["api"] == "x" and fields["code"] == 7
+    assert 0 < float(fields["retry_in"]) <= 0.04  # type: ignore[arg-type]
