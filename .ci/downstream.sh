@@ -19,14 +19,13 @@ if ((${#missing[@]})); then
   echo "downstream: installing ${missing[*]}"
   # Packages must not start daemons here (the Debian image's policy-rc.d says so; keep it true where it is absent):
   # the tests start their own instances on free ports, and a stray prometheus or zabbix_server only costs CPU.
-  made_policy=""
   if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && made_policy=1
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
   fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     -o DPkg::Lock::Timeout=300 "${PACKAGES[@]}" >/dev/null
-  [[ -z "$made_policy" ]] || rm -f /usr/sbin/policy-rc.d
 fi
 
 version="$(dpkg-query -W -f='${Version}' zabbix-frontend-php)"
