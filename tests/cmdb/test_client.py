@@ -10,8 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from rwatch.cmdb import client as client_module
-from rwatch.cmdb.client import CmdbClient, RateLimiter
+from rwatch.cmdb.client import CmdbClient, rate_limiter
 from rwatch.cmdb.protocol import NO_EVENT_CURSOR
 from rwatch.config import CmdbConfig
 from rwatch.errors import (
@@ -116,37 +115,29 @@ async def test_server_clock_is_read_from_the_date_header(sim: Simulator) -> None
         assert client.skew == 0.0
 
 
-async def test_rate_limit_spaces_calls(monkeypatch: pytest.MonkeyPatch) -> None:
-    now = [100.0]
-    slept: list[float] = []
-
-    async def fake_sleep(seconds: float) -> None:
-        slept.append(round(seconds, 6))
-
-    monkeypatch.setattr(client_module.asyncio, "sleep", fake_sleep)
-    limiter = RateLimiter(10, clock=lambda: now[0])
+async def test_rate_limit_spaces_calls() -> None:
+    loop = asyncio.get_running_loop()
+    limiter = rate_limiter(20)
+    assert limiter is not None
+    start = loop.time()
     for _ in range(4):
         await limiter.acquire()
-    assert slept == [0.1, 0.2, 0.3]
-    now[0] += 10  # idle for a while: no burst credit is kept beyond the next slot
+    assert 0.14 <= loop.time() - start < 0.5  # three pauses of 1/20 s
+    await asyncio.sleep(0.2)  # idle for a while: no burst credit is kept beyond the next slot
+    start = loop.time()
     await limiter.acquire()
-    assert slept == [0.1, 0.2, 0.3]
-    await RateLimiter(0).acquire()  # 0 = off
+    await limiter.acquire()
+    assert loop.time() - start >= 0.04
+    assert rate_limiter(0) is None  # 0 = off
 
 
-async def test_rate_limit_applies_to_real_calls(sim: Simulator, monkeypatch: pytest.MonkeyPatch) -> None:
-    waits: list[float] = []
-    real_sleep = asyncio.sleep
-
-    async def recording_sleep(seconds: float) -> None:
-        waits.append(seconds)
-        await real_sleep(0)
-
-    monkeypatch.setattr(client_module.asyncio, "sleep", recording_sleep)
+async def test_rate_limit_applies_to_real_calls(sim: Simulator) -> None:
+    loop = asyncio.get_running_loop()
     async with CmdbClient(config(sim, rate_limit=5)) as client:
+        start = loop.time()
         for _ in range(3):
             await client.watch("host", fields=FIELDS, event_types=[])
-    assert len(waits) == 2 and all(w > 0.1 for w in waits)
+    assert loop.time() - start >= 0.39  # two pauses of 1/5 s
 
 
 # --- the gateway's and the ESB's codes (cmdb-watch-api §10.4): classified by code, whatever the HTTP status ---

@@ -6,14 +6,14 @@ It makes one attempt per call and raises a typed error; the watcher owns the ret
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
 import orjson
+from aiolimiter import AsyncLimiter
 
 from rwatch.cmdb import protocol as p
 from rwatch.config import CmdbConfig
@@ -131,22 +131,10 @@ def classify(code: int, message: str, resource: str | None, *, status: int = 200
     return CmdbPermanentError(message or f"CMDB error {code}", **kw, status=status)
 
 
-class RateLimiter:
-    """Spaces calls at least ``1/rate`` seconds apart, shared by every resource (0 = unlimited)."""
-
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._interval = 1.0 / rate if rate > 0 else 0.0
-        self._next = 0.0
-        self._clock = clock
-
-    async def acquire(self) -> None:
-        if not self._interval:
-            return
-        now = self._clock()
-        slot = max(now, self._next)
-        self._next = slot + self._interval
-        if slot > now:
-            await asyncio.sleep(slot - now)
+def rate_limiter(rate: float) -> AsyncLimiter | None:
+    """The client-side limit shared by every resource: calls spaced ``1/rate`` seconds apart, no burst credit
+    kept while idle (a bucket of one); None when ``rate`` is 0 (off)."""
+    return AsyncLimiter(1, 1.0 / rate) if rate > 0 else None
 
 
 class CmdbClient:
@@ -156,7 +144,7 @@ class CmdbClient:
         self.config = config
         self._session = session
         self._owns_session = session is None
-        self._limiter = RateLimiter(config.rate_limit)
+        self._limiter = rate_limiter(config.rate_limit)
         self.skew = 0.0  # server clock minus ours, from the Date header, when it is off by more than a few seconds
         self.measured_skew: float | None = None  # the last Date header's difference, however small (doctor)
         self.refusals = Refusals(config)
@@ -239,7 +227,8 @@ class CmdbClient:
             headers = self._esb_headers
         else:
             headers = self._gateway_headers
-        await self._limiter.acquire()
+        if self._limiter is not None:
+            await self._limiter.acquire()
         try:
             async with self.session.post(url, data=orjson.dumps(body), headers=headers) as resp:
                 raw = await resp.read()
