@@ -28,8 +28,8 @@ import structlog
 from rwatch import metrics as m
 from rwatch.cmdb import protocol as p
 from rwatch.cmdb.client import CmdbClient
-from rwatch.errors import TRANSIENT_ERRORS, ListingBroken, RwatchError, Stopping
-from rwatch.retry import HealthyResetWait, sleep_or_stop
+from rwatch.errors import ListingBroken
+from rwatch.retry import LIST, log_retry, retrying
 
 log = structlog.get_logger("rwatch.resync")
 
@@ -78,19 +78,14 @@ class ListApi:
     async def call(self, api: str, body: dict[str, Any], requests: Counter[str], **path: Any) -> Any:
         url = self.client.api_url(p.LIST_PATHS[api].format(bk_supplier_account=self.supplier_account, **path), api)
         body = {**path, **body}
-        wait = HealthyResetWait(initial=0.5, maximum=15.0)
-        while True:
-            try:
-                async with self._slots:
-                    requests[api] += 1
-                    m.RESYNC_REQUESTS.labels(api).inc()
-                    return await self.client.call(url, body, api=api)
-            except TRANSIENT_ERRORS as exc:
-                delay = wait.next_delay()
-                fields = exc.fields() if isinstance(exc, RwatchError) else {"error": repr(exc)}
-                log.warning("resync_list_failed", **{**fields, "api": api, "retry_in": round(delay, 2)})
-                if await sleep_or_stop(delay, self.stop):
-                    raise Stopping("stopping") from exc
+        retry = retrying(LIST, stop=self.stop, before_sleep=log_retry(log, "resync_list_failed", api=api))
+        return await retry(self._call_once, api, url, body, requests)
+
+    async def _call_once(self, api: str, url: str, body: dict[str, Any], requests: Counter[str]) -> Any:
+        async with self._slots:
+            requests[api] += 1
+            m.RESYNC_REQUESTS.labels(api).inc()
+            return await self.client.call(url, body, api=api)
 
     async def pages(self, api: str, id_field: str, requests: Counter[str], proof: Proof, *,
                     body: dict[str, Any] | None = None, style: str = "filter", param: str = "filter",
@@ -119,7 +114,7 @@ class ListApi:
         last: Any = None
         listed = 0
         try:
-            while True:
+            while True:  # ends at the last page (a short one, or one holding all the server counted)
                 info, count = _info(await pending, api)
                 ids = [_id(doc, id_field, api) for doc in info]
                 if ids and (ids != sorted(set(ids)) or (last is not None and ids[0] <= last)):
