@@ -7,17 +7,15 @@ break the topology).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
 
 from rwatch.cmdb.protocol import RESOURCE_TYPES
+from rwatch.sim.parts import SimParts
 from rwatch.sim.state import SimError
 from rwatch.sim.wire import json_response
-
-if TYPE_CHECKING:
-    from rwatch.sim.server import Simulator
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -47,7 +45,7 @@ def _guard(fn: Handler) -> Handler:
     return handle
 
 
-def add_routes(app: web.Application, sim: Simulator) -> None:
+def add_routes(app: web.Application, sim: SimParts) -> None:
     state = sim.state
     routes = web.RouteTableDef()
 

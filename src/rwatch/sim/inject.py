@@ -8,7 +8,7 @@ ESB's envelope. The 5xx HTML pages are what a load balancer, or a crashed backen
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
@@ -23,10 +23,8 @@ from rwatch.cmdb.protocol import (
     NO_EVENT_CURSOR,
 )
 from rwatch.sim.faults import CONDITIONAL_KINDS, Fault
+from rwatch.sim.parts import SimParts
 from rwatch.sim.wire import GW_ERRORS, MESSAGES, envelope, gateway_error, is_esb, watch_permission
-
-if TYPE_CHECKING:
-    from rwatch.sim.server import Simulator
 
 RATE_LIMIT_CODE: Final = 1642903  # http_429: the per-resource limit every CMDB resource carries (§7)
 # The plugin behind each rate-limit code, and the per-app limit it reports (bk-rate-limit headers).
@@ -39,7 +37,7 @@ RATE_LIMIT: Final = 100
 ESB_BACKEND_MESSAGE: Final = "Request third-party system CMDB interface error: unreachable or no answer within 30 s"
 
 
-async def inject(sim: Simulator, request: web.Request, fault: Fault, resource: str) -> web.StreamResponse | None:
+async def inject(sim: SimParts, request: web.Request, fault: Fault, resource: str) -> web.StreamResponse | None:
     """The response ``fault`` produces, or None to answer normally (after ``slow``'s delay)."""
     kind = fault.kind
     if kind == "slow":

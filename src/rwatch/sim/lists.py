@@ -19,7 +19,7 @@ path, and host lists without a biz/set/module restriction skip the relation scan
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
@@ -40,19 +40,17 @@ from rwatch.sim.paging import (
     paged,
     where,
 )
+from rwatch.sim.parts import SimParts
 from rwatch.sim.query import mentions, project
 from rwatch.sim.state import SimError
 from rwatch.sim.wire import MESSAGES, biz_permission, envelope, is_esb
 
-if TYPE_CHECKING:
-    from rwatch.sim.server import Simulator
 
-
-def _objs(sim: Simulator, resource: str) -> list[dict[str, Any]]:
+def _objs(sim: SimParts, resource: str) -> list[dict[str, Any]]:
     return list(sim.state.objects_view(resource).values())  # not for biz_set_relation (derived)
 
 
-def _viewable(sim: Simulator, biz_id: int) -> int:
+def _viewable(sim: SimParts, biz_id: int) -> int:
     """``biz_id``, or ListError 9900403 when the user may not view that business (IAM ``view_business``)."""
     if biz_id in sim.permissions.hide_bizs:
         biz = sim.state.objects_view("biz").get(str(biz_id))
@@ -61,7 +59,7 @@ def _viewable(sim: Simulator, biz_id: int) -> int:
     return biz_id
 
 
-def _hidden_hosts(sim: Simulator) -> set[int]:
+def _hidden_hosts(sim: SimParts) -> set[int]:
     """Hosts in a business the user may not view (a host's relations are all in one business)."""
     hidden = sim.permissions.hide_bizs
     if not hidden:
@@ -69,7 +67,7 @@ def _hidden_hosts(sim: Simulator) -> set[int]:
     return {r["bk_host_id"] for r in _objs(sim, "host_relation") if r["bk_biz_id"] in hidden}
 
 
-def _biz_hosts(sim: Simulator, biz_id: int, params: Params) -> list[dict[str, Any]]:
+def _biz_hosts(sim: SimParts, biz_id: int, params: Params) -> list[dict[str, Any]]:
     if biz_id:
         sim.state.get("biz", str(biz_id))
     set_ids = id_set(params, "bk_set_ids", 200)
@@ -93,7 +91,7 @@ def _biz_hosts(sim: Simulator, biz_id: int, params: Params) -> list[dict[str, An
 # --- the APIs -----------------------------------------------------------------------------------------
 
 
-def search_business(sim: Simulator, p: Params) -> Any:
+def search_business(sim: SimParts, p: Params) -> Any:
     # The resource pool is never returned; a business the user may not view is dropped silently.
     hidden = sim.permissions.hide_bizs
     bizs = [b for b in _objs(sim, "biz") if b.get("default") == 0 and b["bk_biz_id"] not in hidden]
@@ -105,31 +103,31 @@ def search_business(sim: Simulator, p: Params) -> Any:
     return info_page(p, where(p, bizs, "condition", "biz_property_filter"), "bk_biz_id", "search_business", 200)
 
 
-def list_business_set(sim: Simulator, p: Params) -> Any:
+def list_business_set(sim: SimParts, p: Params) -> Any:
     sets = where(p, _objs(sim, "biz_set"), "bk_biz_set_filter")
     return countless_page(p, sets, "bk_biz_set_id", "list_business_set", 500)
 
 
-def list_business_in_business_set(sim: Simulator, p: Params) -> Any:
+def list_business_in_business_set(sim: SimParts, p: Params) -> Any:
     set_id = int_param(p, "bk_biz_set_id")
     members = set(sim.state.get("biz_set_relation", str(set_id))["bk_biz_ids"])
     bizs = where(p, [b for b in _objs(sim, "biz") if b["bk_biz_id"] in members], "filter")
     return info_page(p, bizs, "bk_biz_id", "list_business_in_business_set", 500)
 
 
-def search_set(sim: Simulator, p: Params) -> Any:
+def search_set(sim: SimParts, p: Params) -> Any:
     biz_id = _viewable(sim, int_param(p, "bk_biz_id"))
     sets = [s for s in _objs(sim, "set") if s["bk_biz_id"] == biz_id]
     return info_page(p, where(p, sets, "condition", "filter"), "bk_set_id", "search_set", 500)
 
 
-def search_module(sim: Simulator, p: Params) -> Any:
+def search_module(sim: SimParts, p: Params) -> Any:
     biz_id, set_id = _viewable(sim, int_param(p, "bk_biz_id")), int_param(p, "bk_set_id", False)
     modules = [m for m in _objs(sim, "module") if m["bk_biz_id"] == biz_id and set_id in (0, m["bk_set_id"])]
     return info_page(p, where(p, modules, "condition", "filter"), "bk_module_id", "search_module", 500, 20)
 
 
-def search_biz_inst_topo(sim: Simulator, p: Params) -> Any:
+def search_biz_inst_topo(sim: SimParts, p: Params) -> Any:
     biz = sim.state.get("biz", str(_viewable(sim, int_param(p, "bk_biz_id"))))
     sets = sorted(
         (s for s in _objs(sim, "set") if s["bk_biz_id"] == biz["bk_biz_id"]), key=lambda s: s["bk_set_id"]
@@ -163,14 +161,14 @@ def search_biz_inst_topo(sim: Simulator, p: Params) -> Any:
     return [node("biz", biz["bk_biz_id"], biz["bk_biz_name"], biz.get("default", 0), set_nodes)]
 
 
-def list_biz_hosts(sim: Simulator, p: Params) -> Any:
+def list_biz_hosts(sim: SimParts, p: Params) -> Any:
     if not p.get("fields"):
         raise ListError(CODE_PARAM_INVALID, "'fields' data parameter verification does not pass")
     hosts = _biz_hosts(sim, _viewable(sim, int_param(p, "bk_biz_id")), p)
     return info_page(p, hosts, "bk_host_id", "list_biz_hosts", 500)
 
 
-def list_biz_hosts_topo(sim: Simulator, p: Params) -> Any:
+def list_biz_hosts_topo(sim: SimParts, p: Params) -> Any:
     biz_id = _viewable(sim, int_param(p, "bk_biz_id"))
     p = {**p, "page": {**(p.get("page") or {}), "sort": "bk_host_id"}}
     count, hosts, _ = paged(p, _biz_hosts(sim, biz_id, p), "bk_host_id", "list_biz_hosts_topo", 500)
@@ -193,7 +191,7 @@ def list_biz_hosts_topo(sim: Simulator, p: Params) -> Any:
     return {"count": count, "info": info}
 
 
-def find_host_topo_relation(sim: Simulator, p: Params) -> Any:
+def find_host_topo_relation(sim: SimParts, p: Params) -> Any:
     biz_id = _viewable(sim, int_param(p, "bk_biz_id"))
     set_ids, module_ids = id_set(p, "bk_set_ids", 200), id_set(p, "bk_module_ids", 500)
     host_ids = id_set(p, "bk_host_ids", 500)
@@ -215,7 +213,7 @@ def find_host_topo_relation(sim: Simulator, p: Params) -> Any:
     return {"count": len(rows), "page": {"start": start, "limit": limit}, "data": rows[start : start + limit]}
 
 
-def find_host_biz_relations(sim: Simulator, p: Params) -> Any:
+def find_host_biz_relations(sim: SimParts, p: Params) -> Any:
     """The relation rows of the given hosts (a plain list, no paging), optionally of one business only."""
     host_ids = p.get("bk_host_id")
     if not isinstance(host_ids, list) or not host_ids:
@@ -233,7 +231,7 @@ def find_host_biz_relations(sim: Simulator, p: Params) -> Any:
     return rows
 
 
-def list_hosts_without_biz(sim: Simulator, p: Params) -> Any:
+def list_hosts_without_biz(sim: SimParts, p: Params) -> Any:
     hosts = _biz_hosts(sim, int_param(p, "bk_biz_id", False), p)
     hidden = _hidden_hosts(sim)
     if hidden:
@@ -241,12 +239,12 @@ def list_hosts_without_biz(sim: Simulator, p: Params) -> Any:
     return info_page(p, hosts, "bk_host_id", "list_hosts_without_biz", 500)
 
 
-def search_cloud_area(sim: Simulator, p: Params) -> Any:
+def search_cloud_area(sim: SimParts, p: Params) -> Any:
     plats = where(p, _objs(sim, "plat"), "condition")
     return info_page(p, plats, "bk_cloud_id", "search_cloud_area", 1000, 1000)
 
 
-def search_object_instances(sim: Simulator, p: Params) -> Any:
+def search_object_instances(sim: SimParts, p: Params) -> Any:
     obj_id = str(p.get("bk_obj_id") or "")
     if not obj_id:
         raise ListError(CODE_PARAM_INVALID, "'bk_obj_id' data parameter verification does not pass")
@@ -256,12 +254,12 @@ def search_object_instances(sim: Simulator, p: Params) -> Any:
     return info_page(p, where(p, insts, "conditions", "condition"), "bk_inst_id", "search_object_instances", 500)
 
 
-def list_project(sim: Simulator, p: Params) -> Any:
+def list_project(sim: SimParts, p: Params) -> Any:
     return countless_page(p, where(p, _objs(sim, "project"), "filter"), "id", "list_project", 500)
 
 
 # name -> (gateway path, function)
-APIS: Final[dict[str, tuple[str, Callable[[Simulator, Params], Any]]]] = {
+APIS: Final[dict[str, tuple[str, Callable[[SimParts, Params], Any]]]] = {
     "search_business": ("/api/v3/biz/search/{bk_supplier_account}", search_business),
     "list_business_set": ("/api/v3/findmany/biz_set", list_business_set),
     "list_business_in_business_set": ("/api/v3/find/biz_set/biz_list", list_business_in_business_set),
@@ -280,7 +278,7 @@ APIS: Final[dict[str, tuple[str, Callable[[Simulator, Params], Any]]]] = {
 
 
 def _handler(
-    sim: Simulator, name: str, fn: Callable[[Simulator, Params], Any]
+    sim: SimParts, name: str, fn: Callable[[SimParts, Params], Any]
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -332,7 +330,7 @@ def _handler(
     return handle
 
 
-def add_routes(app: web.Application, sim: Simulator) -> None:
+def add_routes(app: web.Application, sim: SimParts) -> None:
     for name, (path, fn) in APIS.items():
         handle = _handler(sim, name, fn)
         for full in (path, "/api/bk-cmdb/{stage}" + path, f"/api/c/compapi/v2/cc/{name}/"):

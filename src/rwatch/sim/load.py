@@ -151,7 +151,7 @@ class LoadGenerator:
     async def _background(self, rate: float) -> None:
         loop = asyncio.get_running_loop()
         start, done = loop.time(), 0
-        while True:
+        while True:  # ends when stop() or aclose() cancels the task
             await asyncio.sleep(min(0.05, 1 / rate))
             due = int((loop.time() - start) * rate)
             if due > done:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import email.utils
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -24,9 +23,11 @@ from rwatch.cmdb.protocol import (
 from rwatch.logs import get_logger
 from rwatch.sim import admin, lists
 from rwatch.sim.faults import Fault, FaultPlan
-from rwatch.sim.gate import WATCH_API, Permissions, admit
+from rwatch.sim.gate import WATCH_API, admit
 from rwatch.sim.inject import inject, unwatch
 from rwatch.sim.load import LoadGenerator, build_topology
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.permissions import Permissions
 from rwatch.sim.state import SimState
 from rwatch.sim.stats import Stats
 from rwatch.sim.watch import (
@@ -51,32 +52,6 @@ WATCH_PATHS = (
     "/api/v3/event/watch/resource/{resource}",
 )
 ESB_WATCH_PATH = "/api/c/compapi/v2/cc/resource_watch/"
-
-
-@dataclass
-class SimOptions:
-    host: str = "127.0.0.1"
-    port: int = 8089  # 0 = pick a free one
-    hold: float = 20.0  # long-poll hold in cursor mode (server: ~20 s)
-    retention: float = 6 * 3600  # TTL window (code: 6 h)
-    error_delay: float = 0.5  # the server sleeps 500 ms before any error reply
-    app_code: str | None = None  # None = accept any credentials
-    app_secret: str | None = None
-    seed: int = 0
-    bizs: int = 2
-    sets_per_biz: int = 2
-    modules_per_set: int = 2
-    hosts: int = 20
-    load_rate: float = 0.0  # background changes per second, 0 = off
-    load_mix: dict[str, float] | None = None  # operation -> weight
-    detail_mode: Literal["snapshot", "latest"] = "snapshot"  # per-event snapshot (<=3.13) or latest (3.14+)
-    denied_resources: frozenset[str] = field(default_factory=frozenset)  # watching these answers 9900403
-    denied_apis: frozenset[str] = field(default_factory=frozenset)  # not granted on the gateway: 403 1640301
-    tenant_mode: Literal["single", "multi"] = "single"  # multi: X-Bk-Tenant-Id is checked (§10.2)
-    tenant: str = "default"  # the one tenant whose data the simulator holds
-    app_tenant: str | None = None  # the calling app's tenant; None = an app valid in every tenant
-    gateway_error_rate: float = 0.0  # probability of a gateway fault on any CMDB request, seeded by seed
-    hidden_bizs: frozenset[int] = field(default_factory=frozenset)  # the user may not view these (IAM)
 
 
 class Simulator:
@@ -254,7 +229,7 @@ class Simulator:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.hold
         scanned = start
-        while True:
+        while True:  # ends with a matching event, at the hold's deadline, or when the simulator closes
             # Take the waker before scanning: nothing can slip in between (no await until the wait).
             waker = self._wakers.setdefault(req.resource, asyncio.Event())
             events, scanned = scan(self.state, req, scanned)
