@@ -42,7 +42,8 @@ from rwatch.cmdb.client import WATCH_API, CmdbClient
 from rwatch.cmdb.listing import LIMITS
 from rwatch.config import CmdbConfig, Config, MirrorSinkConfig, SecretUrl
 from rwatch.events import Event
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from rwatch.sim.state import SimState
 from rwatch.sinks.consumer import ConsumerGroup
 from rwatch.sinks.mirror import MirrorSink

@@ -16,7 +16,8 @@ from aiohttp import web
 
 from rwatch.config import Config, load_config
 from rwatch.doctor import Report, diagnose, render
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from rwatch.watch.cursors import BizSighting, open_store
 from tests.entrypoint import RWATCH
 

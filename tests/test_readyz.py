@@ -102,7 +102,8 @@ async def test_readyz_answers_503_naming_what_fails() -> None:
 async def test_readyz_follows_the_broker(tmp_path: Path, amqp_url: str) -> None:
     """Stop RabbitMQ: /readyz answers 503 naming the bus; start it: 200 again."""
     from rwatch.app import run_async
-    from rwatch.sim.server import SimOptions, Simulator
+    from rwatch.sim.parts import SimOptions
+    from rwatch.sim.server import Simulator
     from tests.integration.harness import rabbitmqctl
 
     async with Simulator(SimOptions(port=0, hold=1.0, error_delay=0.01)) as sim:

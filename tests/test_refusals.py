@@ -17,7 +17,8 @@ import pytest
 from rwatch.app import run_async
 from rwatch.config import Config, load_config
 from rwatch.logs import setup_logging
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from tests.configs import only
 
 

@@ -23,7 +23,8 @@ from rwatch.app import run_async
 from rwatch.bus.amqp import declare_topology
 from rwatch.config import Config, load_config
 from rwatch.logs import get_logger, setup_logging
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from rwatch.status import ErrorTap, QueueDepths, Rates, Status, install_error_tap, recent_errors
 from tests.integration.harness import Setup, delete_topology
 

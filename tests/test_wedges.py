@@ -20,7 +20,8 @@ import pytest
 import rwatch.app as app_module
 from rwatch.app import run_async
 from rwatch.cmdb import protocol as p
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from rwatch.watch.watcher import Batch, Watcher
 from tests.entrypoint import RWATCH
 from tests.test_refusals import daemon_config, readyz, until

@@ -106,9 +106,11 @@ def sim(
     from rwatch.cmdb.protocol import RESOURCES
     from rwatch.config import parse_duration
     from rwatch.logs import setup_logging
-    from rwatch.sim.gate import ALL_APIS, WATCH_API
+    from rwatch.sim.gate import WATCH_API
     from rwatch.sim.lists import APIS
-    from rwatch.sim.server import SimOptions, serve
+    from rwatch.sim.parts import SimOptions
+    from rwatch.sim.permissions import ALL_APIS
+    from rwatch.sim.server import serve
 
     def bad(option: str, why: str) -> typer.Exit:
         typer.echo(f"rwatch sim: {option}: {why}", err=True)

@@ -231,7 +231,8 @@ async def run_demo(options: DemoOptions, out: TextIO) -> int:
     """The whole demo; 0 after a clean stop."""
     from rwatch.app import run_async
     from rwatch.logs import get_logger
-    from rwatch.sim.server import SimOptions, Simulator
+    from rwatch.sim.parts import SimOptions
+    from rwatch.sim.server import Simulator
 
     log = get_logger("rwatch.demo")
     if options.amqp_url is not None:

@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from rwatch.watch.cursors import open_store
 from tests.chaos.cluster import Cluster
 from tests.chaos.conftest import RESULTS

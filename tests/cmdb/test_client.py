@@ -26,7 +26,8 @@ from rwatch.errors import (
     StartOutOfWindow,
     TenantRefused,
 )
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 
 FIELDS = ["bk_host_id", "bk_host_innerip"]
 

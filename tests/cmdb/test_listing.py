@@ -17,7 +17,8 @@ from rwatch.cmdb.listing import ListApi, Proof
 from rwatch.config import CmdbConfig, Config
 from rwatch.errors import ListingBroken
 from rwatch.events import ResyncMark
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from rwatch.watch.cursors import open_store
 from rwatch.watch.resync import Resyncer
 

@@ -25,7 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from rwatch.app import run_async
 from rwatch.cmdb.protocol import NO_EVENT_CURSOR
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from rwatch.watch.cursors import CursorState, open_store
 from tests.integration.harness import MakeSetup, Setup
 

@@ -17,7 +17,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from rwatch.events import Event, watch_event_id
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from rwatch.sinks.webhook import WebhookSink
 from tests.entrypoint import RWATCH
 from tests.integration.harness import MakeSetup, Receiver, Setup, rabbitmqctl

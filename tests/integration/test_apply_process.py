@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from tests.integration.harness import Daemon, MakeSetup, Receiver
 from tests.integration.test_apply_e2e import MIX, TOPOLOGY, async_url, differences, seed_from_start, truth
 

@@ -14,7 +14,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from rwatch.config import load_config
 from rwatch.events import Event, iso_utc, watch_event_id
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from rwatch.sinks.webhook import WebhookSink
 from tests.entrypoint import RWATCH
 from tests.integration.harness import MakeSetup, Receiver, Setup, rabbitmqctl

@@ -17,7 +17,8 @@ from sqlalchemy import text
 
 from rwatch import metrics as m
 from rwatch.errors import StoreError
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from rwatch.watch.cursors import CursorState, PostgresCursorStore, SqlCursorStore, open_store
 from tests.integration.harness import Daemon, MakeSetup, Setup, reading, running, watcher_parts
 from tests.integration.test_watch_e2e import wait_long_polling

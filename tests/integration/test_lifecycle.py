@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from tests.chaos.proxy import Proxy
 from tests.integration.harness import Daemon, MakeSetup, Setup
 from tests.integration.test_apply_e2e import MIX, TOPOLOGY, async_url, seed_from_start

@@ -23,7 +23,8 @@ from rwatch.app import subscribe_sinks
 from rwatch.bus.memory import MemoryBus
 from rwatch.cmdb.client import CmdbClient
 from rwatch.logs import setup_logging
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from rwatch.sinks.mirror import MirrorSink
 from rwatch.watch.cursors import Gap, open_store
 from rwatch.watch.resync import Resyncer

@@ -18,7 +18,8 @@ import pytest
 
 from rwatch import __version__
 from rwatch.app import run_async
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from tests.integration.harness import Setup
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

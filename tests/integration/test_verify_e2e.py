@@ -14,7 +14,8 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from tests.integration.harness import MakeSetup
 from tests.integration.test_apply_e2e import TOPOLOGY, async_url, rwatch_all, seed_from_start
 from tests.integration.test_resync import converge, converge_one, rwatch_cmd

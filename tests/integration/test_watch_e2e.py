@@ -16,7 +16,8 @@ from prometheus_client import REGISTRY
 from rwatch.app import run_async
 from rwatch.cmdb.protocol import NO_EVENT_CURSOR
 from rwatch.events import watch_event_id
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from rwatch.watch.cursors import Gap, open_store
 from tests.integration.harness import (
     MakeSetup,

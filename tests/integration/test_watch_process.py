@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from rwatch.events import watch_event_id
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from tests.integration.harness import Daemon, MakeSetup, QueueReader, chain_suffix_from, dedupe, reading
 from tests.integration.test_watch_e2e import wait_long_polling
 

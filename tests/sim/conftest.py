@@ -8,7 +8,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 
 FAST = {"port": 0, "hold": 0.5, "error_delay": 0.01}
 GW = "/api/bk-cmdb/prod/api/v3/event/watch/resource/{}"

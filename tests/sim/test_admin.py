@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from rwatch.sim.server import SimOptions, serve
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import serve
 
 
 async def call(http, sim, method, path, json=None, status=200):

@@ -7,20 +7,21 @@ from typer.testing import CliRunner
 
 from rwatch.cli import app
 from rwatch.sim import server
+from rwatch.sim.parts import SimOptions
 
 
 @pytest.fixture
-def captured(monkeypatch: pytest.MonkeyPatch) -> list[server.SimOptions]:
-    seen: list[server.SimOptions] = []
+def captured(monkeypatch: pytest.MonkeyPatch) -> list[SimOptions]:
+    seen: list[SimOptions] = []
 
-    async def fake_serve(options: server.SimOptions, stop: object, on_started: object = None) -> None:
+    async def fake_serve(options: SimOptions, stop: object, on_started: object = None) -> None:
         seen.append(options)
 
     monkeypatch.setattr(server, "serve", fake_serve)
     return seen
 
 
-def test_mode_flags_reach_the_options(captured: list[server.SimOptions]) -> None:
+def test_mode_flags_reach_the_options(captured: list[SimOptions]) -> None:
     args = [
         "sim", "--listen", "127.0.0.1:0", "--deny-api", "resource_watch", "--deny-api", "search_set",
         "--tenant-mode", "multi", "--tenant", "acme", "--app-tenant", "acme", "--gateway-error-rate", "0.05",
@@ -35,7 +36,7 @@ def test_mode_flags_reach_the_options(captured: list[server.SimOptions]) -> None
     assert options.hidden_bizs == frozenset({2, 7})
 
 
-def test_defaults(captured: list[server.SimOptions]) -> None:
+def test_defaults(captured: list[SimOptions]) -> None:
     assert CliRunner().invoke(app, ["sim", "--listen", "127.0.0.1:0"]).exit_code == 0
     [options] = captured
     assert options.denied_apis == frozenset() and options.hidden_bizs == frozenset()
@@ -47,7 +48,7 @@ def test_defaults(captured: list[server.SimOptions]) -> None:
     ("flag", "value"),
     [("--deny-api", "watch"), ("--tenant-mode", "both"), ("--gateway-error-rate", "1.5"), ("--hide-biz", "x")],
 )
-def test_bad_values_are_usage_errors(captured: list[server.SimOptions], flag: str, value: str) -> None:
+def test_bad_values_are_usage_errors(captured: list[SimOptions], flag: str, value: str) -> None:
     result = CliRunner().invoke(app, ["sim", flag, value])
     assert result.exit_code == 2
     assert not captured

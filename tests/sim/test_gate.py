@@ -70,7 +70,8 @@ async def test_a_refused_request_uses_up_no_fault(make_sim, http):
 
 
 def test_unknown_api_names_are_refused_at_start():
-    from rwatch.sim.server import SimOptions, Simulator
+    from rwatch.sim.parts import SimOptions
+    from rwatch.sim.server import Simulator
 
     with pytest.raises(ValueError, match="deny_apis"):
         Simulator(SimOptions(port=0, denied_apis=frozenset({"watch"})))
@@ -136,7 +137,8 @@ async def test_single_tenant_ignores_the_header(sim, http):
 
 
 def test_bad_tenant_options_are_refused():
-    from rwatch.sim.server import SimOptions, Simulator
+    from rwatch.sim.parts import SimOptions
+    from rwatch.sim.server import Simulator
 
     with pytest.raises(ValueError, match="tenant_mode"):
         Simulator(SimOptions(port=0, tenant_mode="mixed"))

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from rwatch.config import Config, load_config
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from rwatch.sinks.mirror import MirrorSink
 from rwatch.watch.cursors import open_store
 from rwatch.watch.guard import guard

@@ -12,7 +12,8 @@ from rwatch.bus.memory import MemoryBus
 from rwatch.cmdb.client import SKEW_ALLOWANCE, CmdbClient
 from rwatch.cmdb.protocol import decode_cursor
 from rwatch.config import Config
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from rwatch.watch.resync import Resyncer
 
 

@@ -23,7 +23,8 @@ from rwatch.bus.memory import MemoryBus
 from rwatch.cmdb.client import CmdbClient
 from rwatch.config import Config, load_config
 from rwatch.events import Event, iso_utc
-from rwatch.sim.server import SimOptions, Simulator
+from rwatch.sim.parts import SimOptions
+from rwatch.sim.server import Simulator
 from rwatch.sinks.mirror import MirrorSink
 from rwatch.watch.cursors import open_store
 from rwatch.watch.resync import Resyncer
