@@ -166,3 +166,38 @@ def test_a_queue_sinks_retry_bound_and_backoff(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as err:
             load_config(write(tmp_path, hook + bad + "\n"), environ={})
         assert err.value.key == key
+
+
+def test_environment_values_read_as_toml_and_only_section_key_names_count(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, ""), environ={
+        "RWATCH_CMDB__SUPPLIER_ACCOUNT": '"7"',  # a TOML string: text, even when it looks like a number
+        "RWATCH_WATCH__RESOURCES__HOST__EVENT_TYPES": "['update']",  # a TOML array, not only JSON
+        "RWATCH_CMDB": "ignored: no key",
+        "RWATCH_TEST_AMQP_URL": "amqp://ignored",
+        "rwatch_cmdb__rate_limit": "3",  # the prefix is upper case
+    })
+    assert cfg.cmdb.supplier_account == "7"
+    assert cfg.watch.resources["host"].event_types == ["update"]
+    assert cfg.cmdb.rate_limit == 90.0
+
+
+@pytest.mark.parametrize(("env", "key", "words"), [
+    ({"RWATCH_CMBD__BASE_URL": "http://x"}, "cmbd", "unknown key"),
+    ({"RWATCH_CMDB____URL": "http://x"}, "RWATCH_CMDB____URL", "empty part"),
+    ({"RWATCH_WATCH__RESOURCES__HOST": "1", "RWATCH_WATCH__RESOURCES__HOST__ENABLED": "true"},
+     "watch.resources.host.enabled", "conflicts"),
+])
+def test_a_bad_variable_is_named(tmp_path: Path, env: dict[str, str], key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, ""), environ=env)
+    assert info.value.key == key and words in str(info.value)
+    assert info.value.file == f"${list(env)[-1]}"
+
+
+def test_a_config_built_directly_reads_no_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from rwatch.config import Config
+
+    monkeypatch.chdir(tmp_path)  # no config.toml here: the defaults, under the process environment
+    monkeypatch.setenv("RWATCH_CMDB__RATE_LIMIT", "5")
+    assert Config().cmdb.rate_limit == 90.0
+    assert load_config(None, environ=None).cmdb.rate_limit == 5.0
