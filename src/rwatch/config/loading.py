@@ -57,7 +57,7 @@ def _env_path(name: str) -> tuple[str, ...] | None:
 
 def _env_origins(environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:
     """Which variable sets which key, refusing what pydantic-settings would drop without a word: an empty part,
-    a key set both as a value and as a table, a section the file has no such thing as."""
+    a key set both as a value and as a table, a section that does not exist."""
     origin: dict[tuple[str, ...], str] = {}
     for name in environ:
         path = _env_path(name)
