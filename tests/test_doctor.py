@@ -17,7 +17,8 @@ from aiohttp import web
 from rwatch.config import Config, load_config
 from rwatch.doctor import Report, diagnose, render
 from rwatch.sim.server import SimOptions, Simulator
-from rwatch.watch.cursors import BizSighting, open_store
+from rwatch.store.base import open_store
+from rwatch.store.records import BizSighting
 from tests.entrypoint import RWATCH
 
 SECRET = "s3cret-not-to-print"

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from rwatch.sim.server import SimOptions, Simulator
-from rwatch.watch.cursors import open_store
+from rwatch.store.base import open_store
 from tests.chaos.cluster import Cluster
 from tests.chaos.conftest import RESULTS
 from tests.chaos.nemesis import (

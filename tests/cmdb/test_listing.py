@@ -18,7 +18,7 @@ from rwatch.config import CmdbConfig, Config
 from rwatch.errors import ListingBroken
 from rwatch.events import ResyncMark
 from rwatch.sim.server import SimOptions, Simulator
-from rwatch.watch.cursors import open_store
+from rwatch.store.base import open_store
 from rwatch.watch.resync import Resyncer
 
 

@@ -26,7 +26,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from rwatch.app import run_async
 from rwatch.cmdb.protocol import NO_EVENT_CURSOR
 from rwatch.sim.server import SimOptions, Simulator
-from rwatch.watch.cursors import CursorState, open_store
+from rwatch.store.base import open_store
+from rwatch.store.records import CursorState
 from tests.integration.harness import MakeSetup, Setup
 
 TOPOLOGY = ["biz", "set", "module", "host", "host_relation"]

@@ -19,7 +19,7 @@ import pytest
 from rwatch.app import run_async
 from rwatch.config import load_config
 from rwatch.sim.server import SimOptions, Simulator
-from rwatch.watch.cursors import open_store
+from rwatch.store.base import open_store
 from tests.configs import only
 from tests.test_refusals import readyz, until
 

@@ -25,7 +25,8 @@ from rwatch.cmdb.client import CmdbClient
 from rwatch.logs import setup_logging
 from rwatch.sim.server import SimOptions, Simulator
 from rwatch.sinks.mirror import MirrorSink
-from rwatch.watch.cursors import Gap, open_store
+from rwatch.store.base import open_store
+from rwatch.store.records import Gap
 from rwatch.watch.resync import Resyncer
 from tests.entrypoint import RWATCH
 from tests.integration.harness import MakeSetup, Setup

@@ -14,7 +14,7 @@ import pytest
 from rwatch.config import Config, load_config
 from rwatch.sim.server import SimOptions, Simulator
 from rwatch.sinks.mirror import MirrorSink
-from rwatch.watch.cursors import open_store
+from rwatch.store.base import open_store
 from rwatch.watch.guard import guard
 from rwatch.watch.resync import resync_now
 from rwatch.watch.verify import verify

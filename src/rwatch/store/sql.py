@@ -7,8 +7,7 @@ mirror runs explicit transactions) and how a database error is classified.
 
 from __future__ import annotations
 
-import asyncio
-import time
+import functools
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,11 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from tenacity import retry_if_exception
 
 from rwatch.config import mask_url
 from rwatch.errors import ConfigError
+from rwatch.retry import SQLITE_OPEN, retrying
 
 _USE = "use sqlite:///path or postgresql://..."
 
@@ -94,25 +95,25 @@ async def first_connect(engine: AsyncEngine, setup: Callable[[AsyncEngine], Awai
     """Run ``setup(engine)`` (create the schema), disposing of the engine if it fails for good.
 
     SQLite openers racing on a brand-new file can get SQLITE_BUSY from the switch to WAL without the busy
-    handler being consulted (seen ~1 in 12 with four openers): that race is retried with a doubling pause,
-    for ``timeout`` at most."""
-    deadline = time.monotonic() + timeout
-    pause = 0.01
+    handler being consulted (seen ~1 in 12 with four openers): that race is retried with a doubling pause
+    (``SQLITE_OPEN``), for ``timeout`` at most."""
     try:
-        while True:
-            try:
-                await setup(engine)
-                return engine
-            except OperationalError as exc:
-                if (engine.dialect.name != "sqlite" or "locked" not in str(exc)
-                        or time.monotonic() + pause > deadline):
+        async for attempt in retrying(SQLITE_OPEN, stop=None, within=timeout,
+                                      retry_if=retry_if_exception(functools.partial(_open_race, engine))):
+            with attempt:
+                try:
+                    await setup(engine)
+                except OperationalError:
+                    await engine.dispose()  # pooled connections may carry the failed set-up
                     raise
-                await engine.dispose()  # pooled connections may carry the failed set-up
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.5)
     except BaseException:
         await engine.dispose()
         raise
+    return engine
+
+
+def _open_race(engine: AsyncEngine, exc: BaseException) -> bool:
+    return engine.dialect.name == "sqlite" and isinstance(exc, OperationalError) and "locked" in str(exc)
 
 
 async def schema_lock(conn: AsyncConnection, name: bytes) -> None:

@@ -19,16 +19,9 @@ import pytest
 
 from rwatch.cmdb.protocol import NO_EVENT_CURSOR, Cursor
 from rwatch.errors import ConfigError, LeaseLost, PermanentError, StoreError, TransientError
-from rwatch.watch.cursors import (
-    BizSighting,
-    CursorState,
-    CursorStore,
-    PostgresCursorStore,
-    SqlCursorStore,
-    SqliteCursorStore,
-    StoreUrlError,
-    open_store,
-)
+from rwatch.store.backends import PostgresCursorStore, SqlCursorStore, SqliteCursorStore
+from rwatch.store.base import CursorStore, StoreUrlError, open_store
+from rwatch.store.records import BizSighting, CursorState
 from tests.sql_helpers import assert_sqlite_pragmas, unreachable_pg_url
 
 
@@ -385,7 +378,8 @@ async def test_a_closed_store_raises_store_error(db_url: str) -> None:
 
 SAVER = textwrap.dedent("""
     import asyncio, sys
-    from rwatch.watch.cursors import CursorState, open_store
+    from rwatch.store.base import open_store
+    from rwatch.store.records import CursorState
 
     async def main(url: str) -> None:
         store = open_store(url)
@@ -583,7 +577,7 @@ def test_cursor_state_from_an_opaque_cursor_has_no_version(cursor: str) -> None:
 
 
 async def test_verify_results_keep_the_last_per_sink_and_resource(store: CursorStore) -> None:
-    from rwatch.watch.cursors import VerifyResult
+    from rwatch.store.records import VerifyResult
 
     assert await store.verify_results() == []
     await store.record_verify([VerifyResult("0", "mirror", "host", 1, 2, 3, 100.0),
