@@ -9,7 +9,8 @@ from sqlalchemy import and_, or_, select
 
 from rwatch.store.core import SqlStoreCore, whole
 from rwatch.store.records import BizSighting
-from rwatch.store.schema import businesses_table, upsert_insert
+from rwatch.store.schema import businesses_table
+from rwatch.store.sql import upsert_insert
 
 _B = businesses_table.c
 

@@ -10,7 +10,8 @@ from sqlalchemy import TextClause, select, text
 from rwatch.errors import LeaseLost
 from rwatch.store.core import SqlStoreCore, whole
 from rwatch.store.records import CursorState
-from rwatch.store.schema import cursors_table, upsert_insert
+from rwatch.store.schema import cursors_table
+from rwatch.store.sql import upsert_insert
 
 _C = cursors_table.c
 

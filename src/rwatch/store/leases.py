@@ -21,7 +21,8 @@ from sqlalchemy import and_, bindparam, case, or_, select
 
 from rwatch.store.core import SqlStoreCore, whole
 from rwatch.store.records import Lease
-from rwatch.store.schema import leases_table, upsert_insert
+from rwatch.store.schema import leases_table
+from rwatch.store.sql import upsert_insert
 
 _L = leases_table.c
 

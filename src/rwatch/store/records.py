@@ -17,6 +17,8 @@ START_FROM_PREFIX = "rwatch:start_from:"
 
 @dataclass(frozen=True, slots=True)
 class CursorState:
+    """Where a resource's watch resumes: the CMDB cursor, what it decodes to, and when it was saved."""
+
     tenant: str
     resource: str
     cursor: str  # the CMDB bk_cursor to resume from
@@ -74,6 +76,8 @@ class CursorState:
 
 @dataclass(frozen=True, slots=True)
 class Lease:
+    """Who follows a resource (high availability), under which fence, until when."""
+
     tenant: str
     resource: str
     owner: str
@@ -83,6 +87,8 @@ class Lease:
 
 @dataclass(frozen=True, slots=True)
 class Gap:
+    """An interval of a resource's history that was lost, open until a resync fills it."""
+
     id: int
     tenant: str
     resource: str

@@ -10,7 +10,8 @@ from sqlalchemy import select
 
 from rwatch.store.core import SqlStoreCore, whole
 from rwatch.store.records import ResyncRecord
-from rwatch.store.schema import resyncs_table, upsert_insert
+from rwatch.store.schema import resyncs_table
+from rwatch.store.sql import upsert_insert
 
 _RS = resyncs_table.c
 

@@ -5,11 +5,7 @@ Text, not VARCHAR(n): PostgreSQL would enforce a length SQLite ignores, and both
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 from sqlalchemy import BigInteger, Boolean, Column, Double, Index, Integer, MetaData, Table, Text
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import CreateIndex, CreateTable
 
@@ -89,18 +85,6 @@ resyncs_table = Table(
     Column("listed", BigInteger),
     Column("listed_at", Double),
 )
-
-# Both dialects' insert() has on_conflict_do_update (and .excluded).
-_DIALECT_INSERTS: dict[str, Callable[[Table], Any]] = {
-    "sqlite": sqlite.insert,
-    "postgresql": postgresql.insert,
-}
-
-
-def upsert_insert(backend: str, table: Table) -> Any:
-    """An INSERT into ``table`` in ``backend``'s dialect, the one that has ``on_conflict_do_update``."""
-    return _DIALECT_INSERTS[backend](table)
-
 
 async def create_tables(conn: AsyncConnection) -> None:
     """Create every table and index that is missing; each CREATE ... IF NOT EXISTS is atomic on its own."""

@@ -1,4 +1,4 @@
-"""The database plumbing the cursor store and the SQL mirror share: URLs, engines, opening, errors.
+"""The database plumbing the cursor store and the SQL mirror share: URLs, engines, opening, upserts, errors.
 
 Both speak SQLAlchemy Core on async drivers only (``sqlite+aiosqlite``, ``postgresql+asyncpg``). What is
 theirs stays with them: schemas, queries, transaction style (the store autocommits single statements, the
@@ -12,7 +12,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import Table, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -43,6 +44,18 @@ def async_url(url: str, *, key: str, what: str = "database",
     if scheme in ("postgresql", "postgres") and driver in ("", "asyncpg"):
         return parsed.set(drivername="postgresql+asyncpg")
     raise error(f"unsupported {what} URL scheme {parsed.drivername!r} ({_USE})", key=key)
+
+
+# Both dialects' insert() has on_conflict_do_update (and .excluded).
+_DIALECT_INSERTS: dict[str, Callable[[Table], Any]] = {
+    "sqlite": sqlite.insert,
+    "postgresql": postgresql.insert,
+}
+
+
+def upsert_insert(backend: str, table: Table) -> Any:
+    """An INSERT into ``table`` in ``backend``'s dialect, the one that has ``on_conflict_do_update``."""
+    return _DIALECT_INSERTS[backend](table)
 
 
 def sqlite_path(url: URL) -> str | None:

@@ -8,7 +8,8 @@ from sqlalchemy import select
 
 from rwatch.store.core import SqlStoreCore, whole
 from rwatch.store.records import VerifyResult
-from rwatch.store.schema import upsert_insert, verify_table
+from rwatch.store.schema import verify_table
+from rwatch.store.sql import upsert_insert
 
 _V = verify_table.c
 
