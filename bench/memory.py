@@ -47,7 +47,8 @@ import orjson
 from rwatch.bus.amqp import declare_topology, queue_name
 from rwatch.config import Config
 from rwatch.events import watch_event_id
-from rwatch.watch.cursors import CursorState, open_store
+from rwatch.store.base import open_store
+from rwatch.store.records import CursorState
 from watch_publish import (
     URL,
     Child,

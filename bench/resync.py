@@ -47,7 +47,7 @@ from rwatch.sim.server import Simulator
 from rwatch.sim.state import SimState
 from rwatch.sinks.consumer import ConsumerGroup
 from rwatch.sinks.mirror import MirrorSink
-from rwatch.watch.cursors import open_store
+from rwatch.store.base import open_store
 from rwatch.watch.resync import Resyncer
 from watch_publish import URL, busy_fraction, delete_topology, ratio, run_bench
 

@@ -56,7 +56,8 @@ from rwatch.cmdb.client import CmdbClient
 from rwatch.config import CmdbConfig, Config
 from rwatch.events import watch_event_id
 from rwatch.logs import setup_logging
-from rwatch.watch.cursors import CursorState, open_store
+from rwatch.store.base import open_store
+from rwatch.store.records import CursorState
 from rwatch.watch.watcher import Watcher
 
 URL = os.environ.get("RWATCH_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")

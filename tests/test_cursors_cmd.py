@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from rwatch.cli import app
 from rwatch.cmdb.protocol import NO_EVENT_CURSOR, Cursor
 from rwatch.config import load_config
-from rwatch.watch.cursors import START_FROM_PREFIX, CursorState, open_store
+from rwatch.store.base import open_store
+from rwatch.store.records import START_FROM_PREFIX, CursorState
 from rwatch.watch.watcher import Watcher
 
 RETENTION = 3 * 3600.0

@@ -18,7 +18,8 @@ from rwatch.config import Config, load_config
 from rwatch.doctor import Report, diagnose, render
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator
-from rwatch.watch.cursors import BizSighting, open_store
+from rwatch.store.base import open_store
+from rwatch.store.records import BizSighting
 from tests.entrypoint import RWATCH
 
 SECRET = "s3cret-not-to-print"

@@ -15,7 +15,7 @@ from rwatch.bus.memory import MemoryBus
 from rwatch.config import Config, load_config
 from rwatch.http import serve_http
 from rwatch.metrics import WATCHERS, WatchHealth
-from rwatch.watch.cursors import open_store
+from rwatch.store.base import open_store
 from tests.configs import only
 
 

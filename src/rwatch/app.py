@@ -31,7 +31,7 @@ from rwatch.sinks.base import Sink, make_sink
 from rwatch.sinks.consumer import ConsumerGroup
 from rwatch.sinks.prom_sd import PromSdSink, sd_routes
 from rwatch.status import Status, install_error_tap
-from rwatch.watch.cursors import CursorStore, open_store
+from rwatch.store.base import CursorStore, open_store
 from rwatch.watch.resync import Resyncer
 from rwatch.watch.verify import export_verify_metrics
 from rwatch.watch.watcher import Watcher, default_owner

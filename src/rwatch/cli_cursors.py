@@ -76,7 +76,8 @@ from rwatch.errors import ConfigError, LeaseLost, StoreError
 
 if TYPE_CHECKING:
     from rwatch.config import Config
-    from rwatch.watch.cursors import CursorState, Gap, Lease, ResyncRecord, SqlCursorStore
+    from rwatch.store.backends import SqlCursorStore
+    from rwatch.store.records import CursorState, Gap, Lease, ResyncRecord
 
 T = TypeVar("T")
 
@@ -148,7 +149,8 @@ def _run(cfg: Config, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
 def _no_store(cfg: Config) -> bool:
     """Whether the store is a SQLite file that does not exist yet: nothing is saved, and reading must not
     leave an empty database behind (a mistyped path would then look like a store with nothing in it)."""
-    from rwatch.watch.cursors import SqliteCursorStore, open_store
+    from rwatch.store.backends import SqliteCursorStore
+    from rwatch.store.base import open_store
 
     store = open_store(cfg.store.url.get_secret_value())
     return isinstance(store, SqliteCursorStore) and bool(store.path) and not Path(str(store.path)).exists()
@@ -157,7 +159,7 @@ def _no_store(cfg: Config) -> bool:
 @contextlib.asynccontextmanager
 async def _store(cfg: Config, *, create: bool) -> AsyncIterator[SqlCursorStore | None]:
     """The opened store; None without ``create`` when the SQLite file does not exist (``_no_store``)."""
-    from rwatch.watch.cursors import open_store
+    from rwatch.store.base import open_store
 
     if not create and await asyncio.to_thread(_no_store, cfg):
         yield None
@@ -407,7 +409,7 @@ class Target:
     requested: float | None  # the time asked for (T, or now − D)
 
     def state(self, tenant: str, resource: str, saved_at: float) -> CursorState:
-        from rwatch.watch.cursors import CursorState
+        from rwatch.store.records import CursorState
 
         if self.start_from is None:
             return CursorState.from_now(tenant, resource, saved_at)

@@ -184,7 +184,8 @@ async def seed_from_start(config: Config) -> None:
     (resource pool included, which the list APIs of a resync would not show). NoEventCursor means exactly
     that to the server (cmdb-watch-api §3.3); rwatch itself never saves it."""
     from rwatch.cmdb.protocol import NO_EVENT_CURSOR
-    from rwatch.watch.cursors import CursorState, open_store
+    from rwatch.store.base import open_store
+    from rwatch.store.records import CursorState
 
     store = open_store(config.store.url.get_secret_value())
     await store.open()

@@ -33,7 +33,7 @@ from rwatch.errors import (
     TenantRefused,
 )
 from rwatch.events import iso_utc
-from rwatch.watch.cursors import open_store
+from rwatch.store.base import open_store
 from rwatch.watch.resync import Resyncer
 
 Verdict = Literal["ok", "warn", "fail", "skip"]

@@ -20,7 +20,7 @@ import aio_pika
 
 from rwatch.cmdb.protocol import NO_EVENT_CURSOR
 from rwatch.sim.server import Simulator
-from rwatch.watch.cursors import open_store
+from rwatch.store.base import open_store
 from tests.chaos.cluster import SHUTDOWN_TIMEOUT, TERM_SLACK, Cluster, Proc
 from tests.chaos.proxy import Proxy
 from tests.chaos.receiver import ChaosReceiver

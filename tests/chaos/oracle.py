@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from rwatch.sim.server import Simulator
 from rwatch.sinks.mirror import MirrorSink
-from rwatch.watch.cursors import Gap
+from rwatch.store.records import Gap
 from tests.chaos.receiver import ChaosReceiver
 from tests.integration.harness import Setup
 from tests.integration.test_apply_e2e import TOPOLOGY, async_url, mirror_rows, truth

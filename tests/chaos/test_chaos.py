@@ -20,7 +20,7 @@ import pytest
 
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator
-from rwatch.watch.cursors import open_store
+from rwatch.store.base import open_store
 from tests.chaos.cluster import Cluster
 from tests.chaos.conftest import RESULTS
 from tests.chaos.nemesis import (

@@ -19,7 +19,7 @@ from rwatch.errors import ListingBroken
 from rwatch.events import ResyncMark
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator
-from rwatch.watch.cursors import open_store
+from rwatch.store.base import open_store
 from rwatch.watch.resync import Resyncer
 
 

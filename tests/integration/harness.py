@@ -22,7 +22,7 @@ from rwatch.bus import Bus, make_bus
 from rwatch.cmdb.client import CmdbClient
 from rwatch.config import Config, load_config
 from rwatch.retry import HealthyResetWait
-from rwatch.watch.cursors import CursorStore, open_store
+from rwatch.store.base import CursorStore, open_store
 from rwatch.watch.watcher import Watcher
 from tests.entrypoint import RWATCH
 

@@ -27,7 +27,8 @@ from rwatch.app import run_async
 from rwatch.cmdb.protocol import NO_EVENT_CURSOR
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator
-from rwatch.watch.cursors import CursorState, open_store
+from rwatch.store.base import open_store
+from rwatch.store.records import CursorState
 from tests.integration.harness import MakeSetup, Setup
 
 TOPOLOGY = ["biz", "set", "module", "host", "host_relation"]

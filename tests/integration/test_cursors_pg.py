@@ -13,7 +13,8 @@ import asyncpg
 import pytest
 
 from rwatch.errors import StoreError
-from rwatch.watch.cursors import CursorState, open_store
+from rwatch.store.base import open_store
+from rwatch.store.records import CursorState
 
 pytestmark = pytest.mark.postgres
 

@@ -25,7 +25,7 @@ import pytest
 import rwatch.sim.server as sim_server
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator
-from rwatch.watch.cursors import open_store
+from rwatch.store.base import open_store
 from tests.integration.harness import Setup
 from tests.integration.test_apply_e2e import rwatch_all
 

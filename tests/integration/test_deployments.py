@@ -31,7 +31,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from rwatch.app import run_async
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator
-from rwatch.watch.cursors import Gap, open_store
+from rwatch.store.base import open_store
+from rwatch.store.records import Gap
 from rwatch.watch.verify import verify
 from tests.integration.harness import MakeSetup, Setup
 from tests.integration.test_apply_e2e import async_url, truth

@@ -19,7 +19,9 @@ from rwatch import metrics as m
 from rwatch.errors import StoreError
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator
-from rwatch.watch.cursors import CursorState, PostgresCursorStore, SqlCursorStore, open_store
+from rwatch.store.backends import PostgresCursorStore, SqlCursorStore
+from rwatch.store.base import open_store
+from rwatch.store.records import CursorState
 from tests.integration.harness import Daemon, MakeSetup, Setup, reading, running, watcher_parts
 from tests.integration.test_watch_e2e import wait_long_polling
 from tests.integration.test_watch_process import RESOURCES, audit, settle

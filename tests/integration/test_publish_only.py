@@ -20,7 +20,7 @@ from rwatch.app import run_async
 from rwatch.config import load_config
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator
-from rwatch.watch.cursors import open_store
+from rwatch.store.base import open_store
 from tests.configs import only
 from tests.test_refusals import readyz, until
 

@@ -26,7 +26,8 @@ from rwatch.logs import setup_logging
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator
 from rwatch.sinks.mirror import MirrorSink
-from rwatch.watch.cursors import Gap, open_store
+from rwatch.store.base import open_store
+from rwatch.store.records import Gap
 from rwatch.watch.resync import Resyncer
 from tests.entrypoint import RWATCH
 from tests.integration.harness import MakeSetup, Setup

@@ -76,7 +76,7 @@ async def test_verify_metric_reports_the_last_result(setups: MakeSetup, tmp_path
     """The command keeps its result in the store; the daemon's /metrics carries the last one (per sink and
     resource) and when it ran."""
     from rwatch.metrics import VERIFY_DRIFT, VERIFY_LAST_RUN
-    from rwatch.watch.cursors import open_store
+    from rwatch.store.base import open_store
     from rwatch.watch.verify import verify
 
     mirror_url = f"sqlite:///{tmp_path}/mirror.db"

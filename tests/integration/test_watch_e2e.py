@@ -18,7 +18,8 @@ from rwatch.cmdb.protocol import NO_EVENT_CURSOR
 from rwatch.events import watch_event_id
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator
-from rwatch.watch.cursors import Gap, open_store
+from rwatch.store.base import open_store
+from rwatch.store.records import Gap
 from tests.integration.harness import (
     MakeSetup,
     Parts,

@@ -15,7 +15,7 @@ from rwatch.config import Config, load_config
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator
 from rwatch.sinks.mirror import MirrorSink
-from rwatch.watch.cursors import open_store
+from rwatch.store.base import open_store
 from rwatch.watch.guard import guard
 from rwatch.watch.resync import resync_now
 from rwatch.watch.verify import verify

@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY
 from rwatch.cmdb import protocol as p
 from rwatch.config import load_config
 from rwatch.events import Event, watch_event_id
-from rwatch.watch.cursors import CursorState
+from rwatch.store.records import CursorState
 from rwatch.watch.watcher import Watcher
 
 

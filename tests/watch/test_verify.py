@@ -26,7 +26,7 @@ from rwatch.events import Event, iso_utc
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator
 from rwatch.sinks.mirror import MirrorSink
-from rwatch.watch.cursors import open_store
+from rwatch.store.base import open_store
 from rwatch.watch.resync import Resyncer
 from rwatch.watch.verify import verify
 from tests.entrypoint import RWATCH

@@ -24,13 +24,13 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rwatch import sql
 from rwatch.config import MirrorSinkConfig
 from rwatch.errors import PermanentError, SinkRejected, SinkUnavailable
 from rwatch.events import Event, ResyncMark, resync_event_id
 from rwatch.logs import get_logger
 from rwatch.sinks.base import TopologyRow
 from rwatch.sinks.mirror_schema import TOPOLOGY_VIEW, create_schema, objects_table, topology_view
+from rwatch.store import sql
 
 log = get_logger("rwatch.sinks.mirror")
 

@@ -54,7 +54,8 @@ from rwatch.errors import (
 from rwatch.events import Event, ResyncMark, iso_utc, resync_event_id
 from rwatch.failpoints import failpoint
 from rwatch.retry import HealthyResetWait, sleep_or_stop
-from rwatch.watch.cursors import BizSighting, CursorStore, Gap, open_store
+from rwatch.store.base import CursorStore, open_store
+from rwatch.store.records import BizSighting, Gap
 from rwatch.watch.guard import Guard, guard, preview
 
 log = structlog.get_logger("rwatch.resync")

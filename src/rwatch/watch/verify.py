@@ -31,7 +31,8 @@ from rwatch.events import Event, ResyncMark
 from rwatch.logs import get_logger
 from rwatch.sinks.base import Sink
 from rwatch.sinks.mirror import MirrorSink
-from rwatch.watch.cursors import CursorStore, VerifyResult, open_store
+from rwatch.store.base import CursorStore, open_store
+from rwatch.store.records import VerifyResult
 from rwatch.watch.guard import Guard, guard
 from rwatch.watch.resync import HIDDEN_REASON, Resyncer, Scope, probe
 

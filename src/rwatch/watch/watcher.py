@@ -49,7 +49,8 @@ from rwatch.events import Action, Event, iso_utc, watch_event_id
 from rwatch.failpoints import failpoint
 from rwatch.metrics import WATCHERS, WatchHealth
 from rwatch.retry import HealthyResetWait, finish_or_abandon, sleep_or_stop
-from rwatch.watch.cursors import BizSighting, CursorState, CursorStore, Gap
+from rwatch.store.base import CursorStore
+from rwatch.store.records import BizSighting, CursorState, Gap
 from rwatch.watch.resync import Resyncer, fill_gaps
 
 PAGE_SIZE = 200  # the server's eventStep: a full page means more is waiting

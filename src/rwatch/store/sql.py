@@ -1,4 +1,4 @@
-"""The database plumbing the cursor store and the SQL mirror share: URLs, engines, opening, errors.
+"""The database plumbing the cursor store and the SQL mirror share: URLs, engines, opening, upserts, errors.
 
 Both speak SQLAlchemy Core on async drivers only (``sqlite+aiosqlite``, ``postgresql+asyncpg``). What is
 theirs stays with them: schemas, queries, transaction style (the store autocommits single statements, the
@@ -7,19 +7,21 @@ mirror runs explicit transactions) and how a database error is classified.
 
 from __future__ import annotations
 
-import asyncio
-import time
+import functools
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import Table, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from tenacity import retry_if_exception
 
 from rwatch.config import mask_url
 from rwatch.errors import ConfigError
+from rwatch.retry import SQLITE_OPEN, retrying
 
 _USE = "use sqlite:///path or postgresql://..."
 
@@ -42,6 +44,18 @@ def async_url(url: str, *, key: str, what: str = "database",
     if scheme in ("postgresql", "postgres") and driver in ("", "asyncpg"):
         return parsed.set(drivername="postgresql+asyncpg")
     raise error(f"unsupported {what} URL scheme {parsed.drivername!r} ({_USE})", key=key)
+
+
+# Both dialects' insert() has on_conflict_do_update (and .excluded).
+_DIALECT_INSERTS: dict[str, Callable[[Table], Any]] = {
+    "sqlite": sqlite.insert,
+    "postgresql": postgresql.insert,
+}
+
+
+def upsert_insert(backend: str, table: Table) -> Any:
+    """An INSERT into ``table`` in ``backend``'s dialect, the one that has ``on_conflict_do_update``."""
+    return _DIALECT_INSERTS[backend](table)
 
 
 def sqlite_path(url: URL) -> str | None:
@@ -94,25 +108,25 @@ async def first_connect(engine: AsyncEngine, setup: Callable[[AsyncEngine], Awai
     """Run ``setup(engine)`` (create the schema), disposing of the engine if it fails for good.
 
     SQLite openers racing on a brand-new file can get SQLITE_BUSY from the switch to WAL without the busy
-    handler being consulted (seen ~1 in 12 with four openers): that race is retried with a doubling pause,
-    for ``timeout`` at most."""
-    deadline = time.monotonic() + timeout
-    pause = 0.01
+    handler being consulted (seen ~1 in 12 with four openers): that race is retried with a doubling pause
+    (``SQLITE_OPEN``), for ``timeout`` at most."""
     try:
-        while True:
-            try:
-                await setup(engine)
-                return engine
-            except OperationalError as exc:
-                if (engine.dialect.name != "sqlite" or "locked" not in str(exc)
-                        or time.monotonic() + pause > deadline):
+        async for attempt in retrying(SQLITE_OPEN, stop=None, within=timeout,
+                                      retry_if=retry_if_exception(functools.partial(_open_race, engine))):
+            with attempt:
+                try:
+                    await setup(engine)
+                except OperationalError:
+                    await engine.dispose()  # pooled connections may carry the failed set-up
                     raise
-                await engine.dispose()  # pooled connections may carry the failed set-up
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.5)
     except BaseException:
         await engine.dispose()
         raise
+    return engine
+
+
+def _open_race(engine: AsyncEngine, exc: BaseException) -> bool:
+    return engine.dialect.name == "sqlite" and isinstance(exc, OperationalError) and "locked" in str(exc)
 
 
 async def schema_lock(conn: AsyncConnection, name: bytes) -> None:
