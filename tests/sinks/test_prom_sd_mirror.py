@@ -11,9 +11,9 @@ import aiohttp
 from rwatch.config import Config
 from rwatch.events import Event, iso_utc, watch_event_id
 from rwatch.http import serve_http
-from rwatch.sinks.base import make_sink
 from rwatch.sinks.mirror import MirrorSink
 from rwatch.sinks.prom_sd import PromSdSink, sd_routes
+from rwatch.sinks.registry import make_sink
 
 N = 0
 

@@ -5,7 +5,8 @@ what the sink already holds for that object changes nothing, so redeliveries and
 Events of one resource arrive in stream order; across resources in any order (invariant 3).
 
 After a resync's snapshot comes its ``ResyncMark`` on the same queue: ``sweep`` ends what the snapshot did not
-contain (see ``rwatch.watch.resync`` and the README's "Resync").
+contain (see ``rwatch.watch.resync`` and the README's "Resync"). ``rwatch.sinks.registry`` makes a sink from its
+configuration.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from rwatch.config import Config
     from rwatch.events import Event, ResyncMark
 
 
@@ -39,34 +39,6 @@ class Sink(Protocol):
         the number swept. Idempotent (a replayed mark finds nothing left to sweep); same errors as apply."""
 
     async def close(self) -> None: ...
-
-
-def make_sink(name: str, config: Config, sinks: dict[str, Sink] | None = None) -> Sink:
-    """The sink ``[sinks.<name>]`` describes. ``sinks`` holds those already made (prom_sd needs its mirror)."""
-    from rwatch.config import JsonlSinkConfig, MirrorSinkConfig, PromSdSinkConfig, WebhookSinkConfig
-
-    settings = config.sinks[name]
-    if isinstance(settings, MirrorSinkConfig):
-        from rwatch.sinks.mirror import MirrorSink
-
-        return MirrorSink(name, settings)
-    if isinstance(settings, WebhookSinkConfig):
-        from rwatch.sinks.webhook import WebhookSink
-
-        return WebhookSink(name, settings)
-    if isinstance(settings, JsonlSinkConfig):
-        from rwatch.sinks.jsonl import JsonlSink
-
-        return JsonlSink(name, settings)
-    if isinstance(settings, PromSdSinkConfig):
-        from rwatch.sinks.mirror import MirrorSink
-        from rwatch.sinks.prom_sd import PromSdSink
-
-        source = (sinks or {}).get(settings.source)
-        if not isinstance(source, MirrorSink):
-            raise ValueError(f"prom_sd sink {name!r} needs its mirror {settings.source!r} made first")
-        return PromSdSink(name, settings, source)
-    raise AssertionError(f"unknown sink kind for {name!r}")  # pragma: no cover - config validation
 
 
 @dataclass(frozen=True, slots=True)
