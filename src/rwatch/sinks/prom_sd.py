@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol, TypedDict
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from rwatch.logs import get_logger
 from rwatch.metrics import PROM_SD_RENDER_ERRORS, PROM_SD_RENDERS, PROM_SD_TARGETS
@@ -29,7 +30,6 @@ from rwatch.metrics import PROM_SD_RENDER_ERRORS, PROM_SD_RENDERS, PROM_SD_TARGE
 if TYPE_CHECKING:
     from rwatch.config import PromJob, PromSdSinkConfig
     from rwatch.events import Event, ResyncMark
-    from rwatch.http import Handler
     from rwatch.sinks.base import TopologyRow
 
 DEBOUNCE_SECONDS = 1.0
@@ -250,7 +250,10 @@ class PromSdSink:
 
     async def _run(self) -> None:
         """Render on change, at most once per ``debounce``: changes during a render or the pause after it
-        only set the flag, so a burst costs a render at its start and one after its end."""
+        only set the flag, so a burst costs a render at its start and one after its end. A failed render is tried
+        again after ``debounce`` doubling to ``RETRY_MAX_SECONDS``, or at the next change if that comes first: the
+        loop waits on changes, and a retry is only one of its wake-ups, so it is not a ``rwatch.retry`` policy."""
+        # Ends when close() sets _closing (checked after every wake-up).
         while True:
             retry_in = min(RETRY_MAX_SECONDS, self._debounce * 2 ** self._failures) if self._failures else None
             try:
