@@ -5,7 +5,8 @@ Wire format (https://www.standardwebhooks.com): the body is the normalized event
 
 - ``webhook-id``: the event id. Every redelivery of an event carries the same id, so a receiver dedupes on it.
 - ``webhook-timestamp``: Unix seconds of this attempt (receivers reject stale ones, 5 min by the standard).
-- ``webhook-signature``: ``v1,`` + base64(HMAC-SHA256(key, f"{id}.{timestamp}.{body}")).
+- ``webhook-signature``: ``v1,`` + base64(HMAC-SHA256(key, f"{id}.{timestamp}.{body}")), computed by the
+  standard's reference library (``standardwebhooks``) rather than by hand.
 
 The key: a secret of the standard form ``whsec_<base64>`` is base64-decoded (what
 ``standardwebhooks.Webhook(secret)`` does); a secret without that prefix is used as its UTF-8 bytes as they
@@ -39,15 +40,14 @@ than what they hold for its ``resource``/``key``.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import aiohttp
+from standardwebhooks import Webhook
 
 from rwatch import __version__
 from rwatch.config import WebhookSinkConfig, mask_url, signing_key
@@ -62,9 +62,9 @@ _DRAIN_BYTES = 64 * 1024  # of an accepting answer's body, read so the connectio
 
 
 def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
-    """The ``webhook-signature`` value for one attempt."""
-    digest = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
+    """The ``webhook-signature`` value for one attempt. ``key`` is the decoded key (``signing_key``): given bytes,
+    the library uses them as they stand; the body is signed byte for byte."""
+    return Webhook(key).sign(msg_id, datetime.fromtimestamp(timestamp, UTC), body)
 
 
 def is_transient(status: int) -> bool:
