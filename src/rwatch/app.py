@@ -26,9 +26,10 @@ from rwatch.events import Message, iso_utc
 from rwatch.http import serve_http
 from rwatch.metrics import DEAD_LETTERS, TASK_CRASHES, WATCHERS
 from rwatch.retry import HealthyResetWait, sleep_or_stop
-from rwatch.sinks.applier import Applier, RetryPolicy, SinkHealth, apply_counting_crashes
+from rwatch.sinks.applier import Applier, RetryPolicy, apply_counting_crashes
 from rwatch.sinks.base import Sink
 from rwatch.sinks.consumer import ConsumerGroup
+from rwatch.sinks.isolation import SinkHealth
 from rwatch.sinks.prom_sd import PromSdSink, sd_routes
 from rwatch.sinks.registry import make_sink
 from rwatch.status import Status, install_error_tap

@@ -20,7 +20,8 @@ from rwatch.config import Config
 from rwatch.errors import PermanentError, SinkRejected, SinkUnavailable, Stopping
 from rwatch.events import Event, Message, ResyncMark, iso_utc, resync_event_id, watch_event_id
 from rwatch.sinks import applier as applier_module
-from rwatch.sinks.applier import Applier, RetryPolicy, SinkHealth, apply_counting_crashes
+from rwatch.sinks.applier import Applier, RetryPolicy, apply_counting_crashes
+from rwatch.sinks.isolation import SinkHealth
 from rwatch.sinks.consumer import ConsumerGroup
 from rwatch.sinks.dlq import list_dead, replay
 from tests.chaos.proxy import Proxy

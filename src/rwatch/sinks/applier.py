@@ -1,13 +1,9 @@
 """The Applier: applies batches of one (sink, resource) queue until each message is applied or dead-lettered.
 
-A transient sink failure holds the batch and retries it with backoff. Once it has failed ``max_attempts`` times
-(or for ``retry_timeout``), the batch is *isolated*: the longest prefix that applies is applied (bisection), the
-first event that fails alone becomes a *suspect*, the later events of its object wait behind it (per-object
-order), and the rest goes on. A suspect is dead-lettered as poison only on proof that the sink is up: it fails
-alone right after the sink applied other events (of this batch, of a batch grown from what was delivered
-meanwhile, or of another queue of the same sink: ``SinkHealth``), with no failing attempt of several events
-since. Without that proof the sink is down: the batch stays in hand, is retried with backoff, and nothing is
-dead-lettered, however long it lasts.
+A transient sink failure holds the batch and retries it with the sink's backoff (``retry_backoff`` doubling to
+``retry_backoff_max``). Once it has failed ``max_attempts`` times (or for ``retry_timeout``), the batch is
+*isolated* (``rwatch.sinks.isolation``): what applies is applied, a poison is dead-lettered only on proof that the
+sink is up, and what is left is held and retried again, however long the sink stays down.
 
 A permanent refusal dead-letters exactly the refused events (finding them one by one when the sink cannot name
 them). Anything else a sink raises is a bug: it leaves as ``SinkCrashed``, for the consumer to find and reject
@@ -21,10 +17,11 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
+from tenacity import RetryCallState
 
 from rwatch import metrics as m
 from rwatch.errors import (
@@ -36,15 +33,15 @@ from rwatch.errors import (
     Stopping,
 )
 from rwatch.events import Event, Message, ResyncMark
-from rwatch.retry import HealthyResetWait, sleep_or_stop
+from rwatch.retry import HealthyResetWait, retrying
 from rwatch.sinks.base import Sink
+from rwatch.sinks.isolation import Grow, Isolation, Item, Outcome, SinkHealth
 
 log = structlog.get_logger("rwatch.consume")
 
 DeadLetter = Callable[[Message, str, dict[str, Any]], Awaitable[None]]
 # What the consumer has been delivered meanwhile (decoded), to grow a held batch with.
 More = Callable[[], Awaitable[list[Message]]]
-_Outcome = Literal["applied", "failed", "refused"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,61 +60,14 @@ class RetryPolicy:
                      for name in ("max_attempts", "retry_timeout", "retry_backoff", "retry_backoff_max")))
 
 
-class SinkHealth:
-    """What every queue of one sink saw lately, in one sequence: the proof that tells "this event fails" from
-    "the sink is down". A failed attempt of one message proves nothing (that message may be the poison); a
-    failed attempt of several, after the last success, says the sink itself is failing."""
-
-    def __init__(self) -> None:
-        self._seq = 0
-        self.last_applied = 0
-        self.last_failed = 0
-
-    def tick(self) -> int:
-        self._seq += 1
-        return self._seq
-
-    def applied(self) -> None:
-        self.last_applied = self.tick()
-
-    def failed(self) -> None:
-        self.last_failed = self.tick()
-
-    def up_since(self, seq: int) -> bool:
-        """The sink applied something after ``seq``, and no attempt of several messages failed after that."""
-        return self.last_applied > seq and self.last_applied > self.last_failed
-
-
-@dataclass(eq=False, slots=True)
-class _Item:
-    message: Message
-    attempts: int = 0  # failed attempts that included it
-    failed_at: int = 0  # SinkHealth sequence of its last failure
-    alone_at: int = 0  # ... of its last failure alone
-    proven: bool = False  # its last failure was alone, and the sink applied other events since the one before
-    error: BaseException | None = None
-
-    @property
-    def obj(self) -> tuple[str, ...]:
-        msg = self.message
-        return (msg.tenant, msg.resource, msg.key) if isinstance(msg, Event) else ("resync", msg.id)
-
-    @property
-    def failed_alone_last(self) -> bool:
-        return self.failed_at == self.alone_at != 0
-
-
 @dataclass(slots=True)
-class _Round:
-    """One isolation of a held batch."""
+class _Hold:
+    """A batch in hand: what is left of it, its suspects, and its failed attempts since the last isolation."""
 
-    held: list[_Item]
-    suspects: set[_Item]
-    applied: int = 0
-    poison: int = 0
-    probes: int = 0
-    grown: int = 0
-    new_suspects: int = 0
+    left: list[Item]
+    suspects: set[Item] = field(default_factory=set)
+    failures: int = 0
+    first_failure: float = 0.0
 
 
 class Applier:
@@ -133,80 +83,88 @@ class Applier:
         self.policy = policy or RetryPolicy()
         self.health = health or SinkHealth()
         self.clock = clock
+        # Kept across batches: a sink that flaps (one batch applied between failures) keeps backing off.
         self.backoff = HealthyResetWait(initial=self.policy.retry_backoff, maximum=self.policy.retry_backoff_max)
         self.log = log.bind(sink=sink.name, resource=resource)
+        self.isolation = Isolation(sink.name, resource, stop, self.health, self._try, self._poisoned, self.log)
 
     async def apply(self, messages: Sequence[Message], more: More | None = None) -> None:
         """Return once every message is applied (every mark swept) or dead-lettered; ``Stopping`` if asked to
         stop first, ``SinkCrashed`` if the sink raised a bug. A resync mark is swept after the events before it
-        and before those after it. ``more`` may grow the last run of events while it is held (see ``_isolate``)."""
+        and before those after it. ``more`` may grow the last run of events while it is held (see ``Isolation``)."""
         queue: deque[Message] = deque(messages)
         while queue:
             head = queue.popleft()
             if isinstance(head, ResyncMark):
-                await self._settle([_Item(head)], None)
+                await self._settle([Item(head)], None)
                 continue
-            run = [_Item(head)]
+            run = [Item(head)]
             while queue and isinstance(queue[0], Event):
-                run.append(_Item(queue.popleft()))
+                run.append(Item(queue.popleft()))
             grow = self._grower(more, queue) if more is not None and not queue else None
             await self._settle(run, grow)
 
-    def _grower(self, more: More, queue: deque[Message]) -> Callable[[], Awaitable[list[_Item]]]:
-        async def grow() -> list[_Item]:
+    def _grower(self, more: More, queue: deque[Message]) -> Grow:
+        async def grow() -> list[Item]:
             if queue:  # a mark came in: nothing may join the run past it
                 return []
             got = await more()
-            taken: list[_Item] = []
+            taken: list[Item] = []
             for i, message in enumerate(got):
                 if isinstance(message, ResyncMark):
                     queue.extend(got[i:])  # swept after the run, then what follows it
                     break
-                taken.append(_Item(message))
+                taken.append(Item(message))
             return taken
 
         return grow
 
     # -- one batch -------------------------------------------------------------------------------------------
 
-    async def _settle(self, items: list[_Item], grow: Callable[[], Awaitable[list[_Item]]] | None) -> None:
-        """Hold ``items`` until each is applied or dead-lettered. Past the bound, the next attempt (after the
-        pause, so that other queues of the sink had time to prove it up) is an isolation of the batch."""
+    async def _settle(self, items: list[Item], grow: Grow | None) -> None:
+        """Hold ``items`` until each is applied or dead-lettered: an attempt, or past the bound an isolation, then
+        the sink's backoff, until nothing is left (``Stopping`` if stop comes first). The isolation comes after a
+        pause, so that other queues of the sink had time to prove it up."""
         started = time.perf_counter()
-        left = items
-        suspects: set[_Item] = set()
-        failures, first_failure = 0, 0.0
-        while True:
-            if failures and (failures >= self.policy.max_attempts
-                             or self.clock() - first_failure >= self.policy.retry_timeout):
-                left = await self._isolate(left, suspects, grow)
-                failures = 0
-                if not left:
-                    break
-            else:
-                outcome = await self._try(left)
-                if outcome == "applied":
-                    break
-                if outcome == "refused":  # the sink refused the batch without saying which event: one at a time
-                    for item in left:
-                        await self._settle([item], None)
-                    break
-                failures += 1
-                if failures == 1:
-                    first_failure = self.clock()
-                m.APPLY_RETRIES.labels(self.sink.name).inc()
-            error = left[0].error
-            delay = self.backoff.next_delay()
-            if failures:  # an isolation that held the batch has logged apply_isolated instead
-                fields = error.fields() if isinstance(error, RwatchError) else {"error": repr(error)}
-                self.log.warning("sink_apply_failed", **{**fields, "events": len(left), "attempt": failures,
-                                                          "retry_in": round(delay, 2)})
-            if await sleep_or_stop(delay, self.stop):
-                raise Stopping("stopping while the sink is failing") from error
+        hold = _Hold(items)
+        holding = retrying(self.backoff, stop=self.stop, on=(), until=bool, before_sleep=self._log_held(hold))
+        await holding(self._step, hold, grow)
         if isinstance(items[0].message, Event):
             m.APPLY_SECONDS.labels(self.sink.name).observe(time.perf_counter() - started)
 
-    async def _try(self, items: list[_Item]) -> _Outcome:
+    async def _step(self, hold: _Hold, grow: Grow | None) -> bool:
+        """One step of holding a batch; True once nothing of it is left."""
+        if hold.failures and (hold.failures >= self.policy.max_attempts
+                              or self.clock() - hold.first_failure >= self.policy.retry_timeout):
+            hold.left = await self.isolation.isolate(hold.left, hold.suspects, grow)
+            hold.failures = 0
+            return not hold.left
+        outcome = await self._try(hold.left)
+        if outcome == "applied":
+            return True
+        if outcome == "refused":  # the sink refused the batch without saying which event: one at a time
+            for item in hold.left:
+                await self._settle([item], None)
+            return True
+        hold.failures += 1
+        if hold.failures == 1:
+            hold.first_failure = self.clock()
+        m.APPLY_RETRIES.labels(self.sink.name).inc()
+        return False
+
+    def _log_held(self, hold: _Hold) -> Callable[[RetryCallState], None]:
+        def logged(state: RetryCallState) -> None:
+            if not hold.failures:  # an isolation that held the batch has logged apply_isolated instead
+                return
+            error = hold.left[0].error
+            fields = error.fields() if isinstance(error, RwatchError) else {"error": repr(error)}
+            delay = state.next_action.sleep if state.next_action is not None else 0.0
+            self.log.warning("sink_apply_failed", **{**fields, "events": len(hold.left), "attempt": hold.failures,
+                                                      "retry_in": round(delay, 2)})
+
+        return logged
+
+    async def _try(self, items: list[Item]) -> Outcome:
         """One attempt. ``applied``: done (refused events dead-lettered, the rest applied); ``refused``: the
         sink refused several events without naming them; ``failed``: a transient failure, recorded."""
         messages = [i.message for i in items]
@@ -247,7 +205,7 @@ class Applier:
             self._count(messages)
         return "applied"
 
-    async def _refused(self, items: list[_Item], exc: SinkRejected) -> _Outcome:
+    async def _refused(self, items: list[Item], exc: SinkRejected) -> Outcome:
         self.health.applied()  # the sink answered: it is up, and judging
         if exc.event_ids and isinstance(items[0].message, Event):
             refused = set(exc.event_ids)
@@ -261,105 +219,11 @@ class Applier:
             return "applied"
         return "refused"
 
-    async def _dead_letter(self, item: _Item, reason: str, fields: dict[str, Any], *, refused: bool) -> None:
+    async def _dead_letter(self, item: Item, reason: str, fields: dict[str, Any], *, refused: bool) -> None:
         await self.dead_letter(item.message, reason, {**fields, "attempts": item.attempts + refused})
 
-    # -- isolation -------------------------------------------------------------------------------------------
-
-    async def _isolate(self, items: list[_Item], suspects: set[_Item],
-                       grow: Callable[[], Awaitable[list[_Item]]] | None) -> list[_Item]:
-        """The batch failed up to the bound: apply what applies, dead-letter what fails alone while the sink
-        applies the rest, and return what is left (nothing, or everything the sink could not be proved up for).
-
-        ``suspects`` (events that failed alone without that proof) outlive this round, for the next one.
-        """
-        r = _Round(held=list(items), suspects=suspects)
-        known_bad = not suspects  # the whole batch just failed: trying it again proves nothing
-        while True:
-            if self.stop.is_set():
-                raise Stopping("stopping while isolating a failing batch")
-            blocked = {i.obj for i in r.held if i in r.suspects}
-            runnable = [i for i in r.held if i.obj not in blocked]
-            if runnable:
-                if r.new_suspects and not r.applied and not known_bad:
-                    # One event failed alone and nothing applied since: if the others fail too, the sink is down.
-                    if await self._probe(r, runnable) != "applied":
-                        break
-                    continue
-                await self._bisect(r, runnable, known_bad)
-                known_bad = False
-                continue
-            if await self._confirm(r):
-                continue
-            grown = await grow() if grow is not None else []
-            if not grown:
-                break
-            r.grown += len(grown)
-            r.held.extend(grown)
-        outcome = "poison" if r.poison else ("applied" if not r.held else "held")
-        m.APPLY_ISOLATIONS.labels(self.sink.name, self.resource, outcome).inc()
-        self.log.warning("apply_isolated", outcome=outcome, applied=r.applied, dead_lettered=r.poison,
-                         held=len(r.held), suspects=len(r.suspects), grown=r.grown, probes=r.probes)
-        return r.held
-
-    async def _probe(self, r: _Round, items: list[_Item]) -> _Outcome:
-        r.probes += 1
-        outcome = await self._try(items)
-        if outcome == "applied":
-            r.applied += len(items)
-            done = set(items)
-            r.held = [i for i in r.held if i not in done]
-        return outcome
-
-    async def _bisect(self, r: _Round, runnable: list[_Item], known_bad: bool) -> None:
-        """Apply the longest prefix of ``runnable`` that applies, then judge the first event that fails alone."""
-        if not known_bad and await self._probe(r, runnable) == "applied":
-            return
-        lo, bad = 0, len(runnable)  # runnable[lo:bad] does not apply as a whole
-        while bad - lo > 1:
-            mid = (lo + bad) // 2
-            if await self._probe(r, runnable[lo:mid]) == "applied":
-                lo = mid
-            else:
-                bad = mid
-        culprit = runnable[lo]
-        if not culprit.failed_alone_last and await self._probe(r, [culprit]) == "applied":
-            return
-        if not await self._judge(r, culprit):
-            r.suspects.add(culprit)
-            r.new_suspects += 1
-
-    async def _judge(self, r: _Round, item: _Item) -> bool:
-        """Settle an event that failed alone, if the sink can be proved up around it: applied on a last try, or
-        dead-lettered as poison. False when nothing proves the sink up: it stays a suspect."""
-        if not (item.failed_alone_last and item.proven):
-            if not self.health.up_since(item.failed_at):
-                return False
-            # The sink applied other events since this one last failed: one more try alone decides.
-            if await self._probe(r, [item]) == "applied":
-                r.suspects.discard(item)
-                return True
-            if not item.proven:  # a failure of several events came in between: the sink may be failing
-                return False
-        await self._poison(r, item)
-        return True
-
-    async def _confirm(self, r: _Round) -> bool:
-        """Judge each suspect; False when none could be settled."""
-        progressed = False
-        for item in [i for i in r.held if i in r.suspects]:
-            progressed = await self._judge(r, item) or progressed
-        return progressed
-
-    async def _poison(self, r: _Round, item: _Item) -> None:
-        error = item.error
-        message = error.message if isinstance(error, RwatchError) else repr(error)
-        fields = error.fields() if isinstance(error, RwatchError) else {"error": repr(error)}
-        r.suspects.discard(item)
-        r.held.remove(item)
-        r.poison += 1
-        m.POISON_EVENTS.labels(self.sink.name, self.resource).inc()
-        await self._dead_letter(item, f"poison: {message}", {**fields, "poison": True}, refused=False)
+    async def _poisoned(self, item: Item, reason: str, fields: dict[str, Any]) -> None:
+        await self._dead_letter(item, reason, fields, refused=False)
 
     def _count(self, events: Any) -> None:
         counts: dict[str, int] = {}
@@ -376,33 +240,31 @@ def report_crash(applier: Applier, message: Message, error: SinkCrashed, deliver
                       delivery_limit=limit, error=error.message, exc_info=error)
 
 
-async def _crash_of(applier: Applier, message: Message) -> SinkCrashed | None:
-    try:
-        await applier.apply([message])
-    except SinkCrashed as exc:
-        return exc
-    return None
-
-
 async def apply_counting_crashes(applier: Applier, messages: Sequence[Message], limit: int) -> None:
     """The memory bus has no broker to count deliveries: a batch whose apply crashes (a bug) is applied one
     message at a time; one that crashes alone is tried again, with backoff, until it crashed ``limit`` + 1
     times (as many deliveries as the broker allows), then dead-lettered. The others apply once."""
-    try:
-        await applier.apply(messages)
-        return
-    except SinkCrashed as exc:
-        crashed = exc
+    if len(messages) > 1:
+        try:
+            await applier.apply(messages)
+            return
+        except SinkCrashed:
+            pass
     for message in messages:
-        error = crashed if len(messages) == 1 else await _crash_of(applier, message)
-        crashes = 0
-        while error is not None:
-            crashes += 1
-            report_crash(applier, message, error, crashes, limit)
-            if crashes > limit:
-                await applier.dead_letter(message, f"crashed: {error.message}",
-                                          {**error.fields(), "attempts": crashes, "crashed": True})
-                break
-            if await sleep_or_stop(applier.backoff.next_delay(), applier.stop):
-                raise Stopping("stopping while a message crashes its sink") from error
-            error = await _crash_of(applier, message)
+        await _apply_or_dead_letter(applier, message, limit)
+
+
+async def _apply_or_dead_letter(applier: Applier, message: Message, limit: int) -> None:
+    def crashed(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        assert isinstance(error, SinkCrashed)
+        report_crash(applier, message, error, state.attempt_number, limit)
+
+    applying = retrying(applier.backoff, stop=applier.stop, on=(SinkCrashed,), attempts=limit + 1,
+                        before_sleep=crashed)
+    try:
+        await applying(applier.apply, [message])
+    except SinkCrashed as error:  # the last of limit + 1 crashes
+        report_crash(applier, message, error, limit + 1, limit)
+        await applier.dead_letter(message, f"crashed: {error.message}",
+                                  {**error.fields(), "attempts": limit + 1, "crashed": True})

@@ -33,8 +33,9 @@ from rwatch.errors import TRANSIENT_ERRORS, SinkCrashed, Stopping
 from rwatch.events import Message, parse_message
 from rwatch.failpoints import failpoint
 from rwatch.retry import close_quietly, finish_or_abandon
-from rwatch.sinks.applier import Applier, RetryPolicy, SinkHealth, report_crash
+from rwatch.sinks.applier import Applier, RetryPolicy, report_crash
 from rwatch.sinks.base import Sink
+from rwatch.sinks.isolation import SinkHealth
 
 log = structlog.get_logger("rwatch.consume")
 
