@@ -42,7 +42,7 @@ from typing import Any
 
 import aio_pika
 
-from rwatch.bus.amqp import dead_queue_name, declare_topology, dlx_name, queue_arguments, queue_name
+from rwatch.bus.topology import dead_queue_name, declare_topology, dlx_name, queue_arguments, queue_name
 from rwatch.config import Config
 from rwatch.events import Event, iso_utc, watch_event_id
 from rwatch.sinks.consumer import ConsumerGroup

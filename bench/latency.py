@@ -44,7 +44,7 @@ import aio_pika
 import aiohttp
 import orjson
 
-from rwatch.bus.amqp import dead_queue_name, dlx_name, queue_name
+from rwatch.bus.topology import dead_queue_name, dlx_name, queue_name
 from rwatch.cmdb import protocol as p
 from rwatch.config import DEFAULT_FIELDS, Config
 from watch_publish import URL, Child, busy_fraction, host_mirror_toml, run_bench, spawn, start_sim

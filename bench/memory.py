@@ -44,7 +44,7 @@ import aio_pika
 import aiohttp
 import orjson
 
-from rwatch.bus.amqp import declare_topology, queue_name
+from rwatch.bus.topology import declare_topology, queue_name
 from rwatch.config import Config
 from rwatch.events import watch_event_id
 from rwatch.store.base import open_store

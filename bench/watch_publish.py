@@ -51,7 +51,8 @@ import aio_pika
 import aiohttp
 import orjson
 
-from rwatch.bus.amqp import AmqpBus, dead_queue_name, declare_topology, dlx_name, queue_name
+from rwatch.bus.amqp import AmqpBus
+from rwatch.bus.topology import dead_queue_name, declare_topology, dlx_name, queue_name
 from rwatch.cmdb.client import CmdbClient
 from rwatch.config import CmdbConfig, Config
 from rwatch.events import watch_event_id

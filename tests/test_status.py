@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 from rwatch import __version__
 from rwatch import status as status_module
 from rwatch.app import run_async
-from rwatch.bus.amqp import declare_topology
+from rwatch.bus.topology import declare_topology
 from rwatch.config import Config, load_config
 from rwatch.logs import get_logger, setup_logging
 from rwatch.sim.parts import SimOptions

@@ -213,7 +213,7 @@ async def _delete_broker_topology(config: Config) -> None:
     """Remove what rwatch declared for the demo: its queues, dead-letter queues and exchanges."""
     import aio_pika
 
-    from rwatch.bus.amqp import dead_queue_name, dlx_name, queue_name
+    from rwatch.bus.topology import dead_queue_name, dlx_name, queue_name
 
     conn = await aio_pika.connect(config.bus.url.get_secret_value())
     try:

@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge
 
 from rwatch import __version__
 from rwatch import metrics as m
-from rwatch.bus.amqp import dead_queue_name, queue_name
+from rwatch.bus.topology import dead_queue_name, queue_name
 from rwatch.config import Config
 from rwatch.errors import TRANSIENT_ERRORS
 from rwatch.retry import sleep_or_stop

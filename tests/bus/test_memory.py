@@ -8,13 +8,13 @@ from collections.abc import Sequence
 import pytest
 from prometheus_client import REGISTRY
 
-import rwatch.bus
-from rwatch.bus import Backoff, make_bus
+from rwatch.bus import make_bus
 from rwatch.bus.amqp import AmqpBus
 from rwatch.bus.memory import MemoryBus
 from rwatch.config import Config
 from rwatch.errors import BusError, MessageReturned, Stopping
 from rwatch.events import Event, iso_utc, watch_event_id
+from rwatch.retry import Policy
 
 
 def event(resource: str, n: int, action: str = "update") -> Event:
@@ -35,7 +35,7 @@ def published(resource: str, action: str = "update") -> float:
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retries pause 1 ms instead of 0.1 s doubling: the retry logic is under test, not the clock."""
-    monkeypatch.setattr(Backoff, "next_delay", lambda self: 0.001)
+    monkeypatch.setattr(MemoryBus, "policy", Policy("test", 0.001, 0.001))
 
 
 class Recorder:
@@ -195,11 +195,20 @@ def test_make_bus_follows_the_configured_kind() -> None:
     assert isinstance(make_bus(Config.model_validate({"bus": {"kind": "amqp"}})), AmqpBus)
 
 
-async def test_backoff_pause_raises_stopping_when_stop_is_set_during_the_pause() -> None:
+async def test_a_retry_pause_raises_stopping_when_stop_is_set_during_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(MemoryBus, "policy", Policy("slow", 60.0, 60.0))
     stop = asyncio.Event()
-    backoff = rwatch.bus.Backoff(stop)
-    pausing = asyncio.create_task(backoff.pause(60))
+    bus = MemoryBus(stop=stop)
+    failed = asyncio.Event()
+
+    async def down(events: Sequence[Event]) -> None:
+        failed.set()
+        raise ConnectionError("sink down")
+
+    bus.subscribe("down", ["host"], down)
+    pausing = asyncio.create_task(bus.publish([event("host", 1)]))
+    await failed.wait()
     await asyncio.sleep(0)  # let the pause start waiting
     stop.set()
     with pytest.raises(Stopping):
-        await pausing
+        await asyncio.wait_for(pausing, 5)

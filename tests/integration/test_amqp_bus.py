@@ -20,10 +20,8 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from prometheus_client import REGISTRY
 
-import rwatch.bus.amqp as amqp_module
-from rwatch.bus import Backoff
-from rwatch.bus.amqp import (
-    AmqpBus,
+from rwatch.bus.amqp import AmqpBus
+from rwatch.bus.topology import (
     dead_queue_name,
     declare_topology,
     dlx_name,
@@ -33,6 +31,7 @@ from rwatch.bus.amqp import (
 from rwatch.config import Config
 from rwatch.errors import Stopping, TopologyConflict
 from rwatch.events import Event, iso_utc, watch_event_id
+from rwatch.retry import HealthyResetWait, Policy
 from tests.chaos.proxy import Proxy
 from tests.integration.harness import close_connections
 
@@ -93,8 +92,8 @@ async def cleanup(amqp_url: str, unique: str) -> AsyncIterator[list[str]]:
 _NOTIFIERS: set[asyncio.Task[None]] = set()
 
 
-class RetrySpy(Backoff):
-    """Backoff with 1 ms pauses that lets a test await the n-th retry instead of sleeping."""
+class RetrySpy(HealthyResetWait):
+    """The bus's wait with 1 ms pauses that lets a test await the n-th retry instead of sleeping."""
 
     retries = 0
     changed: asyncio.Condition | None = None
@@ -112,7 +111,7 @@ class RetrySpy(Backoff):
             task = asyncio.get_running_loop().create_task(notify())
             _NOTIFIERS.add(task)
             task.add_done_callback(_NOTIFIERS.discard)
-        self.attempt += 1
+        self.streak += 1
         return 0.001
 
     @classmethod
@@ -122,11 +121,16 @@ class RetrySpy(Backoff):
             await cls.changed.wait_for(lambda: cls.retries >= n)
 
 
+class _SpyPolicy(Policy):
+    def wait(self, **kwargs: Any) -> HealthyResetWait:
+        return RetrySpy()
+
+
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> type[RetrySpy]:
     monkeypatch.setattr(RetrySpy, "retries", 0)
     monkeypatch.setattr(RetrySpy, "changed", asyncio.Condition())
-    monkeypatch.setattr(amqp_module, "Backoff", RetrySpy)
+    monkeypatch.setattr(AmqpBus, "policy", _SpyPolicy("spy", 0.001, 0.001))
     return RetrySpy
 
 
@@ -432,7 +436,7 @@ async def test_a_publish_stuck_in_the_client_fails_as_soon_as_the_connection_clo
     timeouts = metric("rwatch_publish_retries_total", reason="timeout")
     reconnects = metric("rwatch_bus_reconnects_total")
     batch = [event("host", i) for i in range(200)]
-    link = bus._link
+    link = bus._connector.link
     assert link is not None
     task: asyncio.Task[None] | None = None
     try:

@@ -15,15 +15,16 @@ import aio_pika
 import pytest
 from prometheus_client import REGISTRY
 
-from rwatch.bus.amqp import AmqpBus, dead_queue_name, dlx_name, queue_name
+from rwatch.bus.amqp import AmqpBus
+from rwatch.bus.topology import dead_queue_name, dlx_name, queue_name
 from rwatch.config import Config
 from rwatch.errors import PermanentError, SinkRejected, SinkUnavailable, Stopping
 from rwatch.events import Event, Message, ResyncMark, iso_utc, resync_event_id, watch_event_id
 from rwatch.sinks import applier as applier_module
 from rwatch.sinks.applier import Applier, RetryPolicy, apply_counting_crashes
-from rwatch.sinks.isolation import SinkHealth
 from rwatch.sinks.consumer import ConsumerGroup
 from rwatch.sinks.dlq import list_dead, replay
+from rwatch.sinks.isolation import SinkHealth
 from tests.chaos.proxy import Proxy
 
 pytestmark = pytest.mark.amqp

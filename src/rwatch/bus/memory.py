@@ -11,12 +11,16 @@ import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
-from rwatch.bus import Backoff
-from rwatch.errors import TRANSIENT_ERRORS, MessageReturned, Stopping
+from tenacity import RetryCallState
+from tenacity.wait import wait_base
+
+from rwatch.errors import MessageReturned, Stopping
 from rwatch.events import Message
 from rwatch.logs import get_logger
 from rwatch.metrics import EVENTS_PUBLISHED, PUBLISH_RETRIES
+from rwatch.retry import BUS, Policy, log_retry, retrying
 
 Handler = Callable[[Sequence[Message]], Awaitable[None]]
 
@@ -30,6 +34,8 @@ class _Subscriber:
 
 class MemoryBus:
     """Routes each event to the subscribers of its resource; ``publish`` returns when all applied it."""
+
+    policy: ClassVar[Policy | wait_base] = BUS  # a handler's transient failures (tests make it fast)
 
     def __init__(self, *, stop: asyncio.Event | None = None) -> None:
         self._stop = stop if stop is not None else asyncio.Event()
@@ -78,14 +84,10 @@ class MemoryBus:
             EVENTS_PUBLISHED.labels(resource, action).inc(n)
 
     async def _deliver(self, subscriber: _Subscriber, batch: list[Message]) -> None:
-        backoff = Backoff(self._stop, self._closed)
-        while True:
-            try:
-                await subscriber.handler(batch)
-                return
-            except TRANSIENT_ERRORS as exc:
-                PUBLISH_RETRIES.labels("handler").inc(len(batch))
-                delay = backoff.next_delay()
-                self._log.warning("publish_retry", subscriber=subscriber.name, pending=len(batch),
-                                  error=repr(exc), attempt=backoff.attempt, delay=round(delay, 3))
-                await backoff.pause(delay)
+        logged = log_retry(self._log, "publish_retry", subscriber=subscriber.name, pending=len(batch))
+
+        def retried(state: RetryCallState) -> None:
+            PUBLISH_RETRIES.labels("handler").inc(len(batch))
+            logged(state)
+
+        await retrying(self.policy, stop=[self._stop, self._closed], before_sleep=retried)(subscriber.handler, batch)

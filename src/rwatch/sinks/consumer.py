@@ -15,6 +15,7 @@ broker sends no more), so the process holds at most prefetch x queues messages, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -23,23 +24,22 @@ import aio_pika
 import orjson
 import structlog
 from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage
+from aiormq.exceptions import AMQPError
 from pydantic import ValidationError
 
 from rwatch import metrics as m
-from rwatch.bus import Backoff
-from rwatch.bus.amqp import dead_queue_name, declare_topology, dlx_name, queue_name
+from rwatch.bus.topology import dead_queue_name, declare_topology, dlx_name, queue_name
 from rwatch.config import Config
-from rwatch.errors import TRANSIENT_ERRORS, SinkCrashed, Stopping
+from rwatch.errors import TRANSIENT_ERRORS, BusError, SinkCrashed, Stopping
 from rwatch.events import Message, parse_message
 from rwatch.failpoints import failpoint
-from rwatch.retry import close_quietly, finish_or_abandon
+from rwatch.retry import BUS, HealthyResetWait, close_quietly, finish_or_abandon, log_retry, retrying
 from rwatch.sinks.applier import Applier, RetryPolicy, report_crash
 from rwatch.sinks.base import Sink
 from rwatch.sinks.isolation import SinkHealth
 
 log = structlog.get_logger("rwatch.consume")
 
-_BROKER_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, aio_pika.exceptions.AMQPError)
 # Deliveries of a burst (a watcher's batch, a backlog) follow each other well within this; a longer quiet gap
 # means the stream paused, and waiting on would only delay the events in hand.
 _ARRIVAL_GAP = 0.001
@@ -250,39 +250,39 @@ class ConsumerGroup:
         log.warning("consume_abandoned", grace=self.config.run.stop_grace)
 
     async def _sessions(self) -> None:
-        backoff = Backoff(self.stop)
-        while not self.stop.is_set():
-            lost = asyncio.Event()
-            try:
-                connection = await aio_pika.connect(self.config.bus.url.get_secret_value(),
-                                                    client_properties={"connection_name": self.name})
-            except _BROKER_ERRORS as exc:
-                log.warning("consumer_connect_failed", error=repr(exc), attempt=backoff.attempt + 1)
-                try:
-                    await backoff.pause()
-                except Stopping:
-                    return
-                continue
-            connection.close_callbacks.add(lambda *_, lost=lost: lost.set())
-            try:
-                async with connection.channel() as channel:
-                    await declare_topology(channel, self.config)
-                backoff.reset()
-                self.connected = True
-                m.CONSUMER_CONNECTED.set(1)
-                log.info("consumers_started", queues=[c.queue for c in self.consumers])
-                await self._run_until_lost(connection, lost)
-            except _BROKER_ERRORS as exc:
-                log.warning("consumer_connection_lost", error=repr(exc))
-            finally:
-                self.connected = False
-                m.CONSUMER_CONNECTED.set(0)
-                await close_quietly(connection.close(), self.config.run.close_timeout)
-            if not self.stop.is_set():
-                try:
-                    await backoff.pause()
-                except Stopping:
-                    return
+        """One session per connection, the next after a pause once it is lost, until ``stop``."""
+        wait = BUS.wait()  # one streak across connects and sessions: a session that declared its topology resets it
+        with contextlib.suppress(Stopping):
+            async for attempt in retrying(wait, stop=self.stop):
+                with attempt:
+                    await self._session(wait)
+
+    async def _session(self, wait: HealthyResetWait) -> None:
+        """Connect, declare, and consume until ``stop`` (returns) or the connection is lost (``BusError``)."""
+        connecting = retrying(wait, stop=self.stop, on=(*TRANSIENT_ERRORS, AMQPError),
+                              before_sleep=log_retry(log, "consumer_connect_failed"))
+        connection: AbstractConnection = await connecting(aio_pika.connect, self.config.bus.url.get_secret_value(),
+                                      client_properties={"connection_name": self.name})
+        lost = asyncio.Event()
+        connection.close_callbacks.add(lambda *_: lost.set())
+        try:
+            async with connection.channel() as channel:
+                await declare_topology(channel, self.config)
+            wait.streak = 0
+            self.connected = True
+            m.CONSUMER_CONNECTED.set(1)
+            log.info("consumers_started", queues=[c.queue for c in self.consumers])
+            await self._run_until_lost(connection, lost)
+        except AMQPError as exc:  # aio-pika's word for broker trouble
+            raise _lost(exc) from exc
+        except TRANSIENT_ERRORS as exc:
+            raise _lost(exc) from exc
+        finally:
+            self.connected = False
+            m.CONSUMER_CONNECTED.set(0)
+            await close_quietly(connection.close(), self.config.run.close_timeout)
+        if not self.stop.is_set():
+            raise BusError("consumer connection lost")  # a pause, then the next session
 
     async def _run_until_lost(self, connection: AbstractConnection, lost: asyncio.Event) -> None:
         tasks = [asyncio.create_task(c.run(connection), name=f"consume:{c.queue}") for c in self.consumers]
@@ -300,6 +300,11 @@ class ConsumerGroup:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, watcher, return_exceptions=True)
+
+
+def _lost(exc: BaseException) -> BusError:
+    log.warning("consumer_connection_lost", error=repr(exc))
+    return BusError("consumer connection lost")
 
 
 async def _first(*events: asyncio.Event) -> None:

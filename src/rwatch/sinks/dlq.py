@@ -16,7 +16,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from rwatch.bus.amqp import dead_queue_name, declare_topology, queue_name
+from rwatch.bus.topology import dead_queue_name, declare_topology, queue_name
 from rwatch.config import Config
 
 
