@@ -42,10 +42,10 @@ from typing import Any
 
 import aio_pika
 
+from rwatch.bus.consumer import ConsumerGroup
 from rwatch.bus.topology import dead_queue_name, declare_topology, dlx_name, queue_arguments, queue_name
 from rwatch.config import Config
 from rwatch.events import Event, iso_utc, watch_event_id
-from rwatch.sinks.consumer import ConsumerGroup
 from rwatch.sinks.mirror import MirrorSink
 from watch_publish import GC, URL, busy_fraction, machine_jiffies, quiesce, ratio, run_bench
 

@@ -37,6 +37,7 @@ import orjson
 
 from rwatch.app import make_sinks, subscribe_sinks
 from rwatch.bus import make_bus
+from rwatch.bus.consumer import ConsumerGroup
 from rwatch.bus.memory import MemoryBus
 from rwatch.cmdb.client import WATCH_API, CmdbClient
 from rwatch.cmdb.listing import LIMITS
@@ -45,7 +46,6 @@ from rwatch.events import Event
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator
 from rwatch.sim.state import SimState
-from rwatch.sinks.consumer import ConsumerGroup
 from rwatch.sinks.mirror import MirrorSink
 from rwatch.store.base import open_store
 from rwatch.watch.resync import Resyncer

@@ -18,6 +18,7 @@ import structlog
 
 from rwatch import __version__
 from rwatch.bus import Bus, make_bus
+from rwatch.bus.consumer import ConsumerGroup
 from rwatch.bus.memory import MemoryBus
 from rwatch.cmdb.client import CmdbClient
 from rwatch.config import Config
@@ -28,7 +29,6 @@ from rwatch.metrics import DEAD_LETTERS, TASK_CRASHES, WATCHERS
 from rwatch.retry import HealthyResetWait, sleep_or_stop
 from rwatch.sinks.applier import Applier, RetryPolicy, apply_counting_crashes
 from rwatch.sinks.base import Sink
-from rwatch.sinks.consumer import ConsumerGroup
 from rwatch.sinks.isolation import SinkHealth
 from rwatch.sinks.prom_sd import PromSdSink, sd_routes
 from rwatch.sinks.registry import make_sink

@@ -228,7 +228,7 @@ def dlq_list(
     """List dead letters (they stay in their queue)."""
     import asyncio
 
-    from rwatch.sinks.dlq import list_dead
+    from rwatch.bus.dlq import list_dead
 
     cfg = _load(config)
     letters = _dlq_call(lambda: asyncio.run(list_dead(cfg, sink, limit)))
@@ -250,7 +250,7 @@ def dlq_replay(
     """Move dead letters back to their sink's queue, to be applied again."""
     import asyncio
 
-    from rwatch.sinks.dlq import replay
+    from rwatch.bus.dlq import replay
 
     cfg = _load(config)
     moved = _dlq_call(lambda: asyncio.run(replay(cfg, sink, resource)))
