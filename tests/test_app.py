@@ -34,15 +34,17 @@ async def test_supervise_restarts_a_task_that_dies_of_a_bug() -> None:
             raise RuntimeError("a bug")
 
     before = REGISTRY.get_sample_value("rwatch_task_crashes_total", {"task": "t"}) or 0.0
+    import dataclasses
+
     import rwatch.app as app_module
 
     # One-millisecond pauses instead of the production 1 s: the policy, not the clock, is under test.
-    original = app_module.HealthyResetWait
-    app_module.HealthyResetWait = lambda **_: original(initial=0.001, maximum=0.002)  # type: ignore[assignment,misc]
+    original = app_module.SUPERVISOR
+    app_module.SUPERVISOR = dataclasses.replace(original, initial=0.001, maximum=0.002)
     try:
         await asyncio.wait_for(supervise("t", flaky, stop), 10)
     finally:
-        app_module.HealthyResetWait = original  # type: ignore[misc]
+        app_module.SUPERVISOR = original
     assert runs == 3
     assert (REGISTRY.get_sample_value("rwatch_task_crashes_total", {"task": "t"}) or 0.0) == before + 2
 
@@ -50,12 +52,12 @@ async def test_supervise_restarts_a_task_that_dies_of_a_bug() -> None:
 async def test_memory_bus_logs_a_refused_event_whole_as_event_dead_lettered() -> None:
     """No dead-letter queue on the memory bus: the log line is where a refused event goes, so it must be written
     (passing the event as ``event=`` collided with the line's own name and raised TypeError instead)."""
-    from rwatch.app import subscribe_sinks
     from rwatch.bus.memory import MemoryBus
     from rwatch.config import Config
     from rwatch.errors import SinkRejected
     from rwatch.events import Event, Message, ResyncMark, iso_utc, watch_event_id
     from rwatch.logs import setup_logging
+    from rwatch.wiring import subscribe_sinks
 
     class Refusing:
         name = "rec"

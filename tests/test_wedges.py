@@ -9,6 +9,7 @@ live elsewhere, tested in ``tests/integration/test_publish_only.py``). A watcher
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 from collections.abc import AsyncIterator
@@ -121,8 +122,8 @@ async def test_a_crashing_watcher_fails_readyz_with_its_error_until_it_runs_agai
 
     monkeypatch.setattr(Watcher, "normalize", buggy)
     # Restarts within a tenth of a second instead of the production 1 s doubling: the policy is under test.
-    wait = app_module.HealthyResetWait
-    monkeypatch.setattr(app_module, "HealthyResetWait", lambda **_: wait(initial=0.05, maximum=0.1))
+    monkeypatch.setattr(app_module, "SUPERVISOR", dataclasses.replace(app_module.SUPERVISOR, initial=0.05,
+                                                                       maximum=0.1))
     stop = asyncio.Event()
     port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     daemon = asyncio.create_task(run_async(daemon_config(tmp_path, sim), stop, http_port=port))

@@ -9,56 +9,47 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import structlog
+from tenacity import RetryCallState, retry_if_exception_type, retry_if_not_exception_type
 
 from rwatch import __version__
-from rwatch.bus import Bus, make_bus
+from rwatch.bus import Bus
 from rwatch.bus.consumer import ConsumerGroup
-from rwatch.bus.memory import MemoryBus
 from rwatch.cmdb.client import CmdbClient
 from rwatch.config import Config
-from rwatch.errors import TRANSIENT_ERRORS, ConfigError, RwatchError
-from rwatch.events import Message, iso_utc
+from rwatch.errors import TRANSIENT_ERRORS, ConfigError, RwatchError, Stopping
+from rwatch.events import iso_utc
 from rwatch.http import serve_http
-from rwatch.metrics import DEAD_LETTERS, TASK_CRASHES, WATCHERS
-from rwatch.retry import HealthyResetWait, sleep_or_stop
-from rwatch.sinks.applier import Applier, RetryPolicy, apply_counting_crashes
-from rwatch.sinks.base import Sink
-from rwatch.sinks.isolation import SinkHealth
+from rwatch.metrics import TASK_CRASHES, WATCHERS
+from rwatch.retry import STARTUP, SUPERVISOR, log_retry, retrying
 from rwatch.sinks.prom_sd import PromSdSink, sd_routes
-from rwatch.sinks.registry import make_sink
 from rwatch.status import Status, install_error_tap
 from rwatch.store.base import CursorStore, open_store
 from rwatch.watch.resync import Resyncer
 from rwatch.watch.verify import export_verify_metrics
 from rwatch.watch.watcher import Watcher, default_owner
+from rwatch.wiring import Role, wire
 
-Role = Literal["watcher", "consumer", "all"]
 log = structlog.get_logger("rwatch.app")
-_STARTUP_RETRYABLE: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, RwatchError)
+# A dependency that is not up yet fails transiently or with its own error; a configuration error never heals.
+_NOT_UP_YET = retry_if_exception_type((*TRANSIENT_ERRORS, RwatchError)) & retry_if_not_exception_type(ConfigError)
 
 
 async def _until_up(what: str, connect: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:
     """Retry a dependency's start-up until it answers; False when asked to stop first."""
-    wait = HealthyResetWait(initial=0.5, maximum=15.0)
-    while not stop.is_set():
-        try:
-            await connect()
-            return True
-        except ConfigError:
-            raise
-        except _STARTUP_RETRYABLE as exc:
-            delay = wait.next_delay()
-            fields = exc.fields() if isinstance(exc, RwatchError) else {"error": repr(exc)}
-            log.error("dependency_unavailable", dependency=what, retry_in=round(delay, 2), **fields)
-            if await sleep_or_stop(delay, stop):
-                break
-    return False
+    if stop.is_set():
+        return False
+    try:
+        await retrying(STARTUP, stop=stop, retry_if=_NOT_UP_YET,
+                       before_sleep=log_retry(log, "dependency_unavailable", level="error", dependency=what))(connect)
+    except Stopping:
+        return False
+    return True
 
 
 @dataclass(slots=True)
@@ -81,25 +72,29 @@ async def supervise(name: str, start: Callable[[], Awaitable[None]], stop: async
     is kept in ``crashes`` (``/readyz`` reports a watcher's until it runs again); ``progress`` tells when the task
     last made progress (monotonic), so crashes count as "in a row" only without progress in between.
     """
-    wait = HealthyResetWait(initial=1.0, maximum=30.0)
-    while not stop.is_set():
-        try:
-            await start()
-            if crashes is not None:
-                crashes.pop(name, None)
-            return
-        except Exception as exc:
-            TASK_CRASHES.labels(name).inc()
-            delay = wait.next_delay()
-            log.exception("task_crashed", task=name, restart_in=round(delay, 2))
-            if crashes is not None:
-                last = crashes.get(name)
-                moved = progress() if progress is not None else None
-                streak = last is not None and (moved is None or moved < last.at)
-                crashes[name] = Crash(f"{type(exc).__name__}: {exc}", last.count + 1 if streak and last else 1,
-                                      time.monotonic(), last.since if streak and last else time.time(),
-                                      round(delay, 2))
-            await sleep_or_stop(delay, stop)
+    def crashed(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        delay = round(state.next_action.sleep if state.next_action is not None else 0.0, 2)
+        TASK_CRASHES.labels(name).inc()
+        log.error("task_crashed", task=name, restart_in=delay, exc_info=exc)
+        if crashes is not None:
+            last = crashes.get(name)
+            moved = progress() if progress is not None else None
+            streak = last is not None and (moved is None or moved < last.at)
+            crashes[name] = Crash(f"{type(exc).__name__}: {exc}", last.count + 1 if streak and last else 1,
+                                  time.monotonic(), last.since if streak and last else time.time(), delay)
+
+    if stop.is_set():
+        return
+    try:
+        # SUPERVISOR is looked up at each call: a test puts shorter pauses in its place.
+        async for attempt in retrying(SUPERVISOR, stop=stop, on=(Exception,), before_sleep=crashed):
+            with attempt:
+                await start()
+    except Stopping:
+        return
+    if crashes is not None:
+        crashes.pop(name, None)
 
 
 async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
@@ -107,7 +102,6 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
     """Run until ``stop`` is set, then stop cleanly: watchers finish the batch in hand and save its cursor,
     consumers finish the batch in hand and acknowledge it."""
     config.check_role(role)  # what would wedge a watcher is refused before anything starts (exit 2)
-    memory = config.bus.kind == "memory"
     watching, consuming = role in ("watcher", "all"), role in ("consumer", "all")
     started = time.monotonic()
     install_error_tap()  # /status lists the last error log events, start-up's included
@@ -119,9 +113,9 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
     store: CursorStore = open_store(config.store.url.get_secret_value())
     # Named so an operator (or a test) can tell this process's connection apart in RabbitMQ.
     name = f"rwatch {role} {socket.gethostname()}:{os.getpid()} exchange={config.bus.exchange}"
-    bus: Bus = make_bus(config, stop=stop, name=name)
+    wired = wire(config, stop, name=name, applies=consuming)
+    bus, sinks = wired.bus, wired.sinks
     owner = default_owner()  # one HA lease owner for every watcher of this process
-    sinks = make_sinks(config) if consuming else {}
     tasks: set[asyncio.Task[None]] = set()
     crashes: dict[str, Crash] = {}  # watchers that died of a bug, until they run again (/readyz)
     followers: dict[str, Watcher] = {}  # the current watcher of each resource (a crash replaces it)
@@ -133,13 +127,12 @@ async def run_async(config: Config, stop: asyncio.Event, *, role: Role = "all",
         for sink in sinks.values():
             if not await _until_up(f"sink:{sink.name}", sink.open, stop):
                 return
-        if isinstance(bus, MemoryBus):
-            subscribe_sinks(bus, config, sinks, stop)
+        wired.subscribe(stop)
         if watching and (not await _until_up("store", store.open, stop) or not await _until_up("bus", bus.start, stop)):
             return
         async with CmdbClient(config.cmdb) as client, asyncio.TaskGroup() as group:
             prom = [s for s in sinks.values() if isinstance(s, PromSdSink)]
-            consumers = ConsumerGroup(config, sinks, stop, name=name) if consuming and not memory else None
+            consumers = wired.consumers
 
             resyncer = Resyncer(config, client, bus, stop, store=store)  # one: its concurrency bound is for all
 
@@ -246,42 +239,6 @@ async def readiness(config: Config, bus: Bus | None, store: CursorStore | None,
             # CMDB refuses who we are: nothing flows until an operator acts; the check says what to do.
             checks[f"cmdb:{health.resource}"] = {"ok": False, **health.refused}
     return checks
-
-
-def make_sinks(config: Config) -> dict[str, Sink]:
-    """Every enabled sink, mirrors first: a prom_sd sink is built on its mirror."""
-    order = sorted(config.enabled_sinks, key=lambda n: config.sinks[n].kind == "prom_sd")
-    sinks: dict[str, Sink] = {}
-    for sink_name in order:
-        sinks[sink_name] = make_sink(sink_name, config, sinks)
-    return sinks
-
-
-def subscribe_sinks(bus: MemoryBus, config: Config, sinks: dict[str, Sink], stop: asyncio.Event) -> None:
-    """With the memory bus, a batch is durable once every sink applied it: the watcher then saves its cursor.
-
-    The same rules as a queue's consumer: each sink's bound and isolation of poison, and a message that crashes
-    its sink dead-lettered after ``bus.delivery_limit`` more attempts (there is no broker to count them)."""
-
-    for sink_name in config.queue_sinks:
-
-        async def dead_letter(event: Message, reason: str, fields: dict[str, object], sink: str = sink_name) -> None:
-            # No broker, no dead-letter queue: the refused event is logged whole, so nothing vanishes unseen. (Not
-            # as ``event``: that is the log line's own name, and passing it again raised TypeError instead.)
-            DEAD_LETTERS.labels(sink, event.resource).inc()
-            log.error("event_dead_lettered", **{**fields, "sink": sink, "reason": reason, "event_id": event.id,
-                                                "payload": event.to_dict()})
-
-        policy, health = RetryPolicy.of(config.sinks[sink_name]), SinkHealth()
-        appliers = {
-            resource: Applier(sinks[sink_name], resource, stop, dead_letter, policy, health)
-            for resource in config.sink_resources(sink_name)
-        }
-
-        async def handler(events: Sequence[Message], appliers: dict[str, Applier] = appliers) -> None:
-            await apply_counting_crashes(appliers[events[0].resource], events, config.bus.delivery_limit)
-
-        bus.subscribe(sink_name, appliers, handler)
 
 
 def awaiting(task: asyncio.Task[Any]) -> str:
