@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aio_pika
 import structlog
@@ -33,9 +33,7 @@ from rwatch.config import Config
 from rwatch.errors import TRANSIENT_ERRORS
 from rwatch.retry import sleep_or_stop
 from rwatch.watch.watcher import Watcher
-
-if TYPE_CHECKING:
-    from rwatch.app import Role
+from rwatch.wiring import Role
 
 log = structlog.get_logger("rwatch.status")
 
