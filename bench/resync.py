@@ -35,7 +35,6 @@ import aiohttp
 import asyncpg
 import orjson
 
-from rwatch.app import make_sinks, subscribe_sinks
 from rwatch.bus import make_bus
 from rwatch.bus.consumer import ConsumerGroup
 from rwatch.bus.memory import MemoryBus
@@ -49,6 +48,7 @@ from rwatch.sim.state import SimState
 from rwatch.sinks.mirror import MirrorSink
 from rwatch.store.base import open_store
 from rwatch.watch.resync import Resyncer
+from rwatch.wiring import make_sinks, subscribe_sinks
 from watch_publish import URL, busy_fraction, delete_topology, ratio, run_bench
 
 RESULTS = Path(__file__).resolve().parent / "results" / "resync.json"

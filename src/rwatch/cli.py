@@ -289,9 +289,10 @@ def resync_cmd(
     import asyncio
     import signal
 
+    from rwatch.cli_resync import resync_now
     from rwatch.errors import ResyncUnsupported
     from rwatch.logs import setup_logging
-    from rwatch.watch.resync import Resyncer, ResyncResult, resync_now
+    from rwatch.watch.resync import Resyncer, ResyncResult
 
     cfg = _load(config)
     setup_logging(cfg.log.level, cfg.log.format, sys.stderr)
@@ -373,9 +374,9 @@ def verify_cmd(
     import asyncio
     import json
 
+    from rwatch.cli_resync import verify
     from rwatch.errors import ResyncUnsupported
     from rwatch.logs import setup_logging
-    from rwatch.watch.verify import verify
 
     cfg = _load(config)
     setup_logging(cfg.log.level, cfg.log.format, sys.stderr)  # stdout is the report's

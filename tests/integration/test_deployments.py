@@ -29,11 +29,11 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from rwatch.app import run_async
+from rwatch.cli_resync import verify
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator
 from rwatch.store.base import open_store
 from rwatch.store.records import Gap
-from rwatch.watch.verify import verify
 from tests.integration.harness import MakeSetup, Setup
 from tests.integration.test_apply_e2e import async_url, truth
 from tests.integration.test_resync import LogRecorder

@@ -19,7 +19,6 @@ from prometheus_client import REGISTRY
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from rwatch.app import subscribe_sinks
 from rwatch.bus.memory import MemoryBus
 from rwatch.cmdb.client import CmdbClient
 from rwatch.logs import setup_logging
@@ -29,6 +28,7 @@ from rwatch.sinks.mirror import MirrorSink
 from rwatch.store.base import open_store
 from rwatch.store.records import Gap
 from rwatch.watch.resync import Resyncer
+from rwatch.wiring import subscribe_sinks
 from tests.entrypoint import RWATCH
 from tests.integration.harness import MakeSetup, Setup
 from tests.integration.test_apply_e2e import (

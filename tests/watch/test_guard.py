@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from rwatch.cli_resync import resync_now, verify
 from rwatch.config import Config, load_config
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator
 from rwatch.sinks.mirror import MirrorSink
 from rwatch.store.base import open_store
 from rwatch.watch.guard import guard
-from rwatch.watch.resync import resync_now
-from rwatch.watch.verify import verify
 from tests.entrypoint import RWATCH
 from tests.watch.test_verify import fill_mirror, write_config
 

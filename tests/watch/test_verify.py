@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from rwatch.app import make_sinks, subscribe_sinks
 from rwatch.bus.memory import MemoryBus
+from rwatch.cli_resync import verify
 from rwatch.cmdb.client import CmdbClient
 from rwatch.config import Config, load_config
 from rwatch.events import Event, iso_utc
@@ -28,7 +28,7 @@ from rwatch.sim.server import Simulator
 from rwatch.sinks.mirror import MirrorSink
 from rwatch.store.base import open_store
 from rwatch.watch.resync import Resyncer
-from rwatch.watch.verify import verify
+from rwatch.wiring import make_sinks, subscribe_sinks
 from tests.entrypoint import RWATCH
 
 RESOURCES = ("biz", "set", "module", "host", "host_relation")

@@ -20,8 +20,8 @@ from typing import Any
 from rwatch.config import Config, MirrorSinkConfig
 from rwatch.events import ResyncMark
 from rwatch.sinks.mirror import MirrorSink
-
-Scope = dict[str, list[Any]] | None
+from rwatch.store.base import CursorStore
+from rwatch.watch.snapshot import Scope, Snapshot
 
 
 @dataclass(slots=True)
@@ -90,3 +90,17 @@ async def preview(config: Config, resource: str, tenant: str, version: tuple[int
         if worst is None or figures.would_delete > worst.would_delete:
             worst = figures
     return worst
+
+
+async def judge(config: Config, store: CursorStore | None, snap: Snapshot, *, allowed: bool) -> Guard | None:
+    """The guard's figures for this snapshot's sweep: from the mirrors that take the resource, else from the last
+    complete listing; None with neither (a first resync, nothing held downstream to compare)."""
+    tenant = config.cmdb.tenant
+    figures = await preview(config, snap.resource, tenant, snap.version, [snap.scope, *snap.also], snap.keys,
+                            allowed=allowed)
+    if figures is None and store is not None:
+        last = next((r for r in await store.resyncs(tenant) if r.resource == snap.resource), None)
+        if last is not None and last.listed is not None:
+            figures = guard(config, snap.resource, max(0, last.listed - snap.listed), last.listed,
+                            "the last complete listing", allowed=allowed)
+    return figures

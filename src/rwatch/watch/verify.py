@@ -6,8 +6,8 @@ mirror side is its live rows, restricted to the snapshot's scope (what the lists
 tombstone) newer than ``V`` changed after the head: the listing may or may not show that change, so the key
 is left out of the comparison on both sides and counted as ``ignored``. Differences are ``missing`` (in CMDB,
 not in the mirror), ``extra`` (in the mirror, not in CMDB) and ``changed`` (both, other data); counts and a
-checksum are reported per business where the resource has one. ``repair`` resyncs each drifting resource
-through the configured bus and verifies again (AMQP: polling until clean or ``wait`` seconds passed).
+checksum are reported per business where the resource has one. The command (``rwatch.cli_resync.verify``) runs
+the passes, and with ``repair`` resyncs each drifting resource and verifies again.
 """
 
 from __future__ import annotations
@@ -22,19 +22,18 @@ from typing import Any, Final
 import orjson
 
 from rwatch import metrics as m
-from rwatch.bus import Bus, make_bus
-from rwatch.bus.memory import MemoryBus
-from rwatch.cmdb.client import CmdbClient
 from rwatch.config import Config, MirrorSinkConfig
-from rwatch.errors import ConfigError, RwatchError, Stopping
+from rwatch.errors import ConfigError, RwatchError
 from rwatch.events import Event, ResyncMark
 from rwatch.logs import get_logger
-from rwatch.sinks.base import Sink
+from rwatch.retry import sleep_or_stop
 from rwatch.sinks.mirror import MirrorSink
-from rwatch.store.base import CursorStore, open_store
+from rwatch.store.base import CursorStore
 from rwatch.store.records import VerifyResult
 from rwatch.watch.guard import Guard, guard
-from rwatch.watch.resync import HIDDEN_REASON, Resyncer, Scope, probe
+from rwatch.watch.resync import Resyncer
+from rwatch.watch.scopes import HIDDEN_REASON
+from rwatch.watch.snapshot import Scope
 
 log = get_logger("rwatch.verify")
 
@@ -143,64 +142,7 @@ def choose(config: Config, sink: str | None, resources: Sequence[str] | None) ->
     return sink, chosen, {r: "no list API covers every object" for r in taken if r not in Resyncer.SUPPORTED}
 
 
-async def verify(config: Config, *, sink: str | None = None, resources: Sequence[str] | None = None,
-                 repair: bool = False, wait: float = 60.0, allow_mass_delete: bool = False) -> VerifyReport:
-    """Compare the mirror ``sink`` with CMDB (see the module docstring); with ``repair`` resync what drifts
-    and verify again (the report's ``after``)."""
-    sink, chosen, skipped = choose(config, sink, resources)
-    stop = asyncio.Event()
-    memory = config.bus.kind == "memory"
-    sinks: dict[str, Sink] = {}
-    if repair and memory:  # the resync is applied here, by every sink, as the daemon would
-        from rwatch.app import make_sinks
-
-        sinks = make_sinks(config)
-    mirror = sinks.get(sink) or MirrorSink(sink, _mirror_settings(config, sink))
-    assert isinstance(mirror, MirrorSink)
-    bus: Bus = make_bus(config, stop=stop, name="rwatch verify") if repair else MemoryBus(stop=stop)
-    opened: list[Sink] = []
-    # The record of the businesses the stream showed: what search_business hides is reported, not drift.
-    store = open_store(config.store.url.get_secret_value())
-    try:
-        await store.open()
-        for one in (sinks or {sink: mirror}).values():
-            await one.open()
-            opened.append(one)
-        async with CmdbClient(config.cmdb) as client:
-            await probe(client, config, chosen)
-            resyncer = Resyncer(config, client, bus, stop, store=store, allow_mass_delete=allow_mass_delete)
-            report = await _pass(resyncer, mirror, sink, chosen, skipped)
-            if repair and report.drift:
-                if isinstance(bus, MemoryBus):
-                    from rwatch.app import subscribe_sinks
-
-                    subscribe_sinks(bus, config, sinks, stop)
-                try:
-                    await asyncio.wait_for(bus.start(), max(wait, 10.0))
-                except TimeoutError:
-                    raise RwatchError(f"cannot reach the bus at {config.bus.url._display()}") from None
-                report.repaired = [r.resource for r in report.resources if r.drift]
-                for resource in report.repaired:
-                    await resyncer.run(resource, trigger="repair")
-                deadline = time.monotonic() + (0.0 if memory else wait)
-                while True:
-                    report.after = await _pass(resyncer, mirror, sink, chosen, skipped)
-                    if not report.after.drift or time.monotonic() >= deadline:
-                        break
-                    await asyncio.sleep(1.0)
-        await _remember(store, report.final)
-        return report
-    except Stopping as exc:  # pragma: no cover - nothing sets stop but a failure elsewhere
-        raise RwatchError(f"verify stopped: {exc}") from None
-    finally:
-        stop.set()
-        await bus.close()
-        for one in reversed(opened):
-            await one.close()
-        await store.close()
-
-
-async def _remember(store: CursorStore, report: VerifyReport) -> None:
+async def remember(store: CursorStore, report: VerifyReport) -> None:
     """Keep the result in the store: the daemon's /metrics shows the last verify (this process ends now)."""
     results = [VerifyResult(report.tenant, report.sink, r.resource, len(r.missing), len(r.extra), len(r.changed),
                             report.finished_at) for r in report.resources]
@@ -212,28 +154,27 @@ async def _remember(store: CursorStore, report: VerifyReport) -> None:
 
 async def export_verify_metrics(store: CursorStore, tenant: str, stop: asyncio.Event, every: float = 30.0) -> None:
     """In the daemon: the last verify results from the store as ``rwatch_verify_*`` gauges, refreshed every
-    ``every`` seconds until ``stop``."""
-    from rwatch.retry import sleep_or_stop
-
-    while True:
+    ``every`` seconds until ``stop``. Not a retry: a refresh that failed waits for the next like one that did not."""
+    stopped = False
+    while not stopped:
         try:
             for result in await store.verify_results(tenant):
                 m.VERIFY_DRIFT.labels(result.sink, result.resource).set(result.drift)
                 m.VERIFY_LAST_RUN.labels(result.sink).set(result.checked_at)
         except RwatchError as exc:
             log.warning("verify_metrics_failed", **exc.fields())
-        if await sleep_or_stop(every, stop):
-            return
+        stopped = await sleep_or_stop(every, stop)
 
 
-def _mirror_settings(config: Config, sink: str) -> MirrorSinkConfig:
+def mirror_settings(config: Config, sink: str) -> MirrorSinkConfig:
     settings = config.sinks[sink]
     assert isinstance(settings, MirrorSinkConfig)
     return settings
 
 
-async def _pass(resyncer: Resyncer, mirror: MirrorSink, sink: str, resources: list[str],
-                skipped: dict[str, str]) -> VerifyReport:
+async def verify_pass(resyncer: Resyncer, mirror: MirrorSink, sink: str, resources: list[str],
+                      skipped: dict[str, str]) -> VerifyReport:
+    """One comparison of the mirror with CMDB for ``resources``, its drift set as the ``rwatch_verify_*`` gauges."""
     reports = [await _resource(resyncer, mirror, r) for r in resources]
     report = VerifyReport(sink, resyncer.tenant, resyncer.config.cmdb.base_url, reports, skipped, time.time())
     for r in reports:
