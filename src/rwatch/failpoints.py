@@ -12,7 +12,7 @@ The points (tests/chaos/README.md says which fault each one serves):
 - ``watch.after_publish``: the whole batch is confirmed, its cursor not yet saved; ``watch.after_save``
   just after the save; src/rwatch/watch/watcher.py.
 - ``consume.after_apply``: a sink applied a batch, not yet acknowledged; src/rwatch/bus/consumer.py.
-- ``resync.after_page``: a resync published a page of its snapshot, more to come; src/rwatch/watch/resync.py.
+- ``resync.after_page``: a resync published a page of its snapshot, more to come; src/rwatch/watch/snapshot.py.
 """
 
 from __future__ import annotations
