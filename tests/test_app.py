@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
-import logging
 import signal
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -47,48 +44,6 @@ async def test_supervise_restarts_a_task_that_dies_of_a_bug() -> None:
         app_module.SUPERVISOR = original
     assert runs == 3
     assert (REGISTRY.get_sample_value("rwatch_task_crashes_total", {"task": "t"}) or 0.0) == before + 2
-
-
-async def test_memory_bus_logs_a_refused_event_whole_as_event_dead_lettered() -> None:
-    """No dead-letter queue on the memory bus: the log line is where a refused event goes, so it must be written
-    (passing the event as ``event=`` collided with the line's own name and raised TypeError instead)."""
-    from rwatch.bus.memory import MemoryBus
-    from rwatch.config import Config
-    from rwatch.errors import SinkRejected
-    from rwatch.events import Event, Message, ResyncMark, iso_utc, watch_event_id
-    from rwatch.logs import setup_logging
-    from rwatch.wiring import subscribe_sinks
-
-    class Refusing:
-        name = "rec"
-
-        async def apply(self, events: list[Event]) -> None:
-            raise SinkRejected("422 from the endpoint", event_ids=tuple(e.id for e in events), status=422)
-
-        async def sweep(self, mark: ResyncMark) -> int:
-            return 0
-
-    config = Config.model_validate({"bus": {"kind": "memory"},
-                                    "sinks": {"rec": {"kind": "jsonl", "resources": ["host"]}}})
-    bus = MemoryBus()
-    subscribe_sinks(bus, config, {"rec": Refusing()}, asyncio.Event())  # type: ignore[dict-item]
-    await bus.start()
-    refused: Message = Event(id=watch_event_id("host", "c1"), resource="host", action="update", key="1",
-                             version=(1_700_000_000, 0), occurred_at=iso_utc(1_700_000_000),
-                             observed_at=iso_utc(1_700_000_000), cursor="c1", data={"bk_host_id": 1})
-    # Through the stdlib, as `rwatch run` logs: structlog's capture_logs misses loggers an earlier test cached.
-    setup_logging("info", "json", io.StringIO())
-    records: list[dict[str, Any]] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.msg) if isinstance(record.msg, dict) else None  # type: ignore[method-assign]
-    logging.getLogger().addHandler(handler)
-    try:
-        await bus.publish([refused])
-    finally:
-        logging.getLogger().removeHandler(handler)
-    [line] = [e for e in records if e["event"] == "event_dead_lettered"]
-    assert line["payload"] == refused.to_dict() and line["event_id"] == refused.id
-    assert line["reason"] == "422 from the endpoint" and line["sink"] == "rec"
 
 
 async def test_supervise_ends_when_stopping() -> None:

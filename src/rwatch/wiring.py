@@ -27,7 +27,7 @@ from rwatch.sinks.registry import make_sink
 
 # What one ``rwatch run`` process does: follow CMDB (watcher), apply to the sinks (consumer), or both.
 Role = Literal["watcher", "consumer", "all"]
-log = structlog.get_logger("rwatch.app")
+log = structlog.get_logger("rwatch.app")  # event_dead_lettered keeps the logger name it always had
 
 
 @dataclass(slots=True)
