@@ -17,15 +17,16 @@ import pytest
 import structlog
 from prometheus_client import REGISTRY
 
-from rwatch import __version__
+from rwatch import __version__, error_tap
 from rwatch import status as status_module
 from rwatch.app import run_async
 from rwatch.bus.topology import declare_topology
 from rwatch.config import Config, load_config
+from rwatch.error_tap import ErrorTap, install_error_tap, recent_errors
 from rwatch.logs import get_logger, setup_logging
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator
-from rwatch.status import ErrorTap, QueueDepths, Rates, Status, install_error_tap, recent_errors
+from rwatch.status import QueueDepths, Rates, Status
 from tests.integration.harness import Setup, delete_topology
 
 RESOURCES = ["biz", "set", "module", "host"]
@@ -184,7 +185,7 @@ def test_install_error_tap_is_idempotent_and_survives_logging_setup(json_logs: i
     assert install_error_tap() is tap and root.handlers.count(tap) == 1
     get_logger("rwatch.test").error("tap_probe", error="x")
     assert recent_errors()[0]["event"] == "tap_probe"
-    assert len(recent_errors()) <= status_module.ERRORS_KEPT
+    assert len(recent_errors()) <= error_tap.ERRORS_KEPT
     root.removeHandler(tap)
 
 

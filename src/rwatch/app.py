@@ -22,13 +22,14 @@ from rwatch.bus import Bus
 from rwatch.bus.consumer import ConsumerGroup
 from rwatch.cmdb.client import CmdbClient
 from rwatch.config import Config
+from rwatch.error_tap import install_error_tap
 from rwatch.errors import TRANSIENT_ERRORS, ConfigError, RwatchError, Stopping
 from rwatch.events import iso_utc
 from rwatch.http import serve_http
 from rwatch.metrics import TASK_CRASHES, WATCHERS
 from rwatch.retry import STARTUP, SUPERVISOR, log_retry, retrying
 from rwatch.sinks.prom_sd import PromSdSink, sd_routes
-from rwatch.status import Status, install_error_tap
+from rwatch.status import Status
 from rwatch.store.base import CursorStore, open_store
 from rwatch.watch.resync import Resyncer
 from rwatch.watch.verify import export_verify_metrics

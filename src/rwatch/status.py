@@ -1,22 +1,20 @@
 """What ``/status`` reports: per resource where it stands and how fast it goes, per sink what waits, recent errors.
 
 Everything comes from what the process keeps anyway (its watchers in ``WATCHERS``, the Prometheus counters),
-plus two bounded things of its own: about a minute of rate samples, and the last ``ERRORS_KEPT`` error-level log
-events. Queue depths come from the broker (passive declares on a short-lived channel), each read cached for
-``DEPTH_TTL``: a status page refreshing every 2 s never hammers the broker, and a broker that is down costs
-``/status`` at most ``BROKER_TIMEOUT``.
+plus two bounded things: about a minute of rate samples of its own, and the last error-level log events
+(``rwatch.error_tap``). Queue depths come from the broker (passive declares on a short-lived channel), each read
+cached for ``DEPTH_TTL``: a status page refreshing every 2 s never hammers the broker, and a broker that is down
+costs ``/status`` at most ``BROKER_TIMEOUT``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -30,6 +28,7 @@ from rwatch import __version__
 from rwatch import metrics as m
 from rwatch.bus.topology import dead_queue_name, queue_name
 from rwatch.config import Config
+from rwatch.error_tap import iso_ms, recent_errors
 from rwatch.errors import TRANSIENT_ERRORS
 from rwatch.retry import sleep_or_stop
 from rwatch.watch.watcher import Watcher
@@ -37,7 +36,6 @@ from rwatch.wiring import Role
 
 log = structlog.get_logger("rwatch.status")
 
-ERRORS_KEPT = 20
 RATE_WINDOW = 60.0  # seconds the published rate is averaged over
 SAMPLE_EVERY = 5.0  # one sample of the published counters this often: RATE_WINDOW / SAMPLE_EVERY + 1 kept
 DEPTH_TTL = 5.0  # one read of the queue depths answers every /status within this
@@ -49,76 +47,8 @@ _BROKER_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, aio_pika.excep
                                                ChannelInvalidStateError, RuntimeError)
 
 
-def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def _round(value: float | None, digits: int = 1) -> float | None:
     return None if value is None else round(value, digits)
-
-
-def _clip(value: object, limit: int = 500) -> str | None:
-    if value is None or value == "":
-        return None
-    text = str(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _last_line(text: object) -> str | None:
-    lines = str(text).strip().splitlines() if text else []
-    return lines[-1] if lines else None
-
-
-# --- recent errors ----------------------------------------------------------------------------------------
-
-
-class ErrorTap(logging.Handler):
-    """Keeps the last ``keep`` error-level log events of the process, structlog's and the standard library's.
-
-    A handler on the root logger rather than a structlog processor: structlog loggers cache their processor chain
-    on first use, so a processor added at run time would miss most of them; every structlog event reaches the root
-    logger anyway (``rwatch.logs``), its event dict whole in ``record.msg``.
-    """
-
-    def __init__(self, keep: int = ERRORS_KEPT) -> None:
-        super().__init__(logging.ERROR)
-        self.recent: deque[dict[str, Any]] = deque(maxlen=keep)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.recent.append(error_entry(record))
-        except Exception:  # a log call must never fail because of this tap
-            self.handleError(record)
-
-
-def error_entry(record: logging.LogRecord) -> dict[str, Any]:
-    """``time``, ``event``, ``resource`` and ``error`` of one record (the traceback's last line for an exception)."""
-    fields = record.msg if isinstance(record.msg, dict) else None
-    if fields is not None:
-        event: object = fields.get("event")
-        resource = fields.get("resource")
-        error = fields.get("error") or fields.get("reason") or _last_line(fields.get("exception"))
-    else:
-        event, resource = record.getMessage(), None
-        error = _last_line(logging.Formatter().formatException(record.exc_info)) if record.exc_info else None
-    return {"time": _iso(record.created), "event": _clip(event, 200), "resource": _clip(resource, 100),
-            "error": _clip(error)}
-
-
-_TAP = ErrorTap()
-
-
-def install_error_tap() -> ErrorTap:
-    """Attach the process's error tap to the root logger (again, if logging was set up since); idempotent."""
-    root = logging.getLogger()
-    if _TAP not in root.handlers:
-        root.addHandler(_TAP)
-    return _TAP
-
-
-def recent_errors() -> list[dict[str, Any]]:
-    """The last ``ERRORS_KEPT`` error-level log events, newest first."""
-    return list(reversed(_TAP.recent))
 
 
 # --- counters and rates -----------------------------------------------------------------------------------
@@ -274,7 +204,7 @@ class Status:
         return {
             "version": __version__,
             "role": self.role,
-            "started_at": _iso(self._started_wall),
+            "started_at": iso_ms(self._started_wall),
             "uptime_s": round(self._clock() - self._started, 1),
             "resources": self.resource_rows(),
             "sinks": await self.sink_rows(),
