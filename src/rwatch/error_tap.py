@@ -27,9 +27,6 @@ def _last_line(text: object) -> str | None:
     return lines[-1] if lines else None
 
 
-# --- recent errors ----------------------------------------------------------------------------------------
-
-
 class ErrorTap(logging.Handler):
     """Keeps the last ``keep`` error-level log events of the process, structlog's and the standard library's.
 
