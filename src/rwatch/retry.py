@@ -123,12 +123,13 @@ SQLITE_OPEN = Policy("sqlite_open", 0.01, 0.5, math.inf)  # openers racing on a 
 def log_retry(log: Any, event: str, *, level: str = "warning", **extra: Any) -> Callable[[RetryCallState], None]:
     """A ``before_sleep`` hook: one warning (or ``level``) per failed attempt with the error's fields, the attempt
     number and the pause before the next one."""
+    emit = getattr(log, level)
 
     def hook(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
         fields = exc.fields() if isinstance(exc, RwatchError) else {"error": repr(exc)}
         delay = state.next_action.sleep if state.next_action is not None else 0.0
-        getattr(log, level)(event, **{**fields, **extra, "attempt": state.attempt_number, "retry_in": round(delay, 2)})
+        emit(event, **{**fields, **extra, "attempt": state.attempt_number, "retry_in": round(delay, 2)})
 
     return hook
 
