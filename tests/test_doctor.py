@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from rwatch.cli.doctor import render
 from rwatch.config import Config, load_config
-from rwatch.doctor import Report, diagnose, render
+from rwatch.doctor.checks import diagnose
+from rwatch.doctor.report import Report
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator
 from rwatch.store.base import open_store

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import io
-from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, TypeVar
 
 from rwatch.cmdb import protocol as p
 from rwatch.cmdb.client import CmdbClient
-from rwatch.cmdb.listing import COUNT_ON_REQUEST, ListApi, Proof
+from rwatch.cmdb.listing import ListApi
 from rwatch.config import Config
+from rwatch.doctor.lists import RESYNC_APIS, listed_businesses, probe_api
+from rwatch.doctor.report import Report, Verdict
 from rwatch.errors import (
     AuthFailed,
     CmdbError,
@@ -36,72 +35,15 @@ from rwatch.events import iso_utc
 from rwatch.store.base import open_store
 from rwatch.watch.resync import Resyncer
 
-Verdict = Literal["ok", "warn", "fail", "skip"]
 T = TypeVar("T")
 
-# The list APIs a resync of each resource calls (README "Resync").
-RESYNC_APIS: Final[dict[str, tuple[str, ...]]] = {
-    "host": ("search_business", "list_hosts_without_biz"),
-    "host_relation": ("search_business", "list_hosts_without_biz", "find_host_biz_relations"),
-    "biz": ("search_business",),
-    "set": ("search_business", "search_set"),
-    "module": ("search_business", "search_module"),
-    "plat": ("search_cloud_area",),
-    "project": ("list_project",),
-    "biz_set": ("list_business_set",),
-}
-_ANY_STATUS: Final = {"field": "bk_data_status", "operator": "not_equal", "value": "__rwatch_any__"}
-# How each list API is paged (by which id, through which parameter), as the resyncer pages it.
-_PAGING: Final[dict[str, dict[str, Any]]] = {
-    "search_business": {"id_field": "bk_biz_id", "param": "biz_property_filter",
-                        "body": {"fields": ["bk_biz_id", "bk_biz_name", "default"],
-                                 "biz_property_filter": _ANY_STATUS}},
-    "search_set": {"id_field": "bk_set_id", "style": "condition", "param": "condition",
-                   "body": {"fields": ["bk_set_id"]}},
-    "search_module": {"id_field": "bk_module_id", "style": "condition", "param": "condition",
-                      "body": {"fields": ["bk_module_id"]}},
-    "list_hosts_without_biz": {"id_field": "bk_host_id", "param": "host_property_filter",
-                               "body": {"fields": ["bk_host_id"]}},
-    "search_cloud_area": {"id_field": "bk_cloud_id", "style": "condition", "param": "condition",
-                          "body": {"fields": ["bk_cloud_id"]}},
-    "list_project": {"id_field": "id", "body": {"fields": ["id"]}},
-    "list_business_set": {"id_field": "bk_biz_set_id", "param": "bk_biz_set_filter",
-                          "body": {"fields": ["bk_biz_set_id"]}},
-}
-PROBE_LIMIT: Final = 2  # a small page, so that even a small CMDB shows whether paging advances
 WINDOW_PAGES: Final = 50  # at most this many biz-stream pages are read for the visibility check
 ATTEMPTS: Final = 4  # a transient failure (a rate limit, a backend hiccup) is retried this often per request
 
 
-@dataclass(slots=True)
-class Check:
-    check: str  # reach, channel, credentials, tenant, clock, watch, list, businesses
-    subject: str
-    verdict: Verdict
-    detail: str
-    fix: str = ""
-    code: int | None = None
-
-
-@dataclass(slots=True)
-class Report:
-    cmdb: dict[str, Any]
-    checks: list[Check] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """rwatch can run: nothing failed (warnings are for the operator to weigh)."""
-        return all(c.verdict != "fail" for c in self.checks)
-
-    def add(self, check: str, subject: str, verdict: Verdict, detail: str, fix: str = "",
-            code: int | None = None) -> None:
-        self.checks.append(Check(check, subject, verdict, detail, fix, code))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "cmdb": self.cmdb, "checks": [asdict(c) for c in self.checks]}
-
-
 class Doctor:
+    """The checks, in order, against one CMDB client; each adds its lines to ``report``."""
+
     def __init__(self, config: Config, client: CmdbClient, resources: list[str]) -> None:
         self.config = config
         self.client = client
@@ -230,7 +172,7 @@ class Doctor:
         users = ", ".join(r for r in self.resources if api in RESYNC_APIS.get(r, ()))
         subject = f"{api} ({users})"
         try:
-            detail = await asyncio.wait_for(self._probe_api(api, context), 120)
+            detail = await asyncio.wait_for(probe_api(self.lists, api, context), 120)
         except CmdbRefused as exc:
             self.report.add("list", subject, "fail", exc.message, exc.fix, exc.code)
         except ListingBroken as exc:
@@ -246,49 +188,12 @@ class Doctor:
             verdict: Verdict = "skip" if detail.startswith("not checked") else "ok"
             self.report.add("list", subject, verdict, detail)
 
-    async def _probe_api(self, api: str, context: dict[str, Any]) -> str:
-        requests: Counter[str] = Counter()
-        if api == "find_host_biz_relations":
-            hosts = context.get("hosts")
-            if not hosts:
-                return "not checked: no host to ask about"
-            rows = await self.lists.call(api, {"bk_host_id": hosts}, requests)
-            if not isinstance(rows, list):
-                raise ListingBroken(f"{api} answered without a list", api=api)
-            return f"answers ({len(rows)} relation rows for {len(hosts)} hosts)"
-        path: dict[str, Any] = {}
-        if api in ("search_set", "search_module"):
-            if not context.get("bizs"):
-                return "not checked: no business to list in"
-            path = {"bk_biz_id": context["bizs"][0]}
-            if api == "search_module":
-                path["bk_set_id"] = 0
-        paging = dict(_PAGING[api])
-        id_field, body = paging.pop("id_field"), paging.pop("body")
-        proof, pages, ids = Proof(), 0, list[int]()
-        async for info, _ in self.lists.pages(api, id_field, requests, proof, body=body, limit=PROBE_LIMIT,
-                                              **paging, **path):
-            pages += 1
-            ids.extend(d[id_field] for d in info)
-            if api in ("search_business", "list_hosts_without_biz"):
-                context.setdefault("bizs" if api == "search_business" else "hosts", []).extend(
-                    d[id_field] for d in info)
-            if pages == 2:
-                break
-        if not proof.complete:
-            raise ListingBroken("; ".join(proof.reasons), api=api)
-        counted = ""
-        if api in COUNT_ON_REQUEST:
-            counted = f"; count on request: {await self.lists.count(api, body, requests, **path)}"
-        paged = "ids advance from page to page" if pages == 2 else "all in one page: paging not exercised"
-        return f"answers and pages ({len(ids)} objects in {pages} page(s) of {PROBE_LIMIT}: {paged}{counted})"
-
     # --- businesses the user cannot see ------------------------------------------------------------------
 
     async def businesses(self) -> None:
         subject = f"user {self.config.cmdb.username!r}"
         try:
-            listed = await asyncio.wait_for(self._listed_businesses(), 300)
+            listed = await asyncio.wait_for(listed_businesses(self.lists), 300)
         except (CmdbError, RwatchError, TimeoutError) as exc:
             fix = exc.fix if isinstance(exc, CmdbRefused) else "see the search_business line"
             self.report.add("businesses", subject, "fail", f"search_business failed: {exc}", fix)
@@ -315,14 +220,6 @@ class Doctor:
             f"; {sources} showed none to compare with"
         self.report.add("businesses", subject, "ok", f"search_business lists {len(listed)} businesses{checked}")
 
-    async def _listed_businesses(self) -> set[int]:
-        paging = dict(_PAGING["search_business"])
-        id_field, body = paging.pop("id_field"), paging.pop("body")
-        listed: set[int] = set()
-        async for info, _ in self.lists.pages("search_business", id_field, Counter(), Proof(), body=body, **paging):
-            listed.update(int(d[id_field]) for d in info)
-        return listed
-
     async def _shown_businesses(self) -> tuple[dict[int, bool], str]:
         """Business id -> alive, from the biz stream's window and from a running rwatch's record."""
         shown: dict[int, tuple[tuple[int, int], bool]] = {}
@@ -330,8 +227,8 @@ class Doctor:
         try:
             start = int(self.client.server_now() - self.config.watch.retention + 120)
             reply = await self._retry(lambda: self._watch("biz", start_from=start))
-            pages = 1
-            while True:
+            # Pages of the biz stream's window, up to the newest event (a short page) or WINDOW_PAGES of them.
+            for pages in range(1, WINDOW_PAGES + 1):
                 for event in reply.events if reply.watched else []:
                     cur = p.decode_cursor(event.cursor)
                     biz = event.detail.get("bk_biz_id")
@@ -341,10 +238,9 @@ class Doctor:
                     if isinstance(default, int) and default != 0:
                         continue  # the resource pool: never listed
                     shown[biz] = ((cur.sec, cur.inc) if cur else (0, pages), event.event_type != "delete")
-                if len(reply.events) < 200 or pages >= WINDOW_PAGES or not reply.last_cursor:
+                if len(reply.events) < 200 or pages == WINDOW_PAGES or not reply.last_cursor:
                     break
                 reply = await self._retry(functools.partial(self._watch, "biz", cursor=reply.last_cursor))
-                pages += 1
             sources.append("the biz stream's window")
         except (CmdbError, RwatchError):
             pass  # the watch line of biz says why
@@ -395,32 +291,3 @@ async def diagnose(config: Config, resources: list[str] | None = None) -> Report
     chosen = resources or config.watch.enabled
     async with CmdbClient(config.cmdb) as client:
         return await Doctor(config, client, chosen).run()
-
-
-_STYLES: Final = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
-
-
-def render(report: Report, width: int = 160) -> str:
-    """The report as a table for people (``--json`` is for automation): one row per check, the fix under the
-    detail of every line that is not ok."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    cmdb = report.cmdb
-    tenant = f"tenant {cmdb['tenant_id']!r}" if cmdb["tenant_id"] else "single-tenant"
-    title = (f"rwatch doctor: {cmdb['base_url']} ({cmdb['api']}, app {cmdb['app_code']!r}, user "
-             f"{cmdb['username']!r}, {tenant})")
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for name in ("verdict", "check", "subject", "detail and fix"):
-        table.add_column(name, overflow="fold", no_wrap=name in ("verdict", "check"))
-    for c in report.checks:
-        text = c.detail + (f"\n[bold]fix:[/] {c.fix}" if c.fix and c.verdict != "ok" else "")
-        table.add_row(f"[{_STYLES[c.verdict]}]{c.verdict}[/]", c.check, c.subject, text)
-    console = Console(width=width, record=True, file=io.StringIO())  # recorded and returned, not printed
-    console.print(table)
-    failed = sum(c.verdict == "fail" for c in report.checks)
-    warned = sum(c.verdict == "warn" for c in report.checks)
-    console.print("rwatch can run" + (f" ({warned} warning(s) to read)" if warned else "") if report.ok
-                  else f"rwatch cannot run: {failed} check(s) failed; each says what to fix")
-    return "\n".join(line.rstrip() for line in console.export_text().splitlines()).rstrip()
