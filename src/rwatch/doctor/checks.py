@@ -15,6 +15,8 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
+from tenacity import retry_if_exception
+
 from rwatch.cmdb import protocol as p
 from rwatch.cmdb.client import CmdbClient
 from rwatch.cmdb.listing import ListApi
@@ -32,13 +34,14 @@ from rwatch.errors import (
     TenantRefused,
 )
 from rwatch.events import iso_utc
+from rwatch.retry import LIST, retrying
 from rwatch.store.base import open_store
 from rwatch.watch.resync import Resyncer
 
 T = TypeVar("T")
 
 WINDOW_PAGES: Final = 50  # at most this many biz-stream pages are read for the visibility check
-ATTEMPTS: Final = 4  # a transient failure (a rate limit, a backend hiccup) is retried this often per request
+ATTEMPTS: Final = 4  # a transient failure (a rate limit, a backend hiccup) is tried this often per request
 
 
 class Doctor:
@@ -260,14 +263,17 @@ class Doctor:
 
     async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
         """A transient failure (rate limit, backend hiccup) is retried a few times: doctor judges the setup."""
-        for attempt in range(ATTEMPTS):
-            try:
+        async for attempt in retrying(LIST, stop=self.stop, retry_if=retry_if_exception(_worth_retrying),
+                                      attempts=ATTEMPTS):
+            with attempt:
                 return await call()
-            except CmdbTransientError as exc:
-                if attempt == ATTEMPTS - 1 or exc.extra.get("reason") in ("connection", "malformed"):
-                    raise
-                await asyncio.sleep(0.5 * 2**attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
+        raise AssertionError("unreachable")  # pragma: no cover - the last failure is raised, not returned
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    """A rate limit or a backend hiccup; not a connection refused or a page that is not CMDB's: doctor judges
+    those at once."""
+    return isinstance(exc, CmdbTransientError) and exc.extra.get("reason") not in ("connection", "malformed")
 
 
 def _tenant_subject(tenant_id: str | None) -> str:
