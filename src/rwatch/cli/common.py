@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -23,8 +25,13 @@ def load(path: Path | None) -> Config:
     try:
         return load_config(path)
     except ConfigError as exc:
-        typer.echo(f"rwatch: bad configuration: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise bad_config(exc) from None
+
+
+def bad_config(exc: ConfigError) -> typer.Exit:
+    """Say on stderr why the configuration is refused; the caller raises the exit 2 returned."""
+    typer.echo(f"rwatch: bad configuration: {exc}", err=True)
+    return typer.Exit(2)
 
 
 def check_role(role: str) -> None:
@@ -32,3 +39,12 @@ def check_role(role: str) -> None:
     if role not in ROLES:
         typer.echo(f"rwatch: --role {role!r}: choose watcher, consumer or all", err=True)
         raise typer.Exit(2)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """The command's stop signal, set by SIGINT or SIGTERM; called inside the running loop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

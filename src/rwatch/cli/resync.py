@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from rwatch.cli.common import ConfigOption, load
+from rwatch.cli.common import ConfigOption, load, stop_on_signals
 from rwatch.errors import RwatchError
 
 
@@ -23,7 +23,6 @@ def resync_cmd(
     """List resources through CMDB's list APIs and publish them as a snapshot (list, then sweep); fills the
     gaps recorded before it started. Safe beside a running daemon. Exit 0: every resource resynced."""
     import asyncio
-    import signal
 
     from rwatch.cli_resync import resync_now
     from rwatch.errors import ResyncUnsupported
@@ -47,10 +46,7 @@ def resync_cmd(
         raise typer.Exit(2)
 
     async def main() -> dict[str, ResyncResult | BaseException]:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         if not progress:
             return await resync_now(cfg, chosen, stop, allow_mass_delete=allow_mass_delete)
         from rich.console import Console

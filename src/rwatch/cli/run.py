@@ -8,7 +8,7 @@ from typing import Annotated
 import tomli_w
 import typer
 
-from rwatch.cli.common import ConfigOption, check_role, load
+from rwatch.cli.common import ConfigOption, bad_config, check_role, load
 from rwatch.errors import ConfigError
 
 
@@ -29,8 +29,7 @@ def run(
     try:
         run_daemon(cfg, role="watcher" if role == "watcher" else "consumer" if role == "consumer" else "all")
     except ConfigError as exc:
-        typer.echo(f"rwatch: bad configuration: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise bad_config(exc) from None
 
 
 def check_config(
@@ -43,8 +42,7 @@ def check_config(
     try:
         cfg.check_role(role)
     except ConfigError as exc:
-        typer.echo(f"rwatch: bad configuration: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise bad_config(exc) from None
     typer.echo(tomli_w.dumps(cfg.masked()), nl=False)
 
 

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from rwatch.cli.common import stop_on_signals
+
 
 def sim(
     listen: Annotated[str, typer.Option(help="host:port to serve on (port 0 picks one)")] = "127.0.0.1:8089",
@@ -45,7 +47,6 @@ def sim(
     """Run the CMDB simulator: resource_watch, the resync list APIs, an admin API, load and faults."""
     import asyncio
     import json
-    import signal
 
     from rwatch.cmdb.protocol import RESOURCES
     from rwatch.config import parse_duration
@@ -102,10 +103,7 @@ def sim(
     setup_logging("info", log_format)  # the simulator logs sim_started (with its url) and sim_stopped
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         await serve(options, stop)
 
     try:
