@@ -15,7 +15,7 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
-from tenacity import retry_if_exception
+from tenacity import retry_if_exception, wait_exponential
 
 from rwatch.cmdb import protocol as p
 from rwatch.cmdb.client import CmdbClient
@@ -34,7 +34,7 @@ from rwatch.errors import (
     TenantRefused,
 )
 from rwatch.events import iso_utc
-from rwatch.retry import LIST, retrying
+from rwatch.retry import retrying
 from rwatch.store.base import open_store
 from rwatch.watch.resync import Resyncer
 
@@ -263,8 +263,9 @@ class Doctor:
 
     async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
         """A transient failure (rate limit, backend hiccup) is retried a few times: doctor judges the setup."""
-        async for attempt in retrying(LIST, stop=self.stop, retry_if=retry_if_exception(_worth_retrying),
-                                      attempts=ATTEMPTS):
+        # 0.5 s, 1 s, 2 s between the attempts, without jitter: one command, no storm to spread.
+        async for attempt in retrying(wait_exponential(multiplier=0.5), stop=self.stop,
+                                      retry_if=retry_if_exception(_worth_retrying), attempts=ATTEMPTS):
             with attempt:
                 return await call()
         raise AssertionError("unreachable")  # pragma: no cover - the last failure is raised, not returned
