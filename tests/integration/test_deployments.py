@@ -29,7 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from rwatch.app import run_async
-from rwatch.cli_resync import verify
+from rwatch.cli.jobs import verify
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator
 from rwatch.store.base import open_store

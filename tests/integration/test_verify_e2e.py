@@ -75,7 +75,7 @@ async def test_verify_finds_silently_lost_events_and_repair_fixes_them(
 async def test_verify_metric_reports_the_last_result(setups: MakeSetup, tmp_path: Path) -> None:
     """The command keeps its result in the store; the daemon's /metrics carries the last one (per sink and
     resource) and when it ran."""
-    from rwatch.cli_resync import verify
+    from rwatch.cli.jobs import verify
     from rwatch.metrics import VERIFY_DRIFT, VERIFY_LAST_RUN
     from rwatch.store.base import open_store
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rwatch.cli_resync import resync_now, verify
+from rwatch.cli.jobs import resync_now, verify
 from rwatch.config import Config, load_config
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from rwatch.bus.memory import MemoryBus
-from rwatch.cli_resync import verify
+from rwatch.cli.jobs import verify
 from rwatch.cmdb.client import CmdbClient
 from rwatch.config import Config, load_config
 from rwatch.events import Event, iso_utc

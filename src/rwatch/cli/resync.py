@@ -24,7 +24,7 @@ def resync_cmd(
     gaps recorded before it started. Safe beside a running daemon. Exit 0: every resource resynced."""
     import asyncio
 
-    from rwatch.cli_resync import resync_now
+    from rwatch.cli.jobs import resync_now
     from rwatch.errors import ResyncUnsupported
     from rwatch.logs import setup_logging
     from rwatch.watch.resync import Resyncer, ResyncResult

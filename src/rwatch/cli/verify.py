@@ -27,7 +27,7 @@ def verify_cmd(
     import asyncio
     import json
 
-    from rwatch.cli_resync import verify
+    from rwatch.cli.jobs import verify
     from rwatch.errors import ResyncUnsupported
     from rwatch.logs import setup_logging
 

@@ -6,7 +6,7 @@ mirror side is its live rows, restricted to the snapshot's scope (what the lists
 tombstone) newer than ``V`` changed after the head: the listing may or may not show that change, so the key
 is left out of the comparison on both sides and counted as ``ignored``. Differences are ``missing`` (in CMDB,
 not in the mirror), ``extra`` (in the mirror, not in CMDB) and ``changed`` (both, other data); counts and a
-checksum are reported per business where the resource has one. The command (``rwatch.cli_resync.verify``) runs
+checksum are reported per business where the resource has one. The command (``rwatch.cli.jobs.verify``) runs
 the passes, and with ``repair`` resyncs each drifting resource and verifies again.
 """
 
