@@ -10,17 +10,21 @@ from typing import Any
 import aiohttp
 import pytest
 
+from rwatch import progress
 from rwatch.app import readiness
 from rwatch.bus.memory import MemoryBus
 from rwatch.config import Config, load_config
 from rwatch.http import serve_http
-from rwatch.metrics import WATCHERS, WatchHealth
+from rwatch.progress import WatchHealth, WatchState
 from rwatch.store.base import open_store
 from tests.configs import only
 
 
-class FakeWatcher:
+class FakeWatcher(WatchState):
+    """A published state whose health is given."""
+
     def __init__(self, health: WatchHealth) -> None:
+        super().__init__(health.resource, "test", 3 * 3600.0)
         self._health = health
 
     def health(self) -> WatchHealth:
@@ -39,13 +43,13 @@ async def watched() -> AsyncIterator[list[FakeWatcher]]:
     fakes: list[FakeWatcher] = []
     yield fakes
     for fake in fakes:
-        WATCHERS.discard(fake)
+        progress.withdraw(fake)
 
 
 def follow(fakes: list[FakeWatcher], health: WatchHealth) -> None:
     fake = FakeWatcher(health)
     fakes.append(fake)
-    WATCHERS.add(fake)
+    progress.publish(fake)
 
 
 async def readyz(checks: dict[str, dict[str, Any]]) -> tuple[int, dict[str, Any]]:

@@ -26,7 +26,8 @@ from rwatch.error_tap import install_error_tap
 from rwatch.errors import TRANSIENT_ERRORS, ConfigError, RwatchError, Stopping
 from rwatch.events import iso_utc
 from rwatch.http import serve_http
-from rwatch.metrics import TASK_CRASHES, WATCHERS
+from rwatch.metrics import TASK_CRASHES
+from rwatch.progress import healths
 from rwatch.retry import STARTUP, SUPERVISOR, log_retry, retrying
 from rwatch.sinks.prom_sd import PromSdSink, sd_routes
 from rwatch.status import Status
@@ -186,7 +187,7 @@ async def readiness(config: Config, bus: Bus | None, store: CursorStore | None,
     refusing a watcher (``cmdb:<resource>``), no business hidden from the user (``hidden_businesses``), no sweep
     held by the mass-delete guard (``sweep_held:<resource>``), no resource whose events no queue receives
     (``route:<resource>``), and no watcher that died of a bug and has not run again since (``watch:<resource>``:
-    a crashed watcher is out of ``WATCHERS``, so without this it would just vanish from the other checks)."""
+    a crashed watcher is out of ``rwatch.progress``, so without this it would just vanish from the other checks)."""
     checks: dict[str, dict[str, Any]] = {}
     for resource, held in sorted((resyncer.held if resyncer is not None else {}).items()):
         # Degraded: the stream flows, but a sweep waits for an operator (the mass-delete guard).
@@ -226,7 +227,7 @@ async def readiness(config: Config, bus: Bus | None, store: CursorStore | None,
         except (RwatchError, TimeoutError) as exc:
             checks["store"] = {"ok": False, "error": str(exc) or "timeout"}
     limit = config.watch.retention * 2 / 3
-    for health in WATCHERS.healths():
+    for health in healths():
         settings = config.watch.resources[health.resource]
         # A long-poll holds ~20 s; allow the CMDB timeout and the interval twice over before calling it stale.
         stale_after = 2 * (config.cmdb.timeout + settings.interval) + 30

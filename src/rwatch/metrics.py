@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Protocol
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
+
+from rwatch import progress
 
 WATCH_REQUESTS = Counter(
     "rwatch_watch_requests_total",
@@ -159,40 +159,9 @@ QUEUE_DEPTH = Gauge(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class WatchHealth:
-    resource: str
-    lag: float  # seconds since the watcher last knew it was at the head of the stream
-    cursor_age: float | None  # seconds since the saved cursor's event
-    retention_alarm: bool  # lag past two thirds of watch.retention: history will be lost if it goes on
-    polled_ago: float | None = None  # seconds since the last successful watch request (None: none yet)
-    # While CMDB refuses the watcher (credentials, grant, tenant, IAM): {"reason", "code", "api", "fix", "since"}
-    refused: dict[str, Any] | None = None
-
-
-class _Watched(Protocol):
-    def health(self) -> WatchHealth: ...
-
-
 class WatchCollector:
-    """Lag, cursor age and the retention alarm of the watchers this process runs (leaseholders only),
-    computed when scraped so they keep growing while a watcher is stuck."""
-
-    def __init__(self) -> None:
-        self._watchers: set[_Watched] = set()
-
-    def add(self, watcher: _Watched) -> None:
-        self._watchers.add(watcher)
-
-    def discard(self, watcher: _Watched) -> None:
-        self._watchers.discard(watcher)
-
-    def watched(self) -> list[_Watched]:
-        """The watchers themselves (``/status`` reads their position and lease owner)."""
-        return list(self._watchers)
-
-    def healths(self) -> list[WatchHealth]:
-        return sorted((w.health() for w in list(self._watchers)), key=lambda h: h.resource)
+    """Lag, cursor age and the retention alarm of the resources this process follows (leaseholders only), read
+    from what the watchers publish in ``rwatch.progress`` when scraped, so they keep growing while one is stuck."""
 
     def collect(self) -> Iterator[Metric]:
         lag = GaugeMetricFamily("rwatch_watch_lag_seconds",
@@ -206,7 +175,7 @@ class WatchCollector:
                                     "1 while CMDB refuses the watcher (credentials, gateway grant, tenant, IAM "
                                     "permission, base URL); the log line cmdb_refused names the fix",
                                     labels=["resource"])
-        for h in self.healths():
+        for h in progress.healths():
             lag.add_metric([h.resource], h.lag)
             if h.cursor_age is not None:
                 age.add_metric([h.resource], h.cursor_age)
@@ -218,5 +187,4 @@ class WatchCollector:
         return iter(())
 
 
-WATCHERS = WatchCollector()
-REGISTRY.register(WATCHERS)
+REGISTRY.register(WatchCollector())

@@ -1,7 +1,7 @@
 """What ``/status`` reports: per resource where it stands and how fast it goes, per sink what waits, recent errors.
 
-Everything comes from what the process keeps anyway (its watchers in ``WATCHERS``, the Prometheus counters),
-plus two bounded things: about a minute of rate samples of its own, and the last error-level log events
+Everything comes from what the process keeps anyway (what its watchers publish in ``rwatch.progress``, the
+Prometheus counters), plus two bounded things: about a minute of rate samples of its own, and the last error-level log events
 (``rwatch.error_tap``). Queue depths come from the broker (passive declares on a short-lived channel), each read
 cached for ``DEPTH_TTL``: a status page refreshing every 2 s never hammers the broker, and a broker that is down
 costs ``/status`` at most ``BROKER_TIMEOUT``.
@@ -24,14 +24,13 @@ from aio_pika.exceptions import ChannelNotFoundEntity
 from aiormq.exceptions import ChannelInvalidStateError
 from prometheus_client import Counter, Gauge
 
-from rwatch import __version__
+from rwatch import __version__, progress
 from rwatch import metrics as m
 from rwatch.bus.topology import dead_queue_name, queue_name
 from rwatch.config import Config
 from rwatch.error_tap import iso_ms, recent_errors
 from rwatch.errors import TRANSIENT_ERRORS
 from rwatch.retry import sleep_or_stop
-from rwatch.watch.watcher import Watcher
 from rwatch.wiring import Role
 
 log = structlog.get_logger("rwatch.status")
@@ -216,17 +215,17 @@ class Status:
         published = self._published()
         rates = self.rates.per_second(published)
         gaps = _by_first(_sums(m.GAPS_OPEN, "resource"))
-        # Only this process's watchers, and only during a term: a watcher is in WATCHERS while it holds the lease.
-        mine = {w.resource: w for w in m.WATCHERS.watched() if isinstance(w, Watcher) and w.owner == self.owner}
+        # Only this process's watchers, and only during a term: a watcher publishes its state while it holds the lease
+        mine = {s.resource: s for s in progress.states() if s.owner == self.owner}
         rows = []
         for resource in self.resources:
-            watcher = mine.get(resource)
-            health = watcher.health() if watcher is not None else None
+            state = mine.get(resource)
+            health = state.health() if state is not None else None
             rows.append({
                 "resource": resource,
-                "mode": watcher.position.mode if watcher is not None else None,
-                "leader": watcher is not None,
-                "cursor": watcher.saved.cursor if watcher is not None and watcher.saved is not None else None,
+                "mode": state.mode if state is not None else None,
+                "leader": state is not None,
+                "cursor": state.cursor if state is not None else None,
                 "lag_s": _round(health.lag) if health is not None else None,
                 "cursor_age_s": _round(health.cursor_age) if health is not None else None,
                 "polled_ago_s": _round(health.polled_ago) if health is not None else None,
@@ -235,7 +234,7 @@ class Status:
                 "events_published": int(published.get(resource, 0)),
                 "rate_per_s": rates.get(resource, 0.0) if rates is not None else None,
                 # The gauge is the leader's: a standby's value would be the last term's, stale.
-                "gaps_open": int(gaps[resource]) if watcher is not None and resource in gaps else None,
+                "gaps_open": int(gaps[resource]) if state is not None and resource in gaps else None,
                 # While CMDB refuses this watcher: reason, code and the fix (also /readyz's cmdb:<resource>).
                 "refused": health.refused if health is not None else None,
             })

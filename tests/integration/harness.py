@@ -323,7 +323,7 @@ async def running(watcher: Watcher) -> AsyncIterator[Watcher]:
     try:
         yield watcher
     finally:
-        watcher.stop.set()
+        watcher.stopping.set()
         await asyncio.wait_for(task, 30)
 
 

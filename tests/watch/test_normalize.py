@@ -116,7 +116,7 @@ def test_lag_and_the_retention_alarm() -> None:
                 bus=nothing, store=nothing, stop=asyncio.Event(), clock=lambda: now[0])
     c = cursor(1_700_000_000 - 600, 1)
     w.saved = CursorState("0", "host", c, (1_700_000_000 - 600, 1), 1_700_000_000 - 600.0, 1_700_000_000.0)
-    w.caught_up_at = now[0]
+    w.state.caught_up_at = now[0]
     assert w.health().lag == 0.0 and w.health().cursor_age == 600.0 and not w.health().retention_alarm
     # The watcher cannot reach the head (CMDB down, or a backlog it cannot drain): lag grows...
     now[0] += 2 * 3600
@@ -125,15 +125,15 @@ def test_lag_and_the_retention_alarm() -> None:
     now[0] += 1
     assert w.health().retention_alarm
     # The collector exposes it (for the resources this process holds).
-    from rwatch.metrics import WATCHERS
+    from rwatch import progress
 
-    WATCHERS.add(w)
+    progress.publish(w.state)
     try:
         assert sample("rwatch_retention_alarm", resource="host") == 1.0
         assert sample("rwatch_watch_lag_seconds", resource="host") == 7201.0
         assert sample("rwatch_cursor_age_seconds", resource="host") == 7801.0
     finally:
-        WATCHERS.discard(w)
+        progress.withdraw(w.state)
     assert REGISTRY.get_sample_value("rwatch_retention_alarm", {"resource": "host"}) is None
 
 
@@ -161,7 +161,8 @@ async def test_cursor_lost_near_the_window_edge_records_no_gap_and_never_an_inve
     """The last event is inside the window but last − lookback is not: the lookback is a margin, nothing was
     lost (an earlier version recorded (last, oldest), which ends before it starts, and crashed the watcher)."""
     from rwatch.errors import CursorExpired
-    from rwatch.watch.watcher import RESUME_MARGIN, Position
+    from rwatch.watch.batch import Position
+    from rwatch.watch.resume import RESUME_MARGIN
 
     cfg = load_config(None, environ={"RWATCH_WATCH__RETENTION": "3h", "RWATCH_WATCH__LOOKBACK": "5m"})
     store, client = _Gaps(), _Clock()

@@ -12,7 +12,9 @@ import pytest
 from rwatch.cmdb import protocol as p
 from rwatch.config import load_config
 from rwatch.errors import CursorExpired, StartOutOfWindow
-from rwatch.watch.watcher import RESUME_MARGIN, WINDOW_TRIES, Position, Watcher
+from rwatch.watch.batch import Position
+from rwatch.watch.resume import RESUME_MARGIN, WINDOW_TRIES
+from rwatch.watch.watcher import Watcher
 
 NOW = 1_700_000_000.0
 HOUR = 3600.0

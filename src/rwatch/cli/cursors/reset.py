@@ -63,7 +63,7 @@ def choose_target(cfg: Config, *, to_now: bool, to_time: str | None, by_duration
                   now: float) -> Target:
     """The new position from exactly one of the options, checked against the retention window."""
     from rwatch.config import parse_duration
-    from rwatch.watch.watcher import RESUME_MARGIN
+    from rwatch.watch.resume import RESUME_MARGIN
 
     given = [name for name, value in (("--to-now", to_now), ("--to-time", to_time is not None),
                                       ("--by-duration", by_duration is not None)) if value]
