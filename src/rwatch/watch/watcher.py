@@ -5,10 +5,13 @@ the cursor. The next poll overlaps the previous publish, yet a cursor is saved o
 batch before it* is durable (invariant 1), because ``deliver`` takes batches in order.
 
 High availability: the stages run only while this watcher holds the resource's lease (a *term*, ``lease.py``).
-Each term runs its tasks in one ``TaskGroup``: the lease keeper, the gap reconciler and the two stages. Losing the
-lease ends the group at once (in-flight long-poll abandoned, queued batches dropped, nothing saved) and the watcher
-queues for the lease again. Two stop signals, one per scope: ``stopping`` (the process) and ``term_over`` (this
-term: set by ``stopping``, or when the lease's deadline passed); every wait inside a term wakes on the latter.
+Each term runs its tasks in one ``TaskGroup``: the lease keeper, the gap reconciler (``gaps.py``) and the two
+stages; ``fetch`` ends the queue with a sentinel, and ``deliver`` (``deliver.py``) ends the term when it arrives.
+Losing the lease ends the group at once (in-flight long-poll abandoned, queued batches dropped, nothing saved) and
+the watcher queues for the lease again. A reply becomes a batch in ``batch.py``, a refused position is replaced in
+``resume.py``, and a failed call is paused and reported in ``polling.py``. Two stop signals, one per scope:
+``stopping`` (the process) and ``term_over`` (this term: set by ``stopping``, or when the lease's deadline passed);
+every wait inside a term wakes on the latter.
 """
 
 from __future__ import annotations
@@ -30,13 +33,12 @@ from rwatch.cmdb import protocol as p
 from rwatch.cmdb.client import CmdbClient
 from rwatch.config import ResourceConfig, RunConfig, WatchConfig
 from rwatch.errors import CursorExpired, LeaseLost, StartOutOfWindow, Stopping
-from rwatch.events import Event
-from rwatch.failpoints import failpoint
 from rwatch.progress import WatchHealth, WatchState
 from rwatch.retry import CMDB, HealthyResetWait, finish_or_abandon, retrying, sleep_or_stop
 from rwatch.store.base import CursorStore
 from rwatch.store.records import CursorState
-from rwatch.watch.batch import Batch, Position, sightings, to_batch
+from rwatch.watch.batch import Batch, Position, to_batch
+from rwatch.watch.deliver import Delivery
 from rwatch.watch.gaps import Gaps
 from rwatch.watch.lease import Lease
 from rwatch.watch.polling import RETRYABLE, PollPause, Repoll, outcome
@@ -100,12 +102,10 @@ class Watcher:
                          log=self.log)
         self.recovery = Recovery(resource, retention=watch.retention, lookback=watch.lookback, log=self.log)
         self.pause = PollPause(self.state, self.backoff, lambda: self.client.config.refusal_retry, self.log)
+        self.delivery = Delivery(bus=bus, store=store, lease=self.lease, state=self.state, tenant=tenant,
+                                 stopping=stop, publish_grace=publish_grace, progressed=self._progressed, log=self.log)
         self.bootstrap = watch.bootstrap
-        self.publish_grace = publish_grace  # after stop: how long in-flight publishes may still confirm
         self._position = Position()
-        self._saved: CursorState | None = None
-        self._saved_changed = asyncio.Event()
-        self._businesses: dict[str, tuple[bool, bool]] = {}  # biz: (live, pool) as last noted in the store
         # Monotonic time of the last sign that this watcher works: a batch through the whole pipeline (polled,
         # published, saved), or queueing as a standby for a lease another process holds. A restart after a crash
         # is "running again" (``/readyz``) only once this moves past the crash.
@@ -124,14 +124,11 @@ class Watcher:
     @property
     def saved(self) -> CursorState | None:
         """The last cursor state saved (loaded at the start of a term)."""
-        return self._saved
+        return self.delivery.saved
 
     @saved.setter
     def saved(self, saved: CursorState | None) -> None:
-        self._saved = saved
-        self.state.cursor = saved.cursor if saved is not None else None
-        self.state.event_time = saved.event_time if saved is not None else None
-        self._saved_changed.set()
+        self.delivery.saved = saved
 
     @property
     def fence(self) -> int | None:
@@ -321,79 +318,18 @@ class Watcher:
                            detail_keys=sorted(raw.detail)[:20])
         return batch
 
-    # --- stage 2: publish, then save -------------------------------------------------------------------------
+    # --- stage 2: publish, then save (``deliver.py``) -----------------------------------------------------------
 
     async def deliver(self, queue: asyncio.Queue[Batch | None]) -> None:
-        """Publish, then save, each batch in order until the sentinel; once one fails (the term is ending), the
-        rest is dropped unsaved: the next holder replays it. Then the term is over."""
-        delivering = True
-        while (batch := await queue.get()) is not None:
-            if delivering and not await self._deliver(batch):
-                delivering = False
-                self.term_over.set()
-        raise _TermOver(lost=False)
-
-    async def _deliver(self, batch: Batch) -> bool:
-        if not await self.publish_batch(batch):
-            return False
-        if self.resource == "biz" and batch.events and not await self.note_businesses(batch.events):
-            return False
-        if batch.state is not None and not await self.save_cursor(batch.state):
-            return False
-        self.progress_at = time.monotonic()
-        return True
-
-    async def publish_batch(self, batch: Batch) -> bool:
-        if not batch.events:
-            return True
-        if self.lease.expired():
-            self.term_over.set()  # the lease may be gone: leave the batch to the next holder
-            return False
-        # The bus counts what it confirmed, and how long it took. Stopping: in-flight publishes get a grace to
-        # confirm, then the batch is left unsaved (the restart replays it) so the process exits within
-        # run.shutdown_timeout (invariant 6).
-        publish = asyncio.ensure_future(self.bus.publish(batch.events))
-        if not await finish_or_abandon(publish, self.stopping, self.publish_grace):
-            self.log.warning("publish_abandoned", events=len(batch.events), grace=self.publish_grace)
-            return False
-        try:
-            publish.result()
-        except Stopping:
-            return False
-        failpoint("watch.after_publish")
-        return True
-
-    async def note_businesses(self, events: list[Event]) -> bool:
-        """Record which businesses the stream showed alive or deleted (only changes reach the store): a resync
-        compares them with ``search_business``, which hides what the user may not view (README "Resync")."""
-        seen = sightings(events, self._businesses)
-        try:
-            if seen:
-                await self._stored(lambda: self.store.note_businesses(self.tenant, seen))
-        except Stopping:
-            return False
-        return True
-
-    async def save_cursor(self, state: CursorState) -> bool:
-        """Saved only after the batch is durable: a crash before this line replays, never skips."""
-        try:
-            await self._stored(lambda: self.store.save(state, fence=self.lease.fence))
-        except Stopping:
-            return False
-        self.saved = state
-        m.CURSOR_SAVES.labels(self.resource).inc()
-        failpoint("watch.after_save")
-        return True
+        await self.delivery.run(queue, self.term_over)
+        raise _TermOver(lost=False)  # the sentinel came: both stages are done
 
     def health(self) -> WatchHealth:
         return self.state.health()
 
     async def wait_saved(self, done: Callable[[CursorState], bool]) -> CursorState:
         """Until a saved position satisfies ``done`` (for callers that must know what is durable)."""
-        while self.saved is None or not done(self.saved):
-            self._saved_changed.clear()
-            await self._saved_changed.wait()
-        return self.saved
+        return await self.delivery.wait_saved(done)
 
     async def _stored(self, op: Callable[[], Awaitable[T]]) -> T:
         return await stored(op, stop=self.term_over, log=self.log)
