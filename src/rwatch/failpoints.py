@@ -10,7 +10,7 @@ The points (tests/chaos/README.md says which fault each one serves):
 - ``bus.after_confirm``: one publish of a batch was confirmed, the others of its window may still be in
   flight (after publish, before confirm); src/rwatch/bus/amqp.py.
 - ``watch.after_publish``: the whole batch is confirmed, its cursor not yet saved; ``watch.after_save``
-  just after the save; src/rwatch/watch/watcher.py.
+  just after the save; src/rwatch/watch/deliver.py.
 - ``consume.after_apply``: a sink applied a batch, not yet acknowledged; src/rwatch/bus/consumer.py.
 - ``resync.after_page``: a resync published a page of its snapshot, more to come; src/rwatch/watch/snapshot.py.
 """
