@@ -23,7 +23,8 @@ from rwatch.app import run_async
 from rwatch.cmdb import protocol as p
 from rwatch.sim.parts import SimOptions
 from rwatch.sim.server import Simulator
-from rwatch.watch.watcher import Batch, Watcher
+from rwatch.watch.batch import Batch
+from rwatch.watch.watcher import Watcher
 from tests.entrypoint import RWATCH
 from tests.test_refusals import daemon_config, readyz, until
 

@@ -6,8 +6,8 @@ second is replayed), else from the oldest retained second, the rest lost. Start 
 keeps less than ``retention``, or the clocks disagree) -> a bounded search inside the window (``next_start``); what
 is lost, known once a start is accepted, is exactly [first refused start (or the last event seen, when later),
 accepted start). When no try is left, from now, the rest lost. Never a loop: at most six requests per loss (the
-cursor, the start it led to, ``WINDOW_TRIES`` starts, from now). Nothing here calls anything: the watcher records
-the gaps it is told of.
+cursor, the start it led to, ``WINDOW_TRIES`` starts, from now). Nothing here awaits: it names the gap (``Lost``)
+and the watcher records it.
 """
 
 from __future__ import annotations
