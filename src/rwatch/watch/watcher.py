@@ -87,7 +87,6 @@ class Watcher:
         self.settings = settings
         self.tenant = tenant
         self.client = client
-        self.bus = bus
         self.store = store
         self.stopping = stop  # the process is stopping
         self.term_over = stop  # the current term is over; outside a term, the process's signal
