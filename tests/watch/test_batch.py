@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from rwatch.cmdb import protocol as p
+from rwatch.store.records import CursorState
 from rwatch.watch.batch import Position, sightings, to_batch
-from rwatch.watch.cursors import CursorState
 
 OBSERVED = 1_700_000_123.5
 

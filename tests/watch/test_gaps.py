@@ -12,7 +12,7 @@ import structlog
 
 from rwatch.errors import ResyncUnsupported
 from rwatch.retry import Policy
-from rwatch.watch.cursors import Gap
+from rwatch.store.records import Gap
 from rwatch.watch.gaps import Gaps
 
 
