@@ -1,10 +1,10 @@
 """What ``/status`` reports: per resource where it stands and how fast it goes, per sink what waits, recent errors.
 
 Everything comes from what the process keeps anyway (what its watchers publish in ``rwatch.progress``, the
-Prometheus counters), plus two bounded things: about a minute of rate samples of its own, and the last error-level log events
-(``rwatch.error_tap``). Queue depths come from the broker (passive declares on a short-lived channel), each read
-cached for ``DEPTH_TTL``: a status page refreshing every 2 s never hammers the broker, and a broker that is down
-costs ``/status`` at most ``BROKER_TIMEOUT``.
+Prometheus counters), plus two bounded things: about a minute of rate samples of its own, and the last error-level
+log events (``rwatch.error_tap``). Queue depths come from the broker (passive declares on a short-lived channel),
+each read cached for ``DEPTH_TTL``: a status page refreshing every 2 s never hammers the broker, and a broker that
+is down costs ``/status`` at most ``BROKER_TIMEOUT``.
 """
 
 from __future__ import annotations
