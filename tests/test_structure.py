@@ -128,3 +128,28 @@ def test_no_retry_loop_outside_the_retry_module() -> None:
                 if not said:
                     loose.append(f"{path.relative_to(PACKAGE)}:{i + 1}")
     assert not loose, f"while True without a comment saying what ends it (retries belong in retry.py): {loose}"
+
+
+def readme_tree() -> set[str]:
+    """The paths README's "The code" section lists, relative to src/rwatch (a tree indented two spaces a level)."""
+    text = (PACKAGE.parents[1] / "README.md").read_text()
+    block = re.search(r"### The code\n.*?```\nsrc/rwatch/\n(.*?)```", text, re.S)
+    assert block, "README.md lost its code tree under '### The code'"
+    listed: set[str] = set()
+    stack: list[str] = []
+    for line in block.group(1).splitlines():
+        name = line.split()[0]
+        depth = (len(line) - len(line.lstrip())) // 2 - 1
+        stack[depth:] = [name.rstrip("/")]
+        if not name.endswith("/"):
+            listed.add("/".join(stack))
+    return listed
+
+
+def test_readmes_code_tree_is_the_package() -> None:
+    listed = readme_tree()
+    files = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")}
+    missing = {f for f in files if f not in listed and not f.endswith("__init__.py")}
+    gone = {f for f in listed if f not in files}
+    assert not missing, f"modules README's 'The code' does not list: {sorted(missing)}"
+    assert not gone, f"README's 'The code' lists modules that do not exist: {sorted(gone)}"
