@@ -1,0 +1,1 @@
+"""The Zabbix sink's core: the API client, the desired state computed from the mirror's topology, the reconcile."""
