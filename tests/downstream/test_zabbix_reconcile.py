@@ -393,3 +393,29 @@ async def test_idle_hosts_disabled_templates_by_rule_and_a_proxy_per_control_are
     finally:
         side.cleanup()
         zabbix.call("proxy.delete", [proxy])
+
+
+async def test_a_new_ip_and_name_update_the_host_and_its_interface_in_place(
+        api: ZabbixApi, side: Side, options: ZabbixOptions) -> None:
+    rows = [row(1, 1, 11, 111), row(2, 1, 11, 111)]
+    await sync(api, rows, options)
+    hostid = side.hosts()[1]["hostid"]
+    rows = [replace(rows[0], bk_host_innerip="192.0.2.7,192.0.2.8", bk_host_name="renamed"), rows[1]]
+    summary = await sync(api, rows, options)
+    assert (summary.hosts_updated, summary.hosts_created, summary.write_calls) == (1, 0, 2)
+    assert side.hosts()[1]["hostid"] == hostid
+    side.assert_equal(desired_state(rows, options))
+
+
+async def test_a_host_the_topology_cannot_place_yet_is_held_not_removed(
+        api: ZabbixApi, side: Side, options: ZabbixOptions) -> None:
+    rows = [row(1, 1, 11, 111), row(2, 1, 11, 111)]
+    await sync(api, rows, options)
+    before = side.hosts()[2]
+    held = [rows[0], replace(rows[1], bk_set_id=None, bk_module_id=999)]  # its relation's set not known
+    summary = await sync(api, held, options)
+    assert (summary.hosts_held, summary.hosts_removed, summary.write_calls) == (1, 0, 0)
+    assert side.hosts()[2] == before
+    # a host mid-transfer (no relation row at all) held through `pending`
+    summary = await reconcile(api, desired_state(rows[:1], options, pending=[2]), options)
+    assert (summary.hosts_held, summary.hosts_removed, summary.write_calls) == (1, 0, 0)

@@ -51,7 +51,7 @@ class Summary:
     groups_renamed: int = 0
     groups_removed: int = 0
     hosts_created: int = 0
-    hosts_updated: int = 0
+    hosts_updated: int = 0  # managed hosts changed (names, tags, groups, status, templates, proxy, interface)
     hosts_adopted: int = 0
     hosts_removed: int = 0  # deleted, disabled or moved to <prefix>/_deleted, per on_delete
     hosts_held: int = 0  # desired.held: not placeable yet, left as they are
@@ -110,9 +110,10 @@ async def reconcile(api: ZabbixApi, desired: DesiredState, options: ZabbixOption
             plan.change(d, host)
     made = await create_hosts(api, plan.creates, out)
     summary.hosts_created = len(made)
-    summary.hosts_updated = await update(api, "host.update", plan.updates, out)
+    await update(api, "host.update", plan.updates, out)
     await update(api, "hostinterface.update", plan.iface_updates, out)
     await update(api, "hostinterface.create", plan.iface_creates, out)
+    summary.hosts_updated = plan.changed - summary.hosts_adopted
 
     summary.hosts_removed = await _remove(api, act, options, current, deleted_gid, out)
     for host in act:
@@ -200,6 +201,7 @@ class _HostPlan:
         self.iface_updates: list[dict[str, Any]] = []
         self.iface_creates: list[dict[str, Any]] = []
         self.final: dict[str, frozenset[str]] = {h.hostid: h.groups for h in current.hosts.values()}
+        self.changed = 0  # hosts with any write (adopted ones included)
 
     def _proxy(self, d: DesiredHost) -> str:
         return self.proxies[d.proxy] if d.proxy else "0"
@@ -249,6 +251,9 @@ class _HostPlan:
                                        "dns": "", "port": str(self.options.agent_port)})
         elif d.ip and host.agent is not None and host.agent["ip"] != d.ip:
             self.iface_updates.append({"interfaceid": host.agent["interfaceid"], "ip": d.ip})
+        elif not diff:
+            return
+        self.changed += 1
 
 
 def _tags(tags: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
