@@ -127,7 +127,9 @@ async def reconcile(api: ZabbixApi, desired: DesiredState, options: ZabbixOption
     summary.existing, summary.gone, summary.conflicts = out.existing, out.gone, len(out.conflicts)
     summary.api_calls, summary.write_calls = api.total_calls - calls, api.write_calls - writes
     summary.seconds = round(time.monotonic() - started, 3)
-    log.info("zabbix_reconciled", prefix=options.group_prefix, **asdict(summary))
+    # One line per reconcile that wrote; a reconcile that found nothing to do is the steady state, not news.
+    (log.info if summary.write_calls else log.debug)("zabbix_reconciled", prefix=options.group_prefix,
+                                                     **asdict(summary))
     return summary
 
 
