@@ -419,3 +419,22 @@ async def test_a_host_the_topology_cannot_place_yet_is_held_not_removed(
     # a host mid-transfer (no relation row at all) held through `pending`
     summary = await reconcile(api, desired_state(rows[:1], options, pending=[2]), options)
     assert (summary.hosts_held, summary.hosts_removed, summary.write_calls) == (1, 0, 0)
+
+
+async def test_a_scoped_reconcile_reads_and_writes_only_the_hosts_it_names(
+        api: ZabbixApi, side: Side, options: ZabbixOptions) -> None:
+    rows = [row(1, 1, 11, 111), row(2, 1, 11, 111), row(3, 1, 11, 112)]
+    await sync(api, rows, options)
+    before = side.hosts()
+    # Host 1 moves, host 2 is renamed, host 3 is gone: a batch that touched host 1 only reconciles host 1.
+    changed = [row(1, 1, 11, 112), replace(row(2, 1, 11, 111), bk_host_name="other")]
+    summary = await sync(api, changed, options, scope=[1])
+    assert (summary.hosts_updated, summary.hosts_removed, summary.groups_removed) == (1, 0, 0)
+    assert summary.api_calls == 2 + 1
+    hosts = side.hosts()
+    assert hosts[1]["groups"] == {f"{options.group_prefix}/biz1/set11/mod112"}
+    assert (hosts[2], hosts[3]) == (before[2], before[3])
+    summary = await sync(api, changed, options, scope=[2, 3, 4])
+    assert (summary.hosts_updated, summary.hosts_removed) == (1, 1)
+    side.assert_equal(desired_state(changed, options))
+    assert (await sync(api, changed, options, scope=[1, 2])).write_calls == 0

@@ -15,6 +15,7 @@ renamed biz, set or module then finds its group by the votes and renames it, ins
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +70,9 @@ def under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + "/")
 
 
-async def read_current(api: ZabbixApi, options: ZabbixOptions, desired: DesiredState) -> CurrentState:
+async def read_current(api: ZabbixApi, options: ZabbixOptions, desired: DesiredState,
+                       scope: Collection[int] | None = None) -> CurrentState:
+    """The managed part; with a ``scope`` (bk_host_ids), only the managed hosts of those ids (and every group)."""
     prefix = options.group_prefix
     found = await api.call("hostgroup.get", {
         "output": ["groupid", "name"], "search": {"name": prefix}, "startSearch": True,
@@ -78,9 +81,13 @@ async def read_current(api: ZabbixApi, options: ZabbixOptions, desired: DesiredS
     groups = {g["groupid"]: g["name"] for g in found if under(g["name"], prefix)}
     members = {g["groupid"]: {h["hostid"] for h in g.get("hosts") or []} for g in found if g["groupid"] in groups}
     tag, value = options.managed
-    hosts = [_host(api, h) for h in await api.call("host.get", {
-        **_host_query(api, options), "tags": [{"tag": tag, "value": value, "operator": 1}],
-    })]
+    if scope is None:
+        which: dict[str, Any] = {"tags": [{"tag": tag, "value": value, "operator": 1}]}
+    else:  # tags OR-ed ("evaltype": 2): the managed tag is checked below
+        which = {"evaltype": 2, "tags": [{"tag": "bk_host_id", "value": str(i), "operator": 1} for i in sorted(scope)]}
+    hosts = [h for h in (_host(api, raw) for raw in (await api.call("host.get", {**_host_query(api, options),
+                                                                                  **which}) if which["tags"] else []))
+             if (tag, value) in h.tags]
     current = CurrentState(groups, members, {h.hostid: h for h in hosts})
     have = {h.bk_host_id for h in hosts}
     missing = sorted(d.host for i, d in desired.hosts.items() if i not in have)

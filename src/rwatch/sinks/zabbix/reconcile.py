@@ -26,8 +26,8 @@ from __future__ import annotations
 import inspect
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from rwatch.logs import get_logger
@@ -37,6 +37,7 @@ from rwatch.sinks.zabbix.desired import DISABLED_TAG, DesiredHost, DesiredState,
 from rwatch.sinks.zabbix.writes import Outcomes, create_groups, create_hosts, delete, mass, update
 
 GUARD_THRESHOLD = 50
+SCOPE_MAX = 500  # bk_host_id tags OR-ed in one host.get; past this, reading every managed host is as quick
 # Asked before removing, disabling or moving more than ``guard_threshold`` hosts: (how many, on_delete) -> go?
 Guard = Callable[[int, str], Awaitable[bool] | bool]
 
@@ -65,11 +66,20 @@ class Summary:
 
 
 async def reconcile(api: ZabbixApi, desired: DesiredState, options: ZabbixOptions, *, guard: Guard | None = None,
-                    guard_threshold: int = GUARD_THRESHOLD) -> Summary:
-    """Write to Zabbix whatever keeps its managed part from equalling ``desired``."""
+                    guard_threshold: int = GUARD_THRESHOLD, scope: Collection[int] | None = None) -> Summary:
+    """Write to Zabbix whatever keeps its managed part from equalling ``desired``.
+
+    ``scope``: the bk_host_ids whose hosts to reconcile (those a batch touched), the others neither read nor
+    written nor removed; every desired group is still made, and a group is removed only when no host at all is
+    left in it. A renamed biz, set or module must bring every host below it into the scope: their tags are what
+    finds its group to rename. Past ``SCOPE_MAX`` ids a full reconcile is as quick."""
     started, calls, writes = time.monotonic(), api.total_calls, api.write_calls
     out, summary = Outcomes(), Summary(hosts_held=len(desired.held))
-    current = await read_current(api, options, desired)
+    if scope is not None and len(scope) > SCOPE_MAX:
+        scope = None
+    if scope is not None:
+        desired = replace(desired, hosts={i: desired.hosts[i] for i in scope if i in desired.hosts})
+    current = await read_current(api, options, desired, scope)
     templates = await _ids(api, "template", "host", {t for r in options.template_rules for t in r.templates})
     proxies = await _ids(api, "proxy", api.api_version.proxy_name_key, set(options.proxies.values()))
 
