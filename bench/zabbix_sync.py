@@ -14,8 +14,9 @@ Needs the real Zabbix of the tests (``bash .ci/downstream.sh``): its frontend is
 
 Each round runs both, alternating which goes first, each into its own fresh prefix, deleted afterwards
 (``--only rwatch`` skips the baseline: at 10,000 hosts it takes minutes).
-Reported: API calls and seconds of each, the ratios (baseline / rwatch), and a second reconcile's calls
-(unchanged topology: reads only). Prints a table and writes bench/results/zabbix_sync.json.
+Reported: API calls and seconds of each, the ratios (baseline / rwatch), a second reconcile's calls (unchanged
+topology: reads only), and a host moved between modules reconciled with ``scope`` (steady state's unit of work).
+Prints a table and writes bench/results/zabbix_sync.json.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,11 @@ async def one(zabbix: Zabbix, which: str, rows: list[TopologyRow]) -> dict[str, 
                 again = await reconcile(api, desired, options)
                 result["second_calls"], result["second_writes"] = again.api_calls, again.write_calls
                 result["second_seconds"] = again.seconds
+                # Steady state's unit of work: one host moved to another module, reconciled by its id alone.
+                moved = [replace(r, bk_module_id=rows[1].bk_module_id, bk_module_name=rows[1].bk_module_name)
+                         if r.bk_host_id == rows[0].bk_host_id else r for r in rows]
+                one_move = await reconcile(api, desired_state(moved, options), options, scope=[rows[0].bk_host_id])
+                result["move_calls"], result["move_seconds"] = one_move.api_calls, one_move.seconds
         return result
     finally:
         clean(zabbix, options)
@@ -147,12 +154,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 def report(result: dict[str, Any]) -> str:
     lines = [f"Zabbix {result['zabbix']}: initial sync of {result['hosts']} hosts in {result['modules']} modules",
              f"{'round':>5} {'rwatch calls':>12} {'rwatch s':>9} {'naive calls':>11} {'naive s':>8} "
-             f"{'2nd reconcile calls/writes':>27}"]
+             f"{'2nd reconcile calls/writes':>27} {'1 move calls':>12} {'1 move s':>8}"]
     for i, r in enumerate(result["rounds"]):
         w, n = r.get("rwatch", {}), r.get("naive", {})
         second = f"{w['second_calls']}/{w['second_writes']}" if w else "-"
         lines.append(f"{i + 1:>5} {w.get('calls', '-'):>12} {w.get('seconds', '-'):>9} {n.get('calls', '-'):>11} "
-                     f"{n.get('seconds', '-'):>8} {second:>27}")
+                     f"{n.get('seconds', '-'):>8} {second:>27} {w.get('move_calls', '-'):>12} "
+                     f"{w.get('move_seconds', '-'):>8}")
     if result["calls_ratio"] is not None:
         lines.append(f"naive / rwatch (median): {result['calls_ratio']}x the API calls, "
                      f"{result['seconds_ratio']}x the time")
