@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
+from rwatch.errors import TransientError
 from rwatch.sinks.base import TopologyRow
 from rwatch.sinks.zabbix.api import ZabbixApi, ZabbixUnavailable
 from rwatch.sinks.zabbix.desired import DesiredState, TemplateRule, ZabbixOptions, desired_state
 from rwatch.sinks.zabbix.reconcile import Summary, reconcile
+from rwatch.sinks.zabbix.writes import ReconcileConflict
 from tests.downstream.instances import Zabbix
 
 TEMPLATE = "Linux by Zabbix agent"  # shipped in Zabbix's data.sql
@@ -438,3 +440,22 @@ async def test_a_scoped_reconcile_reads_and_writes_only_the_hosts_it_names(
     assert (summary.hosts_updated, summary.hosts_removed) == (1, 1)
     side.assert_equal(desired_state(changed, options))
     assert (await sync(api, changed, options, scope=[1, 2])).write_calls == 0
+
+
+async def test_a_change_one_batch_cannot_explain_is_a_transient_conflict_and_the_next_reconcile_finishes(
+        zabbix: Zabbix, side: Side, options: ZabbixOptions) -> None:
+    prefix = options.group_prefix
+    async with ZabbixApi(zabbix.url, token=zabbix.token) as api:
+        await sync(api, [row(1, 1, 11, 111), row(2, 1, 11, 111)], options)
+    rows = [row(1, 1, 11, 112), row(2, 1, 11, 111)]
+
+    def delete_the_new_group() -> None:  # someone removes the group host 1 is about to move into
+        [group] = zabbix.call("hostgroup.get", {"filter": {"name": [f"{prefix}/biz1/set11/mod112"]}})
+        zabbix.call("hostgroup.delete", [group["groupid"]])
+
+    async with Crashing(zabbix.url, token=zabbix.token, before={"host.update": delete_the_new_group}) as api:
+        with pytest.raises(ReconcileConflict) as caught:
+            await sync(api, rows, options)
+        assert isinstance(caught.value, TransientError)
+        await sync(api, rows, options)
+    side.assert_equal(desired_state(rows, options))
