@@ -304,7 +304,8 @@ async def test_groups_and_hosts_outside_the_prefix_or_the_managed_tag_are_never_
         assert set(side.groups()) == {prefix, f"{prefix}/biz1", f"{prefix}/biz1/set11",
                                       f"{prefix}/biz1/set11/mod111", f"{prefix}/biz1/set11/mod112"}
         await sync(api, [], options)
-        assert set(side.groups()) == {f"{prefix}/biz1/set11/mod112"}
+        # mod112 stays for the hand host, and its parents with it
+        assert set(side.groups()) == {prefix, f"{prefix}/biz1", f"{prefix}/biz1/set11", f"{prefix}/biz1/set11/mod112"}
         [h] = zabbix.call("host.get", {"hostids": [hand], "selectGroups": ["name"], "selectTags": ["tag", "value"],
                                        "output": ["host"]})
         assert {g["name"] for g in h["groups"]} == {f"{prefix}x/hand", f"{prefix}/biz1/set11/mod112"}

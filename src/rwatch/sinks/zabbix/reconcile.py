@@ -294,12 +294,17 @@ async def _remove(api: ZabbixApi, hosts: list[CurrentHost], options: ZabbixOptio
 
 async def _remove_groups(api: ZabbixApi, current: CurrentState, final: dict[str, frozenset[str]],
                          keep: set[str], out: Outcomes) -> int:
-    """Delete the managed groups no host is in any more and no desired group is bound to."""
+    """Delete the managed groups no host is in any more and no desired group is bound to, but never the parent of
+    one that stays, so that it keeps its place in the tree (and the permissions it inherits)."""
     occupied = {g for groups in final.values() for g in groups}
     for gid, hostids in current.members.items():
         if any(h not in final for h in hostids):  # a host rwatch does not manage: its group stays
             occupied.add(gid)
     empty = sorted((g for g in current.groups if g not in keep and g not in occupied), key=int)
+    # The parents of a group that stays (<prefix>/_deleted, a group a held or hand-made host keeps) stay too.
+    staying = [current.groups[g] for g in current.groups if g not in empty]
+    parents = {name.rsplit("/", n)[0] for name in staying for n in range(1, name.count("/") + 1)}
+    empty = [g for g in empty if current.groups[g] not in parents]
     if not empty:
         return 0
     try:
