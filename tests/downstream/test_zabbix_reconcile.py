@@ -460,3 +460,26 @@ async def test_a_change_one_batch_cannot_explain_is_a_transient_conflict_and_the
         assert isinstance(caught.value, TransientError)
         await sync(api, rows, options)
     side.assert_equal(desired_state(rows, options))
+
+
+async def test_a_name_another_host_holds_is_a_conflict_that_does_not_stop_the_others(
+        api: ZabbixApi, zabbix: Zabbix, side: Side, options: ZabbixOptions, unique: str) -> None:
+    group = zabbix.call("hostgroup.create", {"name": f"hand-{unique}"})["groupids"][0]
+    try:
+        rows = [row(1, 1, 11, 111), row(2, 1, 11, 111)]
+        await sync(api, rows, options)
+        taken = f"web ({options.group_prefix}-1)"  # the visible name host 1 is about to get, held by hand
+        hand = zabbix.call("host.create", {"host": f"hand-{unique}", "name": taken,
+                                           "groups": [{"groupid": group}]})["hostids"][0]
+        renamed = [replace(rows[0], bk_host_name="web"), replace(rows[1], bk_host_name="db")]
+        summary = await sync(api, renamed, options)
+        assert (summary.conflicts, summary.hosts_updated) == (1, 1)
+        assert side.hosts()[2]["name"] == f"db ({options.group_prefix}-2)"
+        zabbix.call("host.delete", [hand])
+        await sync(api, renamed, options)
+        side.assert_equal(desired_state(renamed, options))
+    finally:
+        side.cleanup()
+        if left := zabbix.call("host.get", {"groupids": [group], "output": ["hostid"]}):
+            zabbix.call("host.delete", [h["hostid"] for h in left])
+        zabbix.call("hostgroup.delete", [group])

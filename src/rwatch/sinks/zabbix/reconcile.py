@@ -120,10 +120,10 @@ async def reconcile(api: ZabbixApi, desired: DesiredState, options: ZabbixOption
             plan.change(d, host)
     made = await create_hosts(api, plan.creates, out)
     summary.hosts_created = len(made)
-    await update(api, "host.update", plan.updates, out)
+    dropped = len(plan.updates) - await update(api, "host.update", plan.updates, out)  # gone, or a name taken
     await update(api, "hostinterface.update", plan.iface_updates, out)
     await update(api, "hostinterface.create", plan.iface_creates, out)
-    summary.hosts_updated = plan.changed - summary.hosts_adopted
+    summary.hosts_updated = plan.changed - summary.hosts_adopted - dropped
 
     summary.hosts_removed = await _remove(api, act, options, current, deleted_gid, out)
     for host in act:

@@ -84,7 +84,7 @@ async def create_hosts(api: ZabbixApi, specs: Sequence[dict[str, Any]], outcomes
                 if name is None or len(kept) == len(left):
                     raise ReconcileConflict(f"host.create: {exc.data}", data=exc.data) from None
                 outcomes.conflicts.append(name)
-                log.warning("zabbix_host_name_taken", name=name)
+                log.warning("zabbix_name_taken", method="host.create", name=name)
                 left = kept
                 continue
             ids.update(zip((s["host"] for s in left), made["hostids"], strict=True))
@@ -93,14 +93,15 @@ async def create_hosts(api: ZabbixApi, specs: Sequence[dict[str, Any]], outcomes
 
 
 async def update(api: ZabbixApi, method: str, items: Sequence[dict[str, Any]], outcomes: Outcomes) -> int:
-    """``<object>.update`` / ``.create`` of these items in batches; items whose object vanished are dropped. The
-    number written."""
+    """``<object>.update`` / ``.create`` of these items in batches; items whose object vanished are dropped, and
+    so is an item that would rename its object to a name another holds (a conflict: logged, tried again by the
+    next reconcile, which succeeds once the holder has been renamed or removed). The number written."""
     kind = method.partition(".")[0]
     key = _ID_FIELD[kind] if method.endswith(".update") else "hostid"  # hostinterface.create names its host
     written = 0
     for batch in chunks(items):
         left = list(batch)
-        while left:  # each failed round drops the vanished objects it re-read, or raises
+        while left:  # each failed round drops the vanished objects it re-read or the item Zabbix named, or raises
             try:
                 await api.call(method, left)
             except DoesNotExist as exc:
@@ -108,6 +109,15 @@ async def update(api: ZabbixApi, method: str, items: Sequence[dict[str, Any]], o
                 if len(kept) == len(left):
                     raise ReconcileConflict(f"{method}: {exc.data}", data=exc.data) from None
                 outcomes.gone += len(left) - len(kept)
+                left = kept
+                continue
+            except AlreadyExists as exc:
+                name = quoted_name(exc)
+                kept = [i for i in left if name not in (i.get("host"), i.get("name"))]
+                if name is None or len(kept) == len(left):
+                    raise ReconcileConflict(f"{method}: {exc.data}", data=exc.data) from None
+                outcomes.conflicts.append(name)
+                log.warning("zabbix_name_taken", method=method, name=name)
                 left = kept
                 continue
             written += len(left)
