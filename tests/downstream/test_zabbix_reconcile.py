@@ -483,3 +483,14 @@ async def test_a_name_another_host_holds_is_a_conflict_that_does_not_stop_the_ot
         if left := zabbix.call("host.get", {"groupids": [group], "output": ["hostid"]}):
             zabbix.call("host.delete", [h["hostid"] for h in left])
         zabbix.call("hostgroup.delete", [group])
+
+
+async def test_two_modules_swapping_names_end_equal_without_an_error(
+        api: ZabbixApi, side: Side, options: ZabbixOptions) -> None:
+    rows = [row(1, 1, 11, 111, module_name="a"), row(2, 1, 11, 112, module_name="b")]
+    await sync(api, rows, options)
+    swapped = [replace(rows[0], bk_module_name="b"), replace(rows[1], bk_module_name="a")]
+    summary = await sync(api, swapped, options)  # both names exist: the hosts change groups, none is renamed
+    assert (summary.groups_renamed, summary.groups_created, summary.groups_removed) == (0, 0, 0)
+    side.assert_equal(desired_state(swapped, options))
+    assert (await sync(api, swapped, options)).write_calls == 0

@@ -154,9 +154,13 @@ class ZabbixApi:
     async def open(self) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
-        self.version = ApiVersion.parse(await self.call("apiinfo.version", {}))
-        if self._username:
-            await self._login()
+        try:
+            self.version = ApiVersion.parse(await self.call("apiinfo.version", {}))
+            if self._username:
+                await self._login()
+        except BaseException:
+            await self.close()  # `async with` does not exit what did not enter: the session would leak
+            raise
         log.info("zabbix_connected", url=self.url, version=self.version.text,
                  auth="token" if not self._username else "password", user=self._username)
 
