@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
-from sqlalchemy import Table, and_, event, literal, or_, select, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import and_, event, literal, or_, select, tuple_, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -43,9 +42,6 @@ _REJECTED_SQLSTATE = ("22", "23", "54")
 _SQLITE_MIN = (3, 24, 0)  # ON CONFLICT ... DO UPDATE (row values, for the fence, came in 3.15)
 _O = objects_table.c
 _SWEEP_CHUNK = 500  # keys per UPDATE: well under SQLite's and asyncpg's bound-parameter limits
-_DIALECT_INSERTS: dict[str, Callable[[Table], Any]] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
-
-
 @dataclass(frozen=True, slots=True)
 class MirroredObject:
     """One row of ``rwatch_objects``."""
@@ -108,7 +104,7 @@ class MirrorSink:
         self._write_lock = asyncio.Lock() if self.backend == "sqlite" else None
         self._read_lock = self._write_lock if self.url.database in (None, "", ":memory:") else None
         self._listeners: list[Callable[[], None]] = []
-        insert = _DIALECT_INSERTS[self.backend](objects_table)
+        insert = sql.upsert_insert(self.backend, objects_table)
         stored = tuple_(_O.version_s, _O.version_i)
         given = tuple_(insert.excluded.version_s, insert.excluded.version_i)
         columns = {name: insert.excluded[name] for name in
