@@ -10,7 +10,7 @@ reconcile (a concurrent edit by hand), and the caller runs the whole reconcile a
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,38 +128,33 @@ async def update(api: ZabbixApi, method: str, items: Sequence[dict[str, Any]], o
 async def delete(api: ZabbixApi, method: str, ids: Sequence[str], outcomes: Outcomes) -> int:
     """``host.delete`` / ``hostgroup.delete``; what is gone already counts as deleted. The number deleted now."""
     kind = method.partition(".")[0]
-    deleted = 0
-    for batch in chunks(ids):
-        left = list(batch)
-        while left:  # each failed round drops the ids found gone, or raises
-            try:
-                await api.call(method, left)
-            except DoesNotExist as exc:
-                kept = [i[_ID_FIELD[kind]] for i in await _alive(api, kind, _ID_FIELD[kind],
-                                                                  [{_ID_FIELD[kind]: i} for i in left])]
-                if len(kept) == len(left):
-                    raise ReconcileConflict(f"{method}: {exc.data}", data=exc.data) from None
-                outcomes.gone += len(left) - len(kept)
-                left = kept
-                continue
-            deleted += len(left)
-            left = []
-    return deleted
+    return await _while_alive(api, method, kind, _ID_FIELD[kind], ids, outcomes, lambda left: left)
 
 
 async def mass(api: ZabbixApi, method: str, hostids: Sequence[str], params: dict[str, Any],
                outcomes: Outcomes) -> int:
     """``host.massupdate`` / ``massadd`` (``hosts``) or ``massremove`` (``hostids``): the same change to many
     hosts in one call; hosts that vanished are dropped. The number of hosts written."""
+
+    def request(left: list[str]) -> Any:
+        named = {"hostids": left} if method == "host.massremove" else {"hosts": [{"hostid": h} for h in left]}
+        return {**named, **params}
+
+    return await _while_alive(api, method, "host", "hostid", hostids, outcomes, request)
+
+
+async def _while_alive(api: ZabbixApi, method: str, kind: str, key: str, ids: Sequence[str], outcomes: Outcomes,
+                       request: Callable[[list[str]], Any]) -> int:
+    """Send ``method`` with ``request(ids)`` per chunk; on "does not exist", drop the ids found gone (counted in
+    ``outcomes.gone``) and send again, or raise ``ReconcileConflict`` when none is gone. The number written."""
     written = 0
-    for batch in chunks(hostids):
+    for batch in chunks(ids):
         left = list(batch)
-        while left:  # each failed round drops the hosts found gone, or raises
-            named = {"hostids": left} if method == "host.massremove" else {"hosts": [{"hostid": h} for h in left]}
+        while left:  # each failed round drops the ids found gone, or raises
             try:
-                await api.call(method, {**named, **params})
+                await api.call(method, request(left))
             except DoesNotExist as exc:
-                kept = [i["hostid"] for i in await _alive(api, "host", "hostid", [{"hostid": h} for h in left])]
+                kept = [i[key] for i in await _alive(api, kind, key, [{key: i} for i in left])]
                 if len(kept) == len(left):
                     raise ReconcileConflict(f"{method}: {exc.data}", data=exc.data) from None
                 outcomes.gone += len(left) - len(kept)
