@@ -643,6 +643,37 @@ async def test_sqlite_lock_held_past_the_timeout_is_unavailable(tmp_path: Path) 
         assert (await mirror.objects("host"))["1"].version == (2, 0)
 
 
+@pytest.mark.parametrize("call", ["apply", "sweep"])
+async def test_a_write_whose_caller_is_cancelled_runs_to_its_end_and_leaves_no_lock(tmp_path: Path, call: str) -> None:
+    """A lost broker connection cancels the consumers mid-apply. The caller gets its CancelledError at once; the
+    transaction still finishes (here held behind another writer's lock), its connection returns clean, ``close``
+    waits for it, and the next writer is not blocked. Torn down mid-transaction instead, the aiosqlite connection
+    kept SQLite's write lock until the process ended, and every later apply was "database is locked" (the
+    chaos suite's seed 22)."""
+    path = tmp_path / "m.db"
+    mirror = MirrorSink("mirror", settings_for(f"sqlite:///{path}"), timeout=5.0)
+    await mirror.open()
+    await mirror.apply([host(1, 1)])
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock: the write waits in busy_timeout
+    write = asyncio.ensure_future(mirror.apply([host(2, 2)]) if call == "apply" else mirror.sweep(mark("host", 5)))
+    await asyncio.sleep(0.2)
+    write.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(write, 1.0)  # the caller is not held by the transaction
+    blocker.execute("COMMIT")
+    blocker.close()
+    await mirror.close()  # waits for the write still running
+    async with MirrorSink("mirror", settings_for(f"sqlite:///{path}"), timeout=0.5) as other:
+        rows = await other.objects("host", include_deleted=True)
+        if call == "apply":
+            assert set(rows) == {"1", "2"}  # the cancelled apply did commit
+        else:
+            assert rows["1"].deleted  # the cancelled sweep did commit
+        await other.apply([host(3, 3)])  # and left no lock behind
+        assert "3" in await other.objects("host")
+
+
 async def test_sqlite_open_while_another_process_holds_the_lock(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
     async with MirrorSink("mirror", settings_for(f"sqlite:///{path}")):

@@ -104,6 +104,7 @@ class MirrorSink:
         self._write_lock = asyncio.Lock() if self.backend == "sqlite" else None
         self._read_lock = self._write_lock if self.url.database in (None, "", ":memory:") else None
         self._listeners: list[Callable[[], None]] = []
+        self._inflight = sql.Inflight()  # calls whose caller was cancelled run on (see sql.whole)
         insert = sql.upsert_insert(self.backend, objects_table)
         stored = tuple_(_O.version_s, _O.version_i)
         given = tuple_(insert.excluded.version_s, insert.excluded.version_i)
@@ -148,6 +149,7 @@ class MirrorSink:
                  url=self.url.render_as_string(hide_password=True))
 
     async def close(self) -> None:
+        await self._inflight.settle(self.timeout)
         engine, self._engine = self._engine, None
         if engine is not None:
             await engine.dispose()
@@ -216,8 +218,7 @@ class MirrorSink:
                  "version_i": ev.version[1], "deleted": ev.action == "delete", "data": ev.data, "event_id": ev.id,
                  "updated_at": now})
         with self._errors("apply", events):
-            async with _maybe(self._write_lock):
-                await self._write(engine, [(self._upsert, watched), (self._upsert_snapshot, listed)])
+            await self._write(engine, [(self._upsert, watched), (self._upsert_snapshot, listed)])
         self._notify()
 
     def _notify(self) -> None:
@@ -227,8 +228,9 @@ class MirrorSink:
             except Exception as exc:  # a broken listener must not make a committed batch look failed
                 log.error("sink_listener_failed", sink=self.name, error=repr(exc))
 
+    @sql.whole
     async def _write(self, engine: AsyncEngine, statements: list[tuple[Any, list[dict[str, Any]]]]) -> None:
-        async with engine.connect() as conn:
+        async with _maybe(self._write_lock), engine.connect() as conn:
             conn = await conn.execution_options(rwatch_write=True)
             async with conn.begin():  # the whole batch or nothing
                 for statement, rows in statements:
@@ -239,36 +241,42 @@ class MirrorSink:
         """Tombstone every live row of the mark's resource inside its scope that is older than its version, or of
         that very version but not written by the mark's own snapshot (README "Resync": version ties)."""
         engine = self._live("sweep")
-        version = tuple_(_O.version_s, _O.version_i)
-        where = (_O.tenant == mark.tenant, _O.resource == mark.resource, ~_O.deleted,
-                 version <= tuple_(literal(mark.version[0]), literal(mark.version[1])))
-        head = (mark.version[0], mark.version[1])
-        now = time.time()
         with self._errors("sweep"):
-            async with _maybe(self._write_lock), engine.connect() as conn:
-                conn = await conn.execution_options(rwatch_write=True)
-                async with conn.begin():
-                    rows = (await conn.execute(select(_O.key, _O.data, _O.version_s, _O.version_i, _O.event_id)
-                                               .where(*where))).all()
-                    # The snapshot's own rows are in before its mark (one queue, in order): a row at the head's
-                    # version that another snapshot or event wrote was not listed this time.
-                    keys = sorted(row.key for row in rows if mark.in_scope(row.data or {}) and (
-                        (row.version_s, row.version_i) < head
-                        or row.event_id != resync_event_id(mark.resource, row.key, head, resync_id=mark.resync_id)))
-                    swept = 0
-                    for start in range(0, len(keys), _SWEEP_CHUNK):
-                        chunk = keys[start:start + _SWEEP_CHUNK]
-                        result = await conn.execute(
-                            update(objects_table).where(*where, _O.key.in_(chunk)).values(
-                                deleted=True, version_s=mark.version[0], version_i=mark.version[1],
-                                event_id=mark.id, updated_at=now))
-                        # What the UPDATE changed, fence re-checked: a concurrent apply may have moved a row on.
-                        swept += max(0, result.rowcount)
+            swept, keys = await self._sweep(engine, mark)
         if swept:
             log.info("mirror_swept", sink=self.name, resource=mark.resource, swept=swept,
                      resync_id=mark.resync_id, sample=keys[:10])
             self._notify()
         return swept
+
+    @sql.whole
+    async def _sweep(self, engine: AsyncEngine, mark: ResyncMark) -> tuple[int, list[str]]:
+        """(rows tombstoned, keys chosen) in one write transaction."""
+        version = tuple_(_O.version_s, _O.version_i)
+        where = (_O.tenant == mark.tenant, _O.resource == mark.resource, ~_O.deleted,
+                 version <= tuple_(literal(mark.version[0]), literal(mark.version[1])))
+        head = (mark.version[0], mark.version[1])
+        now = time.time()
+        async with _maybe(self._write_lock), engine.connect() as conn:
+            conn = await conn.execution_options(rwatch_write=True)
+            async with conn.begin():
+                rows = (await conn.execute(select(_O.key, _O.data, _O.version_s, _O.version_i, _O.event_id)
+                                           .where(*where))).all()
+                # The snapshot's own rows are in before its mark (one queue, in order): a row at the head's
+                # version that another snapshot or event wrote was not listed this time.
+                keys = sorted(row.key for row in rows if mark.in_scope(row.data or {}) and (
+                    (row.version_s, row.version_i) < head
+                    or row.event_id != resync_event_id(mark.resource, row.key, head, resync_id=mark.resync_id)))
+                swept = 0
+                for start in range(0, len(keys), _SWEEP_CHUNK):
+                    chunk = keys[start:start + _SWEEP_CHUNK]
+                    result = await conn.execute(
+                        update(objects_table).where(*where, _O.key.in_(chunk)).values(
+                            deleted=True, version_s=mark.version[0], version_i=mark.version[1],
+                            event_id=mark.id, updated_at=now))
+                    # What the UPDATE changed, fence re-checked: a concurrent apply may have moved a row on.
+                    swept += max(0, result.rowcount)
+        return swept, keys
 
     # --- reading -----------------------------------------------------------------------------------------
 
@@ -280,8 +288,7 @@ class MirrorSink:
         if tenant is not None:
             query = query.where(v.tenant == tenant)
         with self._errors("topology"):
-            async with _maybe(self._read_lock), engine.connect() as conn:
-                rows = (await conn.execute(query)).all()
+            rows = await self._read(engine, query)
         return [TopologyRow(*row) for row in rows]
 
     async def objects(
@@ -293,13 +300,17 @@ class MirrorSink:
         if not include_deleted:
             query = query.where(~_O.deleted)
         with self._errors("objects"):
-            async with _maybe(self._read_lock), engine.connect() as conn:
-                rows = (await conn.execute(query)).all()
+            rows = await self._read(engine, query)
         return {
             row.key: MirroredObject(row.key, (int(row.version_s), int(row.version_i)), bool(row.deleted),
                                     row.data, row.event_id, float(row.updated_at))
             for row in rows
         }
+
+    @sql.whole
+    async def _read(self, engine: AsyncEngine, query: Any) -> list[Any]:
+        async with _maybe(self._read_lock), engine.connect() as conn:
+            return list((await conn.execute(query)).all())
 
     # --- errors ------------------------------------------------------------------------------------------
 

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 from sqlalchemy import and_, or_, select
 
-from rwatch.store.core import SqlStoreCore, whole
+from rwatch.store.core import SqlStoreCore
 from rwatch.store.records import BizSighting
 from rwatch.store.schema import businesses_table
-from rwatch.store.sql import upsert_insert
+from rwatch.store.sql import upsert_insert, whole
 
 _B = businesses_table.c
 

@@ -10,10 +10,9 @@ record kind (cursors, leases, gaps, findings), each a mixin on ``SqlStoreCore``.
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar, ParamSpec, Self, TypeVar
+from typing import ClassVar, Self
 
 from sqlalchemy import text
 from sqlalchemy.engine import URL
@@ -24,33 +23,11 @@ from rwatch.errors import StoreError
 from rwatch.logs import get_logger
 from rwatch.store import sql
 from rwatch.store.schema import create_tables
+from rwatch.store.sql import whole
 
 log = get_logger("rwatch.cursors")
 
 DEFAULT_TIMEOUT = 10.0
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def whole(method: Callable[_P, Coroutine[Any, Any, _R]]) -> Callable[_P, Coroutine[Any, Any, _R]]:
-    """Run a store call to its end even when its caller is cancelled (a lease keeper's timeout, a term ending,
-    a stop): the caller gets its ``CancelledError`` at once, the statement finishes and its connection goes
-    back to the pool clean. Cancelled mid-statement, the driver connection is torn down with the statement
-    still active, and SQLite keeps that write lock until the garbage collector finalizes it (the chaos
-    suite's seed 76: every write blocked for 20-30 s after a SIGSTOP). ``close`` waits for what is left."""
-
-    @functools.wraps(method)
-    async def run_whole(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        store = args[0]
-        assert isinstance(store, SqlStoreCore)
-        task = asyncio.ensure_future(method(*args, **kwargs))
-        store._inflight.add(task)
-        task.add_done_callback(store._settled)
-        return await asyncio.shield(task)
-
-    return run_whole
-
 
 class SqlStoreCore:
     """What every store call stands on: the engine, opened once and closed after the calls still running;
@@ -63,7 +40,7 @@ class SqlStoreCore:
         self.timeout = timeout
         self._engine: AsyncEngine | None = None
         self._opening = asyncio.Lock()
-        self._inflight: set[asyncio.Future[Any]] = set()  # calls whose caller was cancelled run on (see whole)
+        self._inflight = sql.Inflight()  # calls whose caller was cancelled run on (see sql.whole)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url.render_as_string(hide_password=True)}>"
@@ -100,17 +77,11 @@ class SqlStoreCore:
 
     async def close(self, *, timeout: float = 2.0) -> None:
         """Close the pool; calls still running (their callers were cancelled) get ``timeout`` to finish."""
-        if self._inflight:
-            await asyncio.wait(set(self._inflight), timeout=timeout)
+        await self._inflight.settle(timeout)
         engine, self._engine = self._engine, None
         if engine is not None:
             await engine.dispose()
             log.info("store_closed", backend=self.backend)
-
-    def _settled(self, task: asyncio.Future[Any]) -> None:
-        self._inflight.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: a failure whose caller was gone is not "never retrieved" noise
 
     @contextmanager
     def _errors(

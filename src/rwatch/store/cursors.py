@@ -8,10 +8,10 @@ from typing import Any
 from sqlalchemy import TextClause, select, text
 
 from rwatch.errors import LeaseLost
-from rwatch.store.core import SqlStoreCore, whole
+from rwatch.store.core import SqlStoreCore
 from rwatch.store.records import CursorState
 from rwatch.store.schema import cursors_table
-from rwatch.store.sql import upsert_insert
+from rwatch.store.sql import upsert_insert, whole
 
 _C = cursors_table.c
 

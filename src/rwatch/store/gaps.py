@@ -8,9 +8,10 @@ from typing import Any
 from sqlalchemy import select
 
 from rwatch.errors import PermanentError
-from rwatch.store.core import SqlStoreCore, whole
+from rwatch.store.core import SqlStoreCore
 from rwatch.store.records import Gap
 from rwatch.store.schema import gaps_table
+from rwatch.store.sql import whole
 
 _G = gaps_table.c
 

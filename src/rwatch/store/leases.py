@@ -19,10 +19,10 @@ from typing import Any
 
 from sqlalchemy import and_, bindparam, case, or_, select
 
-from rwatch.store.core import SqlStoreCore, whole
+from rwatch.store.core import SqlStoreCore
 from rwatch.store.records import Lease
 from rwatch.store.schema import leases_table
-from rwatch.store.sql import upsert_insert
+from rwatch.store.sql import upsert_insert, whole
 
 _L = leases_table.c
 

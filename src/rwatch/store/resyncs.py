@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import orjson
 from sqlalchemy import select
 
-from rwatch.store.core import SqlStoreCore, whole
+from rwatch.store.core import SqlStoreCore
 from rwatch.store.records import ResyncRecord
 from rwatch.store.schema import resyncs_table
-from rwatch.store.sql import upsert_insert
+from rwatch.store.sql import upsert_insert, whole
 
 _RS = resyncs_table.c
 

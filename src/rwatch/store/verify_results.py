@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 from sqlalchemy import select
 
-from rwatch.store.core import SqlStoreCore, whole
+from rwatch.store.core import SqlStoreCore
 from rwatch.store.records import VerifyResult
 from rwatch.store.schema import verify_table
-from rwatch.store.sql import upsert_insert
+from rwatch.store.sql import upsert_insert, whole
 
 _V = verify_table.c
 
