@@ -17,7 +17,7 @@ import structlog
 from rwatch.bus import Bus, make_bus
 from rwatch.bus.consumer import ConsumerGroup
 from rwatch.bus.memory import MemoryBus
-from rwatch.config import Config
+from rwatch.config import Config, ProjectionSinkConfig
 from rwatch.events import Message
 from rwatch.metrics import DEAD_LETTERS
 from rwatch.sinks.applier import Applier, RetryPolicy, apply_counting_crashes
@@ -59,8 +59,8 @@ def wire(config: Config, stop: asyncio.Event, *, name: str, applies: bool) -> Wi
 
 
 def make_sinks(config: Config) -> dict[str, Sink]:
-    """Every enabled sink, mirrors first: a prom_sd sink is built on its mirror."""
-    order = sorted(config.enabled_sinks, key=lambda n: config.sinks[n].kind == "prom_sd")
+    """Every enabled sink, mirrors first: a projection (prom_sd, zabbix, ansible_inventory) is built on its mirror."""
+    order = sorted(config.enabled_sinks, key=lambda n: isinstance(config.sinks[n], ProjectionSinkConfig))
     sinks: dict[str, Sink] = {}
     for sink_name in order:
         sinks[sink_name] = make_sink(sink_name, config, sinks)

@@ -19,7 +19,8 @@ from prometheus_client import REGISTRY
 from rwatch.config import PromSdSinkConfig
 from rwatch.http import serve_http
 from rwatch.sinks.base import TopologyRow
-from rwatch.sinks.prom_sd import PromSdSink, TopologySource, render_groups, sd_routes
+from rwatch.sinks.projection import TopologySource
+from rwatch.sinks.prom_sd import PromSdSink, render_groups, sd_routes
 
 DEBOUNCE = 0.05
 

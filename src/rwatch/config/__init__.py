@@ -16,21 +16,26 @@ from rwatch.config.sections import (
 )
 from rwatch.config.settings import Config
 from rwatch.config.sinks import (
+    AnsibleInventorySinkConfig,
     JsonlSinkConfig,
     MirrorSinkConfig,
+    ProjectionSinkConfig,
     PromJob,
     PromSdSinkConfig,
     WebhookSinkConfig,
+    ZabbixSinkConfig,
     signing_key,
 )
 from rwatch.config.values import SecretUrl, mask_url, parse_duration
 
 __all__ = [
     "DEFAULT_FIELDS",
+    "AnsibleInventorySinkConfig",
     "CmdbConfig",
     "Config",
     "JsonlSinkConfig",
     "MirrorSinkConfig",
+    "ProjectionSinkConfig",
     "PromJob",
     "PromSdSinkConfig",
     "ResourceConfig",
@@ -38,6 +43,7 @@ __all__ = [
     "SecretUrl",
     "WatchConfig",
     "WebhookSinkConfig",
+    "ZabbixSinkConfig",
     "load_config",
     "mask_url",
     "parse_duration",

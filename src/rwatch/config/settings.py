@@ -17,7 +17,7 @@ from rwatch.config.sections import (
     StoreConfig,
     WatchConfig,
 )
-from rwatch.config.sinks import MirrorSinkConfig, PromSdSinkConfig, SinkConfig
+from rwatch.config.sinks import MirrorSinkConfig, ProjectionSinkConfig, SinkConfig
 from rwatch.config.values import SecretUrl
 from rwatch.errors import ConfigError
 
@@ -69,7 +69,7 @@ class Config(BaseSettings):
         for name, sink in self.sinks.items():
             if not re.fullmatch(r"[a-z0-9_-]+", name):
                 raise ValueError(f"sinks.{name}: a sink name is lower-case letters, digits, '_' or '-'")
-            if isinstance(sink, PromSdSinkConfig):
+            if isinstance(sink, ProjectionSinkConfig):
                 source = self.sinks.get(sink.source)
                 if not isinstance(source, MirrorSinkConfig):
                     raise ValueError(f"sinks.{name}.source: {sink.source!r} is not a mirror sink")
@@ -121,7 +121,7 @@ class Config(BaseSettings):
     def sink_resources(self, sink: str) -> list[str]:
         """The resources a queue sink takes: its own list, or every enabled resource."""
         chosen = self.sinks[sink]
-        if isinstance(chosen, PromSdSinkConfig):
+        if isinstance(chosen, ProjectionSinkConfig):
             return []
         return list(chosen.resources) if chosen.resources is not None else self.watch.enabled
 
@@ -131,8 +131,8 @@ class Config(BaseSettings):
 
     @property
     def queue_sinks(self) -> list[str]:
-        """Enabled sinks fed by queues (every kind but prom_sd, a projection of a mirror)."""
-        return [name for name in self.enabled_sinks if not isinstance(self.sinks[name], PromSdSinkConfig)]
+        """Enabled sinks fed by queues (every kind but the projections of a mirror: prom_sd, zabbix, ansible)."""
+        return [name for name in self.enabled_sinks if not isinstance(self.sinks[name], ProjectionSinkConfig)]
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration as plain data, every secret masked."""

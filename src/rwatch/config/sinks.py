@@ -1,9 +1,13 @@
-"""The [sinks.<name>] tables: one model per sink kind (mirror, webhook, prom_sd, jsonl), told apart by ``kind``."""
+"""The [sinks.<name>] tables: one model per sink kind, told apart by ``kind``.
+
+Queue sinks (mirror, webhook, jsonl) take events from queues of their own; projections (prom_sd, zabbix,
+ansible_inventory) follow a mirror sink's topology (``source``) and take no queue."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import string
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -93,11 +97,96 @@ class PromJob(Section):
     module: list[str | int] = Field(default_factory=list)
 
 
-class PromSdSinkConfig(_SinkBase):
+class ProjectionSinkConfig(_SinkBase):
+    """A sink that follows a mirror's topology rather than queues of its own."""
+
+    source: str = Field(default="mirror", description="the mirror sink whose topology is followed")
+
+
+class PromSdSinkConfig(ProjectionSinkConfig):
     kind: Literal["prom_sd"]
     file: str | None = None
-    source: str = Field(default="mirror", description="the mirror sink whose topology is exported")
     jobs: list[PromJob] = Field(default_factory=list)
+
+
+# The fields a Zabbix host's name templates may use; ``ip`` is the first inner IP, ``label`` the host name or IP.
+ZABBIX_NAME_FIELDS = ("bk_host_id", "bk_host_name", "bk_host_innerip", "ip", "bk_cloud_id", "label", "tenant")
+
+
+def check_zabbix_names(group_prefix: str, **templates: str) -> None:
+    """ValueError naming what is wrong with a group prefix or a host name template (``visible_name=...``)."""
+    if not group_prefix or group_prefix != group_prefix.strip() or group_prefix.startswith("/") \
+            or group_prefix.endswith("/"):
+        raise ValueError(f"group_prefix {group_prefix!r}: a non-empty group name, no leading or trailing / or space")
+    for which, template in templates.items():
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"{which} {template!r}: {exc}") from None
+        if unknown := fields - set(ZABBIX_NAME_FIELDS):
+            raise ValueError(f"{which} {template!r}: unknown fields {sorted(unknown)} (known: {ZABBIX_NAME_FIELDS})")
+
+
+class ZabbixTemplateRule(Section):
+    """Link ``templates`` to the hosts that match every pattern given (shell-style, case-insensitive)."""
+
+    templates: list[str] = Field(min_length=1)
+    module: str | None = Field(default=None, description="a module name pattern, e.g. 'nginx*'")
+    os_type: str | None = Field(default=None, description="'linux', 'windows', ... or CMDB's bk_os_type code")
+
+
+class ZabbixSinkConfig(ProjectionSinkConfig):
+    kind: Literal["zabbix"]
+    url: str = Field(description="the API endpoint, e.g. https://zabbix.example.com/api_jsonrpc.php")
+    token: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    group_prefix: str = "BK"
+    on_delete: Literal["delete", "disable", "move"] = "disable"
+    visible_name: str = "{label} (bk-{bk_host_id})"
+    technical_name: str = "bk-{bk_host_id}"
+    templates: list[ZabbixTemplateRule] = Field(default_factory=list)
+    proxies: dict[str, str] = Field(default_factory=dict, description="bk_cloud_id -> proxy name")
+    disable_idle: bool = False
+    idle_modules: list[str] = Field(default_factory=lambda: ["空闲机", "故障机", "待回收"])
+    agent_port: int = Field(default=10050, ge=1, le=65535)
+    managed_tag: str = Field(default="rwatch", min_length=1)
+    timeout: Duration = Field(default=30.0, gt=0, description="one API call")
+    debounce: Duration = Field(default=0.1, ge=0, description="at most one reconcile per this, while changes come")
+    full_every: Duration = Field(default=600.0, gt=0, description="a full reconcile (hand edits, missed changes)")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("an http(s) URL of Zabbix's api_jsonrpc.php")
+        return value
+
+    @field_validator("proxies")
+    @classmethod
+    def _cloud_ids(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not key.strip().lstrip("-").isdigit():
+                raise ValueError(f"{key!r}: keys are bk_cloud_id numbers, e.g. \"0\" = \"proxy-a\"")
+        return value
+
+    @model_validator(mode="after")
+    def _auth_and_names(self) -> ZabbixSinkConfig:
+        if self.token is not None and (self.username or self.password):
+            raise ValueError("token: give a token, or a username and a password, not both")
+        if self.token is None and not (self.username and self.password):
+            raise ValueError("token: Zabbix needs a token, or a username and a password")
+        check_zabbix_names(self.group_prefix, visible_name=self.visible_name,
+                           technical_name=self.technical_name)
+        return self
+
+
+class AnsibleInventorySinkConfig(ProjectionSinkConfig):
+    kind: Literal["ansible_inventory"]
+    file: str = Field(description="where the inventory JSON is written, replaced atomically")
+    alias_groups: bool = Field(default=False, description="also groups named after biz / set / module names")
+    hostvars: list[str] = Field(default_factory=list, description="host fields copied into _meta.hostvars")
+    debounce: Duration = Field(default=1.0, ge=0)
 
 
 class JsonlSinkConfig(_QueueSink):
@@ -108,8 +197,10 @@ class JsonlSinkConfig(_QueueSink):
 
 
 SinkConfig = Annotated[
-    MirrorSinkConfig | WebhookSinkConfig | PromSdSinkConfig | JsonlSinkConfig, Field(discriminator="kind")
+    MirrorSinkConfig | WebhookSinkConfig | PromSdSinkConfig | JsonlSinkConfig | ZabbixSinkConfig
+    | AnsibleInventorySinkConfig,
+    Field(discriminator="kind"),
 ]
 
 # The kind tags, which pydantic puts into an error's location (loading.py takes them out again).
-SINK_KINDS = frozenset({"mirror", "webhook", "prom_sd", "jsonl"})
+SINK_KINDS = frozenset({"mirror", "webhook", "prom_sd", "jsonl", "zabbix", "ansible_inventory"})

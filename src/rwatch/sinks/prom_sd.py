@@ -1,9 +1,9 @@
 """prom_sd: Prometheus service discovery computed from a mirror's topology.
 
-prom_sd has no queues: its mirror calls it after every committed apply, and it re-reads the mirror's topology
-(debounced), renders one target group per (job, host), and publishes the result twice: as a file_sd file,
-replaced atomically (Prometheus re-reads it on inotify and must never see half of it), and as the http_sd
-answer of ``GET /sd`` (the same bytes, kept in memory). Identical topology gives identical bytes, and
+prom_sd has no queues: it is a projection of its mirror (``rwatch.sinks.projection``). After commits it re-reads
+the mirror's topology (debounced), renders one target group per (job, host), and publishes the result twice: as a
+file_sd file, replaced atomically (Prometheus re-reads it on inotify and must never see half of it), and as the
+http_sd answer of ``GET /sd`` (the same bytes, kept in memory). Identical topology gives identical bytes, and
 unchanged content is not rewritten.
 
 Mounting: ``sd_routes(sinks)`` gives ``/sd`` for the first prom_sd sink and ``/sd/<name>`` for each; pass
@@ -16,35 +16,25 @@ import asyncio
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from rwatch.logs import get_logger
 from rwatch.metrics import PROM_SD_RENDER_ERRORS, PROM_SD_RENDERS, PROM_SD_TARGETS
+from rwatch.sinks.projection import Projection, ProjectionFailed, TopologySource
 
 if TYPE_CHECKING:
     from rwatch.config import PromJob, PromSdSinkConfig
-    from rwatch.events import Event, ResyncMark
     from rwatch.sinks.base import TopologyRow
 
 DEBOUNCE_SECONDS = 1.0
-RETRY_MAX_SECONDS = 30.0
 EMPTY = b"[]\n"
 # Prometheus runs as another user more often than not: the file must be readable by it (mkstemp makes 0600).
 FILE_MODE = 0o644
-
-
-class TopologySource(Protocol):
-    """What prom_sd needs of its mirror."""
-
-    def add_listener(self, callback: Callable[[], None]) -> None: ...
-
-    async def topology(self, tenant: str | None = None) -> list[TopologyRow]: ...
 
 
 class TargetGroup(TypedDict):
@@ -177,112 +167,36 @@ def replace_file(path: Path, content: bytes, *, compare: bool = False) -> bool:
 # --- the sink -------------------------------------------------------------------------------------------
 
 
-class PromSdSink:
-    """A Sink fed by its mirror's listener, not by queues: ``apply`` does nothing."""
+class PromSdSink(Projection):
+    """A projection (``rwatch.sinks.projection``): re-rendered after its mirror's commits."""
+
+    kind = "prom_sd"
 
     def __init__(self, name: str, settings: PromSdSinkConfig, source: TopologySource, *,
                  debounce: float = DEBOUNCE_SECONDS) -> None:
-        self.name = name
+        super().__init__(name, source, debounce=debounce, renders=PROM_SD_RENDERS, errors=PROM_SD_RENDER_ERRORS)
         self._jobs = list(settings.jobs)
         self._path = Path(settings.file) if settings.file else None
-        self._source = source
-        self._debounce = debounce
         self._content = EMPTY
         self._written: bytes | None = None
-        self._dirty = False
-        self._failures = 0
-        self._wake = asyncio.Event()
-        self._closing = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._rendering = asyncio.Lock()  # one render at a time: an older one must not land after a newer one
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._log = get_logger("rwatch.sinks.prom_sd", sink=name)
         self._targets = PROM_SD_TARGETS.labels(name)
-        self._renders = PROM_SD_RENDERS.labels(name)
-        self._errors = PROM_SD_RENDER_ERRORS.labels(name)
 
     @property
     def content(self) -> bytes:
         """The latest rendered file_sd JSON (``[]`` before the first render): what ``/sd`` answers."""
         return self._content
 
-    async def open(self) -> None:
-        # Listener first: a commit during the first render marks it dirty, and the debouncer renders again.
-        self._loop = asyncio.get_running_loop()
-        self._source.add_listener(self._on_change)
-        await self.render_once()
-        self._task = asyncio.create_task(self._run(), name=f"prom_sd:{self.name}")
-
-    async def apply(self, events: Sequence[Event]) -> None:
-        """Nothing to do: prom_sd is a projection of its mirror, which calls ``_on_change`` after commits."""
-
-    async def sweep(self, mark: ResyncMark) -> int:
-        """Nothing to do: the mirror sweeps, and its commit re-renders this projection."""
-        return 0
-
-    async def close(self) -> None:
-        self._closing.set()
-        self._wake.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
-        if self._dirty:
-            await self.render_once()
-
     async def handle_sd(self, _: web.Request) -> web.Response:
         """http_sd: Prometheus wants 200 and application/json with the whole list."""
         return web.Response(body=self._content, content_type="application/json")
 
-    def _on_change(self) -> None:
-        # The mirror commits on the loop; should it ever call from a thread, hop onto the loop.
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if self._loop is None or running is self._loop:
-            self._mark_dirty()
-        else:
-            self._loop.call_soon_threadsafe(self._mark_dirty)
-
-    def _mark_dirty(self) -> None:
-        self._dirty = True
-        self._wake.set()
-
-    async def _run(self) -> None:
-        """Render on change, at most once per ``debounce``: changes during a render or the pause after it
-        only set the flag, so a burst costs a render at its start and one after its end. A failed render is tried
-        again after ``debounce`` doubling to ``RETRY_MAX_SECONDS``, or at the next change if that comes first: the
-        loop waits on changes, and a retry is only one of its wake-ups, so it is not a ``rwatch.retry`` policy."""
-        # Ends when close() sets _closing (checked after every wake-up).
-        while True:
-            retry_in = min(RETRY_MAX_SECONDS, self._debounce * 2 ** self._failures) if self._failures else None
-            try:
-                await asyncio.wait_for(self._wake.wait(), retry_in)
-            except TimeoutError:
-                self._dirty = True  # the last render failed and nothing changed since: try it again
-            if self._closing.is_set():
-                return
-            self._wake.clear()
-            if not self._dirty:
-                continue
-            await self.render_once()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), self._debounce)
-
-    async def render_once(self) -> bool:
-        """Read the topology and publish it; False (logged, counted, retried later) when that failed."""
-        async with self._rendering:
-            return await self._render_locked()
-
-    async def _render_locked(self) -> bool:
-        self._dirty = False
-        self._renders.inc()
+    async def project(self) -> None:
         try:
             rows = await self._source.topology()
             # Grouping and encoding 100k rows takes a while: off the loop, so /healthz keeps answering.
             content, targets, no_ip = await asyncio.to_thread(_render, self._jobs, rows)
         except Exception as exc:
-            return self._failed("prom_sd_topology_failed", exc)
+            raise ProjectionFailed("prom_sd_topology_failed", exc) from exc
         self._content = content
         self._targets.set(targets)
         if self._path is not None and content != self._written:
@@ -290,19 +204,14 @@ class PromSdSink:
                 # After a restart compare with what is on disk: an unchanged file is not touched.
                 wrote = await asyncio.to_thread(replace_file, self._path, content, compare=self._written is None)
             except OSError as exc:
-                return self._failed("prom_sd_write_failed", exc)
+                raise ProjectionFailed("prom_sd_write_failed", exc) from exc
             self._written = content
             if wrote:
                 self._log.info("prom_sd_written", path=str(self._path), targets=targets, no_ip=no_ip,
                                bytes=len(content))
-        self._failures = 0
-        return True
 
-    def _failed(self, what: str, exc: Exception) -> bool:
-        self._failures += 1
-        self._errors.inc()
-        self._log.error(what, error=repr(exc), failures=self._failures, path=str(self._path or ""))
-        return False
+    def failure_fields(self) -> dict[str, object]:
+        return {"path": str(self._path or "")}
 
 
 def sd_routes(sinks: Sequence[PromSdSink]) -> list[tuple[str, Handler]]:

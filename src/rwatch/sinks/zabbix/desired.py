@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import string
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from rwatch.config.sinks import check_zabbix_names
 from rwatch.sinks.base import TopologyRow
 
 OnDelete = Literal["delete", "disable", "move"]
@@ -38,7 +38,6 @@ ON_DELETE: tuple[OnDelete, ...] = ("delete", "disable", "move")
 IDLE_MODULES = frozenset({"空闲机", "故障机", "待回收"})
 # CMDB's bk_os_type codes, so that a rule may say "linux" rather than "1".
 OS_TYPES = {"1": "linux", "2": "windows", "3": "aix", "4": "unix", "5": "solaris", "6": "freebsd"}
-NAME_FIELDS = ("bk_host_id", "bk_host_name", "bk_host_innerip", "ip", "bk_cloud_id", "label", "tenant")
 MAX_NAME = 128  # Zabbix's limit for both names
 DISABLED_TAG = "rwatch_disabled"  # on a host rwatch disabled (value: why), so that only rwatch re-enables it
 # Tags rwatch owns on a managed host (besides the managed tag); a host's other tags are the operator's and stay.
@@ -76,7 +75,8 @@ class ZabbixOptions:
     """What the zabbix sink makes of the topology (its config's fields, once the sink is wired)."""
 
     group_prefix: str = "BK"
-    # str.format templates over NAME_FIELDS; ``ip`` is the first inner IP, ``label`` the host name or else the IP.
+    # str.format templates over config.sinks.ZABBIX_NAME_FIELDS (``ip``: the first inner IP; ``label``: the host
+    # name, else the IP).
     visible_name: str = "{label} (bk-{bk_host_id})"
     technical_name: str = "bk-{bk_host_id}"
     template_rules: tuple[TemplateRule, ...] = ()
@@ -90,17 +90,9 @@ class ZabbixOptions:
     managed_tag: str = "rwatch"  # its value is group_prefix
 
     def __post_init__(self) -> None:
-        prefix = self.group_prefix
-        if not prefix or prefix != prefix.strip() or prefix.startswith("/") or prefix.endswith("/"):
-            raise ValueError(f"group_prefix {prefix!r}: a non-empty group name, no leading or trailing / or space")
+        check_zabbix_names(self.group_prefix, visible_name=self.visible_name, technical_name=self.technical_name)
         if self.on_delete not in ON_DELETE:
             raise ValueError(f"on_delete {self.on_delete!r}: one of {', '.join(ON_DELETE)}")
-        for which in ("visible_name", "technical_name"):
-            template = getattr(self, which)
-            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-            unknown = fields - set(NAME_FIELDS)
-            if unknown:
-                raise ValueError(f"{which} {template!r}: unknown fields {sorted(unknown)} (known: {NAME_FIELDS})")
 
     @property
     def deleted_group(self) -> str:
