@@ -63,6 +63,9 @@ def test_secrets_are_masked_everywhere() -> None:
     assert cfg.masked()["bus"]["url"] == "amqp://rw:***@mq:5672/vh"
 
 
+ZBX = "[sinks.mirror]\nkind = 'mirror'\n[sinks.z]\nkind = 'zabbix'\nurl = 'http://z/api_jsonrpc.php'\n"
+
+
 @pytest.mark.parametrize(("text", "env", "key", "words"), [
     ("[cmdb]\nbase_ulr = 'http://x'\n", {}, "cmdb.base_ulr", "unknown key"),
     ("[watch.resources.host]\nfields = []\n", {}, "watch.resources.host.fields", "non-empty"),
@@ -82,6 +85,15 @@ def test_secrets_are_masked_everywhere() -> None:
     ("", {"RWATCH_CMDB__TENANT": "default"}, "cmdb.tenant", "tenant_id"),
     ("[cmdb]\ntenant_id = '0'\n", {}, "cmdb.tenant_id", "never \"0\""),
     ("[cmdb]\nrefusal_retry = 0\n", {}, "cmdb.refusal_retry", "greater than 0"),
+    # The zabbix sink: credentials, prefix, name templates, proxies, its mirror.
+    (ZBX, {}, "sinks.z.token", "a token, or a username and a password"),
+    (ZBX + "token = 't'\nusername = 'u'\npassword = 'p'\n", {}, "sinks.z.token", "not both"),
+    (ZBX + "token = 't'\ngroup_prefix = 'BK/'\n", {}, "sinks.z.group_prefix", "trailing /"),
+    (ZBX + "token = 't'\ntechnical_name = '{fqdn}'\n", {}, "sinks.z.technical_name", "unknown fields ['fqdn']"),
+    (ZBX + "token = 't'\nproxies = { west = 'p1' }\n", {}, "sinks.z.proxies", "bk_cloud_id"),
+    (ZBX + "token = 't'\non_delete = 'wipe'\n", {}, "sinks.z.on_delete", "'delete', 'disable' or 'move'"),
+    (ZBX + "token = 't'\nsource = 'nope'\n", {}, "sinks.z.source", "not a mirror sink"),
+    ("[sinks.z]\nkind = 'zabbix'\nurl = 'zabbix.example.com'\ntoken = 't'\n", {}, "sinks.z.url", "http(s) URL"),
 ])
 def test_bad_config_names_file_and_key(tmp_path: Path, text: str, env: dict[str, str], key: str | None,
                                        words: str) -> None:

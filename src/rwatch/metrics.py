@@ -136,6 +136,24 @@ PROM_SD_RENDER_ERRORS = Counter(
     "Service discovery renders that failed (topology unreadable or file not written); retried",
     ["sink"],
 )
+ZABBIX_RECONCILES = Counter(
+    "rwatch_zabbix_reconciles_total", "Zabbix reconciles attempted (failures included)", ["sink"]
+)
+ZABBIX_ERRORS = Counter(
+    "rwatch_zabbix_errors_total", "Zabbix reconciles that failed (Zabbix unreachable or refusing); retried", ["sink"]
+)
+ZABBIX_API_CALLS = Counter("rwatch_zabbix_api_calls_total", "Zabbix API calls made", ["sink", "kind"])
+ZABBIX_HOSTS = Gauge("rwatch_zabbix_hosts", "Hosts the last reconcile kept in Zabbix", ["sink"])
+ZABBIX_HELD = Gauge(
+    "rwatch_zabbix_held_hosts",
+    "Hosts the last reconcile left as they are: unplaced (no module yet), unproven (gone from the mirror without "
+    "a tombstone) or guarded (past the mass-delete guard)",
+    ["sink", "reason"],
+)
+ZABBIX_LAG = Histogram(
+    "rwatch_zabbix_lag_seconds", "From a mirror commit to the reconcile that carried it to Zabbix", ["sink"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+)
 WEBHOOK_REQUESTS = Counter(
     "rwatch_webhook_requests_total",
     "Webhook POSTs by outcome (delivered, rejected, failed, timeout, connection_error)",

@@ -15,6 +15,7 @@ from rwatch.cli.resync import resync_cmd
 from rwatch.cli.run import check_config, health, run
 from rwatch.cli.sim import sim
 from rwatch.cli.verify import verify_cmd
+from rwatch.cli.zabbix import zabbix_sync
 
 app = typer.Typer(
     add_completion=False,
@@ -41,6 +42,7 @@ app.command()(doctor)
 app.command()(version)
 app.add_typer(cursors_app, name="cursors")
 app.command("demo")(demo)
+app.command("zabbix-sync")(zabbix_sync)
 
 
 def main() -> None:

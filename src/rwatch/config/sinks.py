@@ -117,14 +117,16 @@ def check_zabbix_names(group_prefix: str, **templates: str) -> None:
     """ValueError naming what is wrong with a group prefix or a host name template (``visible_name=...``)."""
     if not group_prefix or group_prefix != group_prefix.strip() or group_prefix.startswith("/") \
             or group_prefix.endswith("/"):
-        raise ValueError(f"group_prefix {group_prefix!r}: a non-empty group name, no leading or trailing / or space")
+        raise ValueError(f"group_prefix: {group_prefix!r} must be a non-empty group name without a leading or "
+                         "trailing / or space")
     for which, template in templates.items():
         try:
             fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
         except ValueError as exc:
-            raise ValueError(f"{which} {template!r}: {exc}") from None
+            raise ValueError(f"{which}: {template!r}: {exc}") from None
         if unknown := fields - set(ZABBIX_NAME_FIELDS):
-            raise ValueError(f"{which} {template!r}: unknown fields {sorted(unknown)} (known: {ZABBIX_NAME_FIELDS})")
+            raise ValueError(f"{which}: {template!r} has unknown fields {sorted(unknown)} (known: "
+                             f"{', '.join(ZABBIX_NAME_FIELDS)})")
 
 
 class ZabbixTemplateRule(Section):

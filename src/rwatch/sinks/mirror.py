@@ -84,6 +84,14 @@ def _maybe(lock: asyncio.Lock | None) -> AbstractAsyncContextManager[Any]:
     return lock if lock is not None else nullcontext()
 
 
+@dataclass(frozen=True, slots=True)
+class HostFacts:
+    """What ``host_facts`` says of one host."""
+
+    deleted: bool
+    os_type: str | None
+
+
 class MirrorSink:
     """The SQL mirror. ``MirrorSink(name, settings)`` picks SQLite or PostgreSQL from ``settings.url``."""
 
@@ -311,6 +319,18 @@ class MirrorSink:
     async def _read(self, engine: AsyncEngine, query: Any) -> list[Any]:
         async with _maybe(self._read_lock), engine.connect() as conn:
             return list((await conn.execute(query)).all())
+
+    async def host_facts(self, tenant: str | None = None) -> dict[int, HostFacts]:
+        """Every host row of the mirror, live or tombstoned, with the few fields projections need beyond the
+        topology view: whether CMDB deleted it (a tombstone is the proof a projection may remove it downstream)
+        and its ``bk_os_type``. Keys that are not host ids are skipped."""
+        engine = self._live("host_facts")
+        query = select(_O.tenant, _O.key, _O.deleted, _O.data["bk_os_type"].as_string()).where(_O.resource == "host")
+        if tenant is not None:
+            query = query.where(_O.tenant == tenant)
+        with self._errors("host_facts"):
+            rows = await self._read(engine, query)
+        return {int(key): HostFacts(bool(deleted), os_type) for _, key, deleted, os_type in rows if key.isdigit()}
 
     # --- errors ------------------------------------------------------------------------------------------
 

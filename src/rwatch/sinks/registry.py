@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
-from rwatch.config import Config, JsonlSinkConfig, MirrorSinkConfig, PromSdSinkConfig, WebhookSinkConfig
+from rwatch.config import (
+    Config,
+    JsonlSinkConfig,
+    MirrorSinkConfig,
+    ProjectionSinkConfig,
+    PromSdSinkConfig,
+    WebhookSinkConfig,
+    ZabbixSinkConfig,
+)
 from rwatch.sinks.base import Sink
 from rwatch.sinks.jsonl import JsonlSink
 from rwatch.sinks.mirror import MirrorSink
 from rwatch.sinks.prom_sd import PromSdSink
 from rwatch.sinks.webhook import WebhookSink
+from rwatch.sinks.zabbix.sink import ZabbixSink
 
 
 def make_sink(name: str, config: Config, sinks: dict[str, Sink] | None = None) -> Sink:
-    """The sink ``[sinks.<name>]`` describes. ``sinks`` holds those already made (prom_sd needs its mirror)."""
+    """The sink ``[sinks.<name>]`` describes. ``sinks`` holds those already made (a projection needs its mirror)."""
     settings = config.sinks[name]
+    source: MirrorSink | None = None
+    if isinstance(settings, ProjectionSinkConfig):
+        made = (sinks or {}).get(settings.source)
+        if not isinstance(made, MirrorSink):
+            raise ValueError(f"{settings.kind} sink {name!r} needs its mirror {settings.source!r} made first")
+        source = made
     if isinstance(settings, MirrorSinkConfig):
         return MirrorSink(name, settings)
     if isinstance(settings, WebhookSinkConfig):
@@ -20,8 +35,10 @@ def make_sink(name: str, config: Config, sinks: dict[str, Sink] | None = None) -
     if isinstance(settings, JsonlSinkConfig):
         return JsonlSink(name, settings)
     if isinstance(settings, PromSdSinkConfig):
-        source = (sinks or {}).get(settings.source)
-        if not isinstance(source, MirrorSink):
-            raise ValueError(f"prom_sd sink {name!r} needs its mirror {settings.source!r} made first")
+        assert source is not None
         return PromSdSink(name, settings, source)
+    if isinstance(settings, ZabbixSinkConfig):
+        assert source is not None
+        return ZabbixSink(name, settings, source, mass_delete_share=config.watch.mass_delete_share,
+                          mass_delete_floor=config.watch.mass_delete_floor)
     raise AssertionError(f"unknown sink kind for {name!r}")  # pragma: no cover - config validation

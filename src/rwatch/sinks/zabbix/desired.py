@@ -144,11 +144,13 @@ def first_ip(value: str | None) -> str | None:
     return None
 
 
-def desired_state(rows: Iterable[TopologyRow], options: ZabbixOptions, pending: Iterable[int] = ()) -> DesiredState:
+def desired_state(rows: Iterable[TopologyRow], options: ZabbixOptions, pending: Iterable[int] = (),
+                  os_types: Mapping[int, str | None] | None = None) -> DesiredState:
     """The groups and hosts Zabbix should hold for these rows (one tenant's topology, as the mirror gives it).
 
     ``pending``: ids of hosts known to exist that the rows do not place (a host between the delete and the create
-    of its relations, mid-transfer): held, so that a reconcile does not take them for deleted ones."""
+    of its relations, mid-transfer): held, so that a reconcile does not take them for deleted ones. ``os_types``:
+    each host's ``bk_os_type``, for template rules on it."""
     prefix = options.group_prefix
     groups: dict[GroupKey, str] = {}
     by_host: dict[int, list[TopologyRow]] = defaultdict(list)
@@ -173,13 +175,14 @@ def desired_state(rows: Iterable[TopologyRow], options: ZabbixOptions, pending: 
     for host_id in sorted(by_host):
         if host_id not in placed:
             continue
-        hosts[host_id] = _host(host_id, by_host[host_id], placed[host_id], groups, options, taken_host, taken_name)
+        hosts[host_id] = _host(host_id, by_host[host_id], placed[host_id], groups, options, taken_host, taken_name,
+                               (os_types or {}).get(host_id))
     return DesiredState(groups, hosts, (frozenset(by_host) | frozenset(pending)) - frozenset(placed))
 
 
 def _host(host_id: int, rows: list[TopologyRow], placed: list[tuple[GroupKey, str, str, str]],
           groups: Mapping[GroupKey, str], options: ZabbixOptions, taken_host: set[str],
-          taken_name: set[str]) -> DesiredHost:
+          taken_name: set[str], os_type: str | None) -> DesiredHost:
     row = rows[0]  # host columns are the same on every row of a host
     ip = first_ip(row.bk_host_innerip)
     values: dict[str, Any] = {
@@ -200,9 +203,7 @@ def _host(host_id: int, rows: list[TopologyRow], placed: list[tuple[GroupKey, st
     disabled = options.disable_idle and all(name is not None and name in options.idle_modules for name in modules)
     if disabled:
         tags.add((DISABLED_TAG, "idle"))
-    os_type = getattr(row, "bk_os_type", None)  # not a mirror column yet: rules on it wait for one
-    templates = {t for rule in options.template_rules
-                 if rule.matches(modules, None if os_type is None else str(os_type)) for t in rule.templates}
+    templates = {t for rule in options.template_rules if rule.matches(modules, os_type) for t in rule.templates}
     return DesiredHost(
         bk_host_id=host_id,
         host=technical,

@@ -57,6 +57,7 @@ class Summary:
     hosts_removed: int = 0  # deleted, disabled or moved to <prefix>/_deleted, per on_delete
     hosts_held: int = 0  # desired.held: not placeable yet, left as they are
     hosts_guarded: int = 0  # would have been removed, but the guard said no
+    hosts_unproven: int = 0  # not desired, but CMDB's delete is not proved (no tombstone): left as they are
     existing: int = 0  # found already made (a concurrent change, a retry after a crash)
     gone: int = 0  # found already gone
     conflicts: int = 0  # a name another host holds
@@ -66,13 +67,18 @@ class Summary:
 
 
 async def reconcile(api: ZabbixApi, desired: DesiredState, options: ZabbixOptions, *, guard: Guard | None = None,
-                    guard_threshold: int = GUARD_THRESHOLD, scope: Collection[int] | None = None) -> Summary:
+                    guard_threshold: int = GUARD_THRESHOLD, scope: Collection[int] | None = None,
+                    proven: Collection[int] | None = None) -> Summary:
     """Write to Zabbix whatever keeps its managed part from equalling ``desired``.
 
     ``scope``: the bk_host_ids whose hosts to reconcile (those a batch touched), the others neither read nor
     written nor removed; every desired group is still made, and a group is removed only when no host at all is
     left in it. A renamed biz, set or module must bring every host below it into the scope: their tags are what
-    finds its group to rename. Past ``SCOPE_MAX`` ids a full reconcile is as quick."""
+    finds its group to rename. Past ``SCOPE_MAX`` ids a full reconcile is as quick.
+
+    ``proven``: the bk_host_ids CMDB is proved to have deleted (the mirror's tombstones). When given, a managed
+    host that is neither desired nor proven deleted is left as it is (``hosts_unproven``): a mirror that lost its
+    rows (a new file, a restore) must not empty Zabbix."""
     started, calls, writes = time.monotonic(), api.total_calls, api.write_calls
     out, summary = Outcomes(), Summary(hosts_held=len(desired.held))
     if scope is not None and len(scope) > SCOPE_MAX:
@@ -92,6 +98,14 @@ async def reconcile(api: ZabbixApi, desired: DesiredState, options: ZabbixOption
 
     # Hosts: pick the Zabbix host of each desired one; the managed ones left over are CMDB's deletes.
     chosen, orphans = _match_hosts(current, desired)
+    if proven is not None:
+        # (A second managed copy of a desired host is proof enough: the desired one stays.)
+        unproven = [h for h in orphans if h.bk_host_id not in proven and h.bk_host_id not in desired.hosts]
+        if unproven:
+            summary.hosts_unproven = len(unproven)
+            log.warning("zabbix_removal_unproven", hosts=len(unproven), sample=[h.host for h in unproven[:10]],
+                        prefix=options.group_prefix)
+            orphans = [h for h in orphans if h not in unproven]
     deleted_gid = current.group_ids().get(options.deleted_group)
     act = [h for h in orphans if options.on_delete == "delete" or h.groups & set(current.groups) != {deleted_gid}
            or (options.on_delete == "disable" and h.status != 1)]
