@@ -131,6 +131,13 @@ def query(prometheus: Prometheus, promql: str) -> list[dict[str, Any]]:
     return result
 
 
+def http_sd_failures(prometheus: Prometheus) -> float:
+    """Prometheus' own count of failed http_sd refreshes (its /metrics)."""
+    _, body = get(f"{prometheus.url}/metrics")
+    return sum(float(line.split()[-1]) for line in body.decode().splitlines()
+               if line.startswith("prometheus_sd_http_failures_total"))
+
+
 async def wait_for(what: str, probe: Any, timeout: float = CONVERGE_WITHIN) -> Any:
     """Poll ``probe`` (sync, run in a thread: it calls other processes) until it returns (ok, value) with ok."""
     deadline = time.monotonic() + timeout
@@ -247,6 +254,17 @@ async def test_prometheus_lists_exactly_the_mirrors_hosts_from_file_sd_and_http_
         await prometheus_lists(prometheus, after)
         assert expected(jobs, await mirror_topology(engine)) == after
         assert await daemon.stop() == 0
+
+        # rwatch down: http_sd refreshes fail, and Prometheus keeps the targets it has (why /sd answers 503, never
+        # [], until it has rendered: an empty list would drop them all).
+        failures = await asyncio.to_thread(http_sd_failures, prometheus)
+
+        def failing() -> tuple[bool, Any]:
+            now = http_sd_failures(prometheus)
+            return now >= failures + 2, now
+
+        await wait_for("http_sd refreshes failing", failing)
+        assert discovered(await asyncio.to_thread(prometheus.targets), "cmdb-http") == as_stored(after)
     finally:
         if daemon.running:
             daemon.signal(signal.SIGKILL)
