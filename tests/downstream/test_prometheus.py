@@ -223,8 +223,8 @@ async def test_prometheus_lists_exactly_the_mirrors_hosts_from_file_sd_and_http_
 
         # rwatch's own /metrics: scraped, and parsed (a parse error would be the target's lastError).
         def scraped() -> tuple[bool, Any]:
-            [target] = [t for t in prometheus.targets() if t["scrapePool"] == "rwatch"]
-            return target["health"] == "up" and target["lastError"] == "", target
+            found = [t for t in prometheus.targets() if t["scrapePool"] == "rwatch"]
+            return len(found) == 1 and found[0]["health"] == "up" and found[0]["lastError"] == "", found
 
         await wait_for("rwatch's /metrics scraped", scraped)
 
