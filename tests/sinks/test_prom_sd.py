@@ -386,8 +386,8 @@ async def test_sd_over_http(tmp_path: Path, served: Starter) -> None:
     second = PromSdSink("second", settings(None), FakeMirror([]), debounce=DEBOUNCE)
     base = await served([first, second])
     async with aiohttp.ClientSession() as session:
-        async with session.get(f"{base}/sd") as resp:  # before the first render
-            assert resp.status == 200 and await resp.json() == []
+        async with session.get(f"{base}/sd") as resp:  # before the first render: not an empty list (see below)
+            assert resp.status == 503
         await first.open()
         await second.open()
         async with session.get(f"{base}/sd") as resp:
@@ -409,6 +409,33 @@ async def test_sd_over_http(tmp_path: Path, served: Starter) -> None:
             assert resp.status == 200
     await first.close()
     await second.close()
+
+
+async def test_sd_answers_503_until_a_render_succeeded_so_prometheus_keeps_its_targets(
+        tmp_path: Path, served: Starter) -> None:
+    """Prometheus' http_sd keeps its last targets when a refresh fails, and drops them all on an empty list: a
+    restarted rwatch whose mirror is not readable yet must fail the refresh, not blank every target."""
+    mirror = FakeMirror([row(1, 11)])
+    mirror.error = RuntimeError("mirror not readable yet")
+    sink = PromSdSink("unready", settings(None), mirror, debounce=DEBOUNCE)
+    base = await served([sink])
+    await sink.open()  # its first render fails
+    async with aiohttp.ClientSession() as session:
+        for path in ("/sd", "/sd/unready"):
+            async with session.get(f"{base}{path}") as resp:
+                assert resp.status == 503, path
+        mirror.error = None
+        mirror.commit([row(1, 11)])
+        await until(lambda: hosts_of(json.loads(sink.content)) == [1])
+        async with session.get(f"{base}/sd") as resp:
+            assert resp.status == 200 and hosts_of(await resp.json()) == [1]
+        # Once rendered, a failed render keeps serving the last good list: that is the state of the mirror.
+        mirror.error = RuntimeError("database is locked")
+        mirror.commit([])
+        await until(lambda: mirror.calls >= 3)
+        async with session.get(f"{base}/sd") as resp:
+            assert resp.status == 200 and hosts_of(await resp.json()) == [1]
+    await sink.close()
 
 
 def test_fake_matches_the_protocol() -> None:

@@ -177,17 +177,23 @@ class PromSdSink(Projection):
         super().__init__(name, source, debounce=debounce, renders=PROM_SD_RENDERS, errors=PROM_SD_RENDER_ERRORS)
         self._jobs = list(settings.jobs)
         self._path = Path(settings.file) if settings.file else None
-        self._content = EMPTY
+        self._content: bytes | None = None  # None until a render succeeded
         self._written: bytes | None = None
         self._targets = PROM_SD_TARGETS.labels(name)
 
     @property
     def content(self) -> bytes:
         """The latest rendered file_sd JSON (``[]`` before the first render): what ``/sd`` answers."""
-        return self._content
+        return EMPTY if self._content is None else self._content
 
     async def handle_sd(self, _: web.Request) -> web.Response:
-        """http_sd: Prometheus wants 200 and application/json with the whole list."""
+        """http_sd: Prometheus wants 200 and application/json with the whole list.
+
+        503 until a render succeeded: Prometheus keeps its last targets when a refresh fails but drops every one on
+        an empty list, so a restarted rwatch whose mirror cannot be read yet must not answer ``[]``.
+        """
+        if self._content is None:
+            return web.Response(status=503, text="no topology rendered yet\n", headers={"Retry-After": "1"})
         return web.Response(body=self._content, content_type="application/json")
 
     async def project(self) -> None:
