@@ -136,6 +136,17 @@ PROM_SD_RENDER_ERRORS = Counter(
     "Service discovery renders that failed (topology unreadable or file not written); retried",
     ["sink"],
 )
+ANSIBLE_INVENTORY_HOSTS = Gauge(
+    "rwatch_ansible_inventory_hosts", "Hosts in the last rendered Ansible inventory", ["sink"]
+)
+ANSIBLE_INVENTORY_RENDERS = Counter(
+    "rwatch_ansible_inventory_renders_total", "Ansible inventory renders attempted (failures included)", ["sink"]
+)
+ANSIBLE_INVENTORY_RENDER_ERRORS = Counter(
+    "rwatch_ansible_inventory_render_errors_total",
+    "Ansible inventory renders that failed (mirror unreadable or file not written); retried",
+    ["sink"],
+)
 WEBHOOK_REQUESTS = Counter(
     "rwatch_webhook_requests_total",
     "Webhook POSTs by outcome (delivered, rejected, failed, timeout, connection_error)",

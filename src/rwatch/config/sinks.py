@@ -181,12 +181,43 @@ class ZabbixSinkConfig(ProjectionSinkConfig):
         return self
 
 
+# The fields an inventory host name template may use; ``ip`` is the first inner IP.
+ANSIBLE_NAME_FIELDS = ("bk_host_id", "bk_host_name", "bk_host_innerip", "ip", "bk_cloud_id", "tenant")
+
+
 class AnsibleInventorySinkConfig(ProjectionSinkConfig):
     kind: Literal["ansible_inventory"]
     file: str = Field(description="where the inventory JSON is written, replaced atomically")
     alias_groups: bool = Field(default=False, description="also groups named after biz / set / module names")
     hostvars: list[str] = Field(default_factory=list, description="host fields copied into _meta.hostvars")
+    host_name: str = Field(default="bk-{bk_host_id}", description="the inventory name of a host (a template)")
     debounce: Duration = Field(default=1.0, ge=0)
+
+    @field_validator("host_name")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        check_ansible_host_name(value)
+        return value
+
+    @field_validator("hostvars")
+    @classmethod
+    def _fields(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or name != name.strip():
+                raise ValueError(f"{name!r}: a host field name, e.g. 'bk_os_type'")
+        return value
+
+
+def check_ansible_host_name(template: str) -> None:
+    """ValueError naming what is wrong with an inventory host name template."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise ValueError(f"{template!r}: {exc}") from None
+    if unknown := set(fields) - set(ANSIBLE_NAME_FIELDS):
+        raise ValueError(f"{template!r}: unknown fields {sorted(unknown)} (known: {ANSIBLE_NAME_FIELDS})")
+    if not fields:
+        raise ValueError(f"{template!r}: names no field, so every host would have the same name")
 
 
 class JsonlSinkConfig(_QueueSink):
