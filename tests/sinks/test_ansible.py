@@ -237,3 +237,34 @@ async def test_a_restart_leaves_an_equal_file_alone_and_a_write_failure_is_count
         assert sample("rwatch_ansible_inventory_render_errors_total", "bad") == before + 1
     finally:
         await mirror.close()
+
+
+# --- a mirror to read, shared with the command's and real Ansible's tests -------------------------------
+
+
+async def fill_mirror(url: str) -> dict[str, set[int]]:
+    """A mirror with two businesses, a host in two modules, a deleted host and a removed relation; the live
+    hosts' inventory names -> the modules they are in (what ``ansible-inventory`` must show, and nothing else)."""
+    config = Config.model_validate({"sinks": {"mirror": {"kind": "mirror", "url": url}}})
+    mirror = make_sink("mirror", config)
+    assert isinstance(mirror, MirrorSink)
+    await mirror.open()
+    try:
+        await mirror.apply([event("biz", str(b), {"bk_biz_id": b, "bk_biz_name": n})
+                            for b, n in ((2, "shop"), (3, "blog team"))])
+        await mirror.apply([event("set", str(s), {"bk_set_id": s, "bk_set_name": "prod"}) for s in (20, 30)])
+        await mirror.apply([event("module", str(m), {"bk_module_id": m, "bk_module_name": n})
+                            for m, n in ((21, "nginx"), (22, "mysql"), (31, "nginx"))])
+        await mirror.apply([event("host", str(h), {"bk_host_id": h, "bk_host_innerip": f"10.0.0.{h}",
+                                                   "bk_cloud_id": 0, "bk_host_name": f"h{h}", "bk_os_type": "1"})
+                            for h in range(1, 7)])
+        placed = {1: (2, 20, 21), 2: (2, 20, 21), 3: (2, 20, 22), 4: (3, 30, 31), 5: (3, 30, 31), 6: (2, 20, 22)}
+        relations = [(h, *where) for h, where in placed.items()] + [(3, 3, 30, 31)]  # host 3 in two modules
+        await mirror.apply([event("host_relation", f"{h}:{m}", {"bk_host_id": h, "bk_biz_id": b, "bk_set_id": s,
+                                                                "bk_module_id": m}) for h, b, s, m in relations])
+        await mirror.apply([event("host", "5", {"bk_host_id": 5}, action="delete")])  # its relation lingers
+        await mirror.apply([event("host_relation", "6:22", {"bk_host_id": 6, "bk_biz_id": 2, "bk_set_id": 20,
+                                                            "bk_module_id": 22}, action="delete")])  # host 6: idle
+    finally:
+        await mirror.close()
+    return {"bk-1": {21}, "bk-2": {21}, "bk-3": {22, 31}, "bk-4": {31}}
