@@ -13,13 +13,23 @@ from prometheus_client import REGISTRY
 from rwatch.config import Config
 from rwatch.config.loading import load_config
 from rwatch.errors import ConfigError
+from rwatch.events import Event, iso_utc, watch_event_id
 from rwatch.sinks.ansible import AnsibleInventorySink, InventoryOptions, alias, encode, host_vars, inventory
 from rwatch.sinks.base import TopologyRow
 from rwatch.sinks.mirror import MirrorSink
 from rwatch.sinks.registry import make_sink
-from tests.sinks.test_prom_sd_mirror import event
 
 DEFAULTS = InventoryOptions()
+_N = iter(range(1, 1_000_000))
+
+
+def event(resource: str, key: str, data: dict[str, object], action: str = "create") -> Event:
+    """A watch event, each one newer than the last (this module's own: the prom_sd tests change on their own)."""
+    n = next(_N)
+    cursor = f"{resource}-{n}"
+    return Event(id=watch_event_id(resource, cursor), resource=resource, action=action,  # type: ignore[arg-type]
+                 key=key, version=(1_700_000_000, n), occurred_at=iso_utc(1_700_000_000),
+                 observed_at=iso_utc(1_700_000_000), cursor=cursor, data=data)
 
 
 def row(host: int, module: int, set_: int | None = 20, biz: int | None = 2, *, tenant: str = "0",

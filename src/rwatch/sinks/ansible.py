@@ -95,14 +95,13 @@ class _Group:
         return out
 
 
-def _host_names(keys: Iterable[HostKey], rows: Mapping[HostKey, TopologyRow], template: str) -> dict[HostKey, str]:
+def _host_names(rows: Mapping[HostKey, TopologyRow], template: str) -> dict[HostKey, str]:
     """Each host's inventory name: the template, else (empty, or taken by a host earlier in (tenant, id) order)
     ``bk-<id>``, else ``bk-<id>-<tenant>``, else that with ``-<n>``: unique, and the same on every render."""
     names: dict[HostKey, str] = {}
     taken: set[str] = set()
-    for key in sorted(keys):
+    for key, row in sorted(rows.items()):
         tenant, host_id = key
-        row = rows[key]
         rendered = template.format(bk_host_id=host_id, bk_host_name=row.bk_host_name or "",
                                    bk_host_innerip=row.bk_host_innerip or "", ip=first_ip(row.bk_host_innerip) or "",
                                    bk_cloud_id="" if row.bk_cloud_id is None else row.bk_cloud_id, tenant=tenant)
@@ -146,7 +145,7 @@ def inventory(rows: Iterable[TopologyRow], hosts: Mapping[HostKey, Mapping[str, 
     first: dict[HostKey, TopologyRow] = {}
     for row in live:
         first.setdefault((row.tenant, row.bk_host_id), row)
-    names = _host_names(first, first, options.host_name)
+    names = _host_names(first, options.host_name)
     groups: dict[str, _Group] = {}
     top: set[str] = set()
     named: dict[str, dict[str, set[str]]] = {"biz_": {}, "set_": {}, "module_": {}}
