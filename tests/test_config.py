@@ -22,7 +22,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_example_config_is_valid_and_carries_one_sink_of_each_kind() -> None:
     cfg = load_config(REPO / "config.toml", environ={})
-    assert {s.kind for s in cfg.sinks.values()} == {"mirror", "webhook", "prom_sd", "jsonl"}
+    assert {s.kind for s in cfg.sinks.values()} == {"mirror", "webhook", "prom_sd", "jsonl",
+                                                     "ansible_inventory", "zabbix"}
     assert cfg.watch.enabled == ["host", "host_relation", "biz", "set", "module"]
     assert cfg.watch.resources["biz"].interval == 10.0
 

@@ -154,6 +154,17 @@ ZABBIX_LAG = Histogram(
     "rwatch_zabbix_lag_seconds", "From a mirror commit to the reconcile that carried it to Zabbix", ["sink"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
 )
+ANSIBLE_INVENTORY_HOSTS = Gauge(
+    "rwatch_ansible_inventory_hosts", "Hosts in the last rendered Ansible inventory", ["sink"]
+)
+ANSIBLE_INVENTORY_RENDERS = Counter(
+    "rwatch_ansible_inventory_renders_total", "Ansible inventory renders attempted (failures included)", ["sink"]
+)
+ANSIBLE_INVENTORY_RENDER_ERRORS = Counter(
+    "rwatch_ansible_inventory_render_errors_total",
+    "Ansible inventory renders that failed (mirror unreadable or file not written); retried",
+    ["sink"],
+)
 WEBHOOK_REQUESTS = Counter(
     "rwatch_webhook_requests_total",
     "Webhook POSTs by outcome (delivered, rejected, failed, timeout, connection_error)",

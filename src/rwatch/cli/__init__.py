@@ -11,6 +11,7 @@ from rwatch.cli.cursors import cursors_app
 from rwatch.cli.demo import demo
 from rwatch.cli.dlq import dlq_app
 from rwatch.cli.doctor import doctor
+from rwatch.cli.inventory import inventory_cmd
 from rwatch.cli.resync import resync_cmd
 from rwatch.cli.run import check_config, health, run
 from rwatch.cli.sim import sim
@@ -38,6 +39,7 @@ app.command()(health)
 app.add_typer(dlq_app, name="dlq")
 app.command("resync")(resync_cmd)
 app.command("verify")(verify_cmd)
+app.command("inventory")(inventory_cmd)
 app.command()(doctor)
 app.command()(version)
 app.add_typer(cursors_app, name="cursors")

@@ -170,17 +170,26 @@ class ZabbixSinkConfig(ProjectionSinkConfig):
         for key in value:
             if not key.strip().lstrip("-").isdigit():
                 raise ValueError(f"{key!r}: keys are bk_cloud_id numbers, e.g. \"0\" = \"proxy-a\"")
+            if not value[key].strip():
+                raise ValueError(f"{key!r}: an empty proxy name (leave the control area out to monitor it from the "
+                                 "server)")
         return value
 
     @model_validator(mode="after")
     def _auth_and_names(self) -> ZabbixSinkConfig:
+        if self.token is not None and not self.token.get_secret_value():
+            self.token = None  # token = "" in a file, to be set through the environment: not given
         if self.token is not None and (self.username or self.password):
             raise ValueError("token: give a token, or a username and a password, not both")
-        if self.token is None and not (self.username and self.password):
+        if self.enabled and self.token is None and not (self.username and self.password):
             raise ValueError("token: Zabbix needs a token, or a username and a password")
         check_zabbix_names(self.group_prefix, visible_name=self.visible_name,
                            technical_name=self.technical_name)
         return self
+
+
+# The fields an inventory host name template may use; ``ip`` is the first inner IP.
+ANSIBLE_NAME_FIELDS = ("bk_host_id", "bk_host_name", "bk_host_innerip", "ip", "bk_cloud_id", "tenant")
 
 
 class AnsibleInventorySinkConfig(ProjectionSinkConfig):
@@ -188,7 +197,34 @@ class AnsibleInventorySinkConfig(ProjectionSinkConfig):
     file: str = Field(description="where the inventory JSON is written, replaced atomically")
     alias_groups: bool = Field(default=False, description="also groups named after biz / set / module names")
     hostvars: list[str] = Field(default_factory=list, description="host fields copied into _meta.hostvars")
+    host_name: str = Field(default="bk-{bk_host_id}", description="the inventory name of a host (a template)")
     debounce: Duration = Field(default=1.0, ge=0)
+
+    @field_validator("host_name")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        check_ansible_host_name(value)
+        return value
+
+    @field_validator("hostvars")
+    @classmethod
+    def _fields(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or name != name.strip():
+                raise ValueError(f"{name!r}: a host field name, e.g. 'bk_os_type'")
+        return value
+
+
+def check_ansible_host_name(template: str) -> None:
+    """ValueError naming what is wrong with an inventory host name template."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise ValueError(f"{template!r}: {exc}") from None
+    if unknown := set(fields) - set(ANSIBLE_NAME_FIELDS):
+        raise ValueError(f"{template!r}: unknown fields {sorted(unknown)} (known: {ANSIBLE_NAME_FIELDS})")
+    if not fields:
+        raise ValueError(f"{template!r}: names no field, so every host would have the same name")
 
 
 class JsonlSinkConfig(_QueueSink):

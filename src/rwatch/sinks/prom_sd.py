@@ -13,9 +13,6 @@ the result to ``serve_http(..., routes=...)``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict
@@ -25,6 +22,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from rwatch.metrics import PROM_SD_RENDER_ERRORS, PROM_SD_RENDERS, PROM_SD_TARGETS
+from rwatch.sinks.files import replace_file
 from rwatch.sinks.projection import Projection, ProjectionFailed, TopologySource
 
 if TYPE_CHECKING:
@@ -33,8 +31,6 @@ if TYPE_CHECKING:
 
 DEBOUNCE_SECONDS = 1.0
 EMPTY = b"[]\n"
-# Prometheus runs as another user more often than not: the file must be readable by it (mkstemp makes 0600).
-FILE_MODE = 0o644
 
 
 class TargetGroup(TypedDict):
@@ -131,37 +127,6 @@ def encode(groups: Sequence[TargetGroup]) -> bytes:
 def _render(jobs: Sequence[PromJob], rows: list[TopologyRow]) -> tuple[bytes, int, int]:
     groups, no_ip = render_groups(jobs, rows)
     return encode(groups), len(groups), no_ip
-
-
-def replace_file(path: Path, content: bytes, *, compare: bool = False) -> bool:
-    """Atomically make ``path`` hold ``content``; False when ``compare`` found it already did.
-
-    Temp file in the same directory (os.replace is atomic only within one file system), fsynced before the
-    rename and the directory fsynced after it, so a crash leaves the old file or the new one, never a mix.
-    """
-    if compare:
-        with contextlib.suppress(OSError):
-            if path.read_bytes() == content:
-                return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(content)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return True
 
 
 # --- the sink -------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rwatch.config import (
+    AnsibleInventorySinkConfig,
     Config,
     JsonlSinkConfig,
     MirrorSinkConfig,
@@ -11,6 +12,7 @@ from rwatch.config import (
     WebhookSinkConfig,
     ZabbixSinkConfig,
 )
+from rwatch.sinks.ansible import AnsibleInventorySink
 from rwatch.sinks.base import Sink
 from rwatch.sinks.jsonl import JsonlSink
 from rwatch.sinks.mirror import MirrorSink
@@ -41,4 +43,7 @@ def make_sink(name: str, config: Config, sinks: dict[str, Sink] | None = None) -
         assert source is not None
         return ZabbixSink(name, settings, source, mass_delete_share=config.watch.mass_delete_share,
                           mass_delete_floor=config.watch.mass_delete_floor)
+    if isinstance(settings, AnsibleInventorySinkConfig):
+        assert source is not None
+        return AnsibleInventorySink(name, settings, source)
     raise AssertionError(f"unknown sink kind for {name!r}")  # pragma: no cover - config validation
