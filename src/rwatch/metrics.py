@@ -146,8 +146,8 @@ ZABBIX_API_CALLS = Counter("rwatch_zabbix_api_calls_total", "Zabbix API calls ma
 ZABBIX_HOSTS = Gauge("rwatch_zabbix_hosts", "Hosts the last reconcile kept in Zabbix", ["sink"])
 ZABBIX_HELD = Gauge(
     "rwatch_zabbix_held_hosts",
-    "Hosts the last reconcile left as they are: unplaced (no module yet), unproven (gone from the mirror without "
-    "a tombstone) or guarded (past the mass-delete guard)",
+    "Hosts the last reconcile left as they are: unplaced (no module yet) or unproven (gone from the mirror without "
+    "a tombstone)",
     ["sink", "reason"],
 )
 ZABBIX_LAG = Histogram(

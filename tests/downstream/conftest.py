@@ -24,6 +24,7 @@ from tests.downstream.instances import (
     start_zabbix,
     stop_zabbix,
 )
+from tests.integration.conftest import setups  # noqa: F401  (rwatch setups, for the end-to-end runs)
 
 StartPrometheus = Callable[..., Prometheus]
 

@@ -50,10 +50,17 @@ async def apply(mirror: MirrorSink, events: list[Event]) -> None:
 
 async def until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
+    while not _holds(check):
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
         await asyncio.sleep(0.1)
+
+
+def _holds(check: Callable[[], bool]) -> bool:
+    try:
+        return check()
+    except ValueError:  # Zabbix read in the middle of a host's write (its tags replaced): look again
+        return False
 
 
 @pytest.fixture
@@ -84,7 +91,7 @@ async def open_sink(zabbix: Zabbix, prefix: str, mirror: MirrorSink) -> AsyncIte
     opened: list[ZabbixSink] = []
 
     async def start(source: MirrorSink = mirror, **extra: Any) -> ZabbixSink:
-        sink = ZabbixSink(f"zbx{len(opened)}", settings(zabbix, prefix, **extra), source, mass_delete_floor=2)
+        sink = ZabbixSink(f"zbx{len(opened)}", settings(zabbix, prefix, **extra), source)
         await sink.open()
         opened.append(sink)
         return sink
@@ -159,20 +166,16 @@ async def test_a_host_the_mirror_lost_without_a_tombstone_stays(
         await fresh.close()
 
 
-async def test_a_mass_removal_waits_for_the_operator(mirror: MirrorSink, side: Side, open_sink: Open) -> None:
+async def test_a_large_removal_cmdb_proved_goes_through(mirror: MirrorSink, side: Side, open_sink: Open) -> None:
+    """CMDB deleting most hosts at once (rwatch catching up after downtime) is proof, not a mass-delete question:
+    every tombstone is CMDB's own delete or a sweep that already passed the watcher's mass-delete guard."""
     await apply(mirror, world())
     sink = await open_sink(on_delete="delete")
     gone = [e for h in (2, 3, 4, 5) for e in (relation(h, 111 if h <= 3 else 121, 11 if h <= 3 else 12, 1, 2,
                                                        "delete"), host(h, 2, "delete"))]
     await apply(mirror, gone)
-    await until(lambda: sink.last is not None and sink.last.hosts_guarded == 4, "the removal held")
-    assert set(side.hosts()) == set(range(1, 7))
-    held = REGISTRY.get_sample_value("rwatch_zabbix_held_hosts", {"sink": sink.name, "reason": "guarded"})
-    assert held == 4
-    sink.allow_mass_delete = True
-    summary = await sink.sync()
-    assert summary.hosts_removed + summary.gone == 4  # (the loop may have carried them out first, allowed now)
-    assert set(side.hosts()) == {1, 6}
+    await until(lambda: set(side.hosts()) == {1, 6}, "the four proven deletes carried out")
+    assert sink.last is not None and sink.last.hosts_guarded == 0
 
 
 async def test_zabbix_away_at_start_is_retried_not_fatal(

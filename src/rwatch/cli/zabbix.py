@@ -1,5 +1,4 @@
-"""``rwatch zabbix-sync``: one full reconcile of a zabbix sink from its mirror, now (an initial sync, a repair, or
-the release of a removal the mass-delete guard held)."""
+"""``rwatch zabbix-sync``: one full reconcile of a zabbix sink from its mirror, now (an initial sync or a repair)."""
 
 from __future__ import annotations
 
@@ -15,8 +14,6 @@ from rwatch.cli.common import ConfigOption, load
 def zabbix_sync(
     config: ConfigOption = None,
     sink: Annotated[str | None, typer.Option(help="the zabbix sink (default: the only enabled one)")] = None,
-    allow_mass_delete: Annotated[bool, typer.Option(
-        "--allow-mass-delete", help="let through a removal the mass-delete guard would hold (after looking)")] = False,
     json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Make Zabbix's managed groups and hosts equal to the mirror's topology now, whatever the daemon is doing
@@ -49,9 +46,7 @@ def zabbix_sync(
     async def main() -> dict[str, object]:
         mirror = MirrorSink(settings.source, source)
         await mirror.open()
-        zabbix = ZabbixSink(name, settings, mirror, mass_delete_share=cfg.watch.mass_delete_share,
-                            mass_delete_floor=cfg.watch.mass_delete_floor)
-        zabbix.allow_mass_delete = allow_mass_delete
+        zabbix = ZabbixSink(name, settings, mirror)
         try:
             return asdict(await zabbix.sync())
         finally:
@@ -67,9 +62,5 @@ def zabbix_sync(
         typer.echo(orjson.dumps(summary).decode())
     else:
         typer.echo(" ".join(f"{k}={v}" for k, v in summary.items()))
-    if summary["hosts_guarded"]:
-        typer.echo(f"rwatch zabbix-sync: the mass-delete guard held {summary['hosts_guarded']} removals; look, then "
-                   "run again with --allow-mass-delete", err=True)
-        raise typer.Exit(1)
     if summary["conflicts"]:
         raise typer.Exit(1)

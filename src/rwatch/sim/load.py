@@ -51,6 +51,8 @@ DEFAULT_MIX: Final[dict[str, float]] = {
     "biz_set.update": 1,
     "biz_set.delete": 0.3,
 }
+# Not in the default mix (its weights are what the tests and benches have measured): operations a mix may name.
+EXTRA_OPS: Final = ("biz.rename", "set.rename", "module.rename")
 OBJ_IDS: Final = ("switch", "router", "firewall")
 _MAX_TICK_OPS = 10_000  # a background tick never applies more than this, whatever the rate
 
@@ -94,7 +96,7 @@ class LoadGenerator:
         self.rate = 0.0
         self._task: asyncio.Task[None] | None = None
         self._ops: dict[str, Callable[[], bool]] = {}
-        for name in DEFAULT_MIX:
+        for name in (*DEFAULT_MIX, *EXTRA_OPS):
             resource, action = name.split(".")
             self._ops[name] = getattr(self, f"_{action}_{resource}", None) or self._generic(resource, action)
         self.set_mix(mix)
@@ -257,6 +259,23 @@ class LoadGenerator:
             return False
         self.state.create("module", {"bk_set_id": parent["bk_set_id"]})
         return True
+
+    def _rename(self, resource: str, doc: dict[str, Any] | None) -> bool:
+        """A new name for a biz, set or module (what a downstream group named after it must follow)."""
+        if doc is None:
+            return False
+        key = str(object_key(resource, doc))
+        self.state.update(resource, key, {f"bk_{resource}_name": f"{resource}-{key}-r{self.rng.randrange(10**6)}"})
+        return True
+
+    def _rename_biz(self) -> bool:
+        return self._rename("biz", self._user_biz())
+
+    def _rename_set(self) -> bool:
+        return self._rename("set", self._pick("set", lambda d: not d.get("default")))
+
+    def _rename_module(self) -> bool:
+        return self._rename("module", self._pick("module", lambda d: not d.get("default")))
 
     def _update_biz(self) -> bool:
         biz = self._user_biz()

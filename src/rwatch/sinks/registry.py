@@ -41,8 +41,7 @@ def make_sink(name: str, config: Config, sinks: dict[str, Sink] | None = None) -
         return PromSdSink(name, settings, source)
     if isinstance(settings, ZabbixSinkConfig):
         assert source is not None
-        return ZabbixSink(name, settings, source, mass_delete_share=config.watch.mass_delete_share,
-                          mass_delete_floor=config.watch.mass_delete_floor)
+        return ZabbixSink(name, settings, source)
     if isinstance(settings, AnsibleInventorySinkConfig):
         assert source is not None
         return AnsibleInventorySink(name, settings, source)

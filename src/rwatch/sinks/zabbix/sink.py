@@ -9,8 +9,10 @@ repairs what an operator changed by hand on managed objects and what a crash lef
 
 Deletes need proof. A managed host leaves Zabbix (per ``on_delete``) only when the mirror holds CMDB's delete of it
 (a tombstone); a host missing from the mirror without one (a new or restored mirror file) is left as it is, logged
-as ``zabbix_removal_unproven``. And the mass-delete guard (``watch.mass_delete_share`` / ``mass_delete_floor``)
-holds a removal larger than that share of the managed hosts until ``rwatch zabbix-sync --allow-mass-delete``.
+as ``zabbix_removal_unproven``. A tombstone is either CMDB's own delete event or a resync's sweep, and a sweep
+reaches the mirror only past the mass-delete guard (``watch.mass_delete_share``, released with ``rwatch resync
+--allow-mass-delete``): so every removal here is one CMDB proved, and none needs a second guard. (One would hold
+CMDB's real deletes whenever rwatch catches up after downtime, wedging Zabbix behind a question nobody asked.)
 
 Zabbix being down never stops rwatch: the projection fails, is counted and logged, and is tried again after a pause
 that doubles (the mirror keeps applying meanwhile); the next reconcile carries every change since.
@@ -70,7 +72,7 @@ class ZabbixSink(Projection):
     kind = "zabbix"
 
     def __init__(self, name: str, settings: ZabbixSinkConfig, source: ZabbixSource, *,
-                 mass_delete_share: float = 0.1, mass_delete_floor: int = 20, api: ZabbixApi | None = None) -> None:
+                 api: ZabbixApi | None = None) -> None:
         super().__init__(name, source, debounce=settings.debounce, renders=ZABBIX_RECONCILES, errors=ZABBIX_ERRORS)
         self._facts_source = source
         self.settings = settings
@@ -83,8 +85,6 @@ class ZabbixSink(Projection):
         self._applied: DesiredState | None = None  # what Zabbix was last made equal to; None: a full reconcile is due
         self._proven: set[int] = set()  # the tombstoned hosts at that reconcile
         self._timer: asyncio.Task[None] | None = None
-        self.share, self.floor = mass_delete_share, mass_delete_floor
-        self.allow_mass_delete = False
         self.last: Summary | None = None
         self._calls = (ZABBIX_API_CALLS.labels(name, "read"), ZABBIX_API_CALLS.labels(name, "write"))
         self._lag = ZABBIX_LAG.labels(name)
@@ -138,26 +138,18 @@ class ZabbixSink(Projection):
         reads, writes = self.api.total_calls - self.api.write_calls, self.api.write_calls
         total = len(desired.hosts)
         try:
-            summary = await reconcile(self.api, desired, self.options, scope=scope, proven=proven,
-                                      guard=lambda count, _: self._guard(count, total),
-                                      guard_threshold=self.floor)
+            summary = await reconcile(self.api, desired, self.options, scope=scope, proven=proven)
         finally:
             self._calls[0].inc(self.api.total_calls - self.api.write_calls - reads)
             self._calls[1].inc(self.api.write_calls - writes)
         self._applied, self._proven = desired, proven
         self.last = summary
         ZABBIX_HOSTS.labels(self.name).set(total)
-        for reason, count in (("unplaced", summary.hosts_held), ("unproven", summary.hosts_unproven),
-                              ("guarded", summary.hosts_guarded)):
+        for reason, count in (("unplaced", summary.hosts_held), ("unproven", summary.hosts_unproven)):
             ZABBIX_HELD.labels(self.name, reason).set(count)
-        if summary.hosts_guarded or summary.hosts_unproven or summary.conflicts:
+        if summary.hosts_unproven or summary.conflicts:
             self._log.warning("zabbix_reconcile_incomplete", scope="full" if scope is None else len(scope),
                               **asdict(summary))
-
-    def _guard(self, count: int, desired: int) -> bool:
-        """The mass-delete guard: more than ``share`` of the managed hosts (and more than ``floor``) waits for an
-        operator's ``--allow-mass-delete``."""
-        return self.allow_mass_delete or count <= self.share * (desired + count)
 
     def projected(self, since: float | None) -> None:
         if since is not None:
