@@ -125,7 +125,11 @@ def _cause(exc: BaseException) -> str:
 
 
 def _line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
+    return _clip(str(exc), limit)
+
+
+def _clip(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -163,6 +167,7 @@ class ZabbixState:
     writes: int = 0
     errors: int = 0
     last_error: str | None = None
+    failing: bool = False  # the last reconcile seen failed (Zabbix away or refusing: the sink retries)
     changed_at: float | None = None  # monotonic time the reconciles were last seen to grow
     last_calls: int = 0  # API calls made since the sample before that
 
@@ -171,7 +176,7 @@ class ZabbixState:
                                                  f"{time.monotonic() - self.changed_at:.0f} s ago)"
         line = (f"zabbix hosts={self.hosts} reconciles={self.reconciles}{ago} calls={self.reads}r/{self.writes}w "
                 f"errors={self.errors}")
-        return line + (f" last error: {self.last_error}" if self.errors and self.last_error else "")
+        return line + (f" failing, retrying: {self.last_error}" if self.failing and self.last_error else "")
 
 
 @dataclass
@@ -193,11 +198,16 @@ class ZabbixWatch:
                           reads=value("rwatch_zabbix_api_calls_total", kind="read"),
                           writes=value("rwatch_zabbix_api_calls_total", kind="write"),
                           errors=value("rwatch_zabbix_errors_total"),
-                          changed_at=before.changed_at, last_calls=before.last_calls)
+                          changed_at=before.changed_at, last_calls=before.last_calls, failing=before.failing)
+        tried, failed = now.reconciles - before.reconciles, now.errors - before.errors
+        if failed:
+            now.failing = failed >= tried
+        elif tried:
+            now.failing = False
         if now.reconciles > before.reconciles:
             now.changed_at = time.monotonic()
             now.last_calls = now.reads + now.writes - before.reads - before.writes
-        failed = [e for e in recent_errors() if str(e.get("event") or "").startswith("zabbix")]
-        now.last_error = failed[0]["error"] if failed else None
+        errors = [e for e in recent_errors() if str(e.get("event") or "").startswith("zabbix")]
+        now.last_error = _clip(str(errors[0]["error"])) if errors else None
         self.state = now
         return now
