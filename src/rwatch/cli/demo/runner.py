@@ -209,5 +209,9 @@ def _zabbix_lines(options: DemoOptions, version: str | None) -> list[str]:
     return [
         f"  zabbix       {zabbix.url}   (Zabbix {version}, {zabbix.login}; groups {zabbix.prefix}/<biz>/<set>/<module>,"
         f" {leave})",
-        f"               in its UI: {zabbix.groups_page(version)}   (log in as {zabbix.username or 'a user'})",
+        f"               in its UI: {zabbix.groups_page(version)}   ({_who(zabbix.username)})",
     ]
+
+
+def _who(username: str | None) -> str:
+    return f"sign in as {username}" if username else "sign in as a user who may see them"
