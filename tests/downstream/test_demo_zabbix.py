@@ -140,3 +140,18 @@ def test_a_zabbix_that_cannot_be_reached_or_refuses_the_login_stops_the_demo_in_
 
     line = demo_refused(tmp_path / "c", "--zabbix", zabbix.url.removesuffix("api_jsonrpc.php") + "no/such/")
     assert "is not Zabbix's API: apiinfo.version: HTTP 404" in line
+
+
+@pytest.mark.parametrize(("given", "endpoint"), [
+    ("http://127.0.0.1:8080", "http://127.0.0.1:8080/api_jsonrpc.php"),
+    ("http://127.0.0.1:8080/", "http://127.0.0.1:8080/api_jsonrpc.php"),
+    ("https://zbx.example.com/zabbix/", "https://zbx.example.com/zabbix/api_jsonrpc.php"),
+    ("https://zbx.example.com/zabbix/index.php?x=1", "https://zbx.example.com/zabbix/api_jsonrpc.php"),
+    ("http://h/zabbix/api_jsonrpc.php", "http://h/zabbix/api_jsonrpc.php"),
+])
+def test_the_zabbix_url_may_be_the_frontend_or_the_endpoint(given: str, endpoint: str) -> None:
+    from rwatch.cli.demo.zabbix import api_url
+
+    assert api_url(given) == endpoint
+    with pytest.raises(ValueError, match="not an http"):
+        api_url("zbx.example.com/zabbix")
