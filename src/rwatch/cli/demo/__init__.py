@@ -4,8 +4,9 @@ Nothing to configure: a small simulated CMDB (3 businesses, ~50 hosts) with a ch
 the memory bus (or on RabbitMQ with ``--amqp-url``, under an exchange and queues of its own that are deleted
 at exit), a SQLite mirror and a Prometheus ``file_sd`` file in one folder. The watchers start at the oldest
 event CMDB retains (the NoEventCursor, never saved by rwatch itself), so the mirror holds the whole
-topology, resource pool included, within a second or two. Ctrl-C (or SIGTERM, or ``--seconds``) stops
-rwatch cleanly, then the simulator, and exits 0.
+topology, resource pool included, within a second or two. With ``--zabbix URL``, a zabbix sink follows the
+mirror into that real Zabbix, under a prefix of the demo's own (``rwatch.cli.demo.zabbix``). Ctrl-C (or
+SIGTERM, or ``--seconds``) stops rwatch cleanly, then the simulator, and exits 0.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import typer
 
 from rwatch.cli.demo.options import DEFAULT_PORT, DemoError, DemoFiles, DemoOptions, choose_port
 from rwatch.cli.demo.runner import run_demo
+from rwatch.cli.demo.zabbix import DEFAULT_PASSWORD, DEFAULT_PREFIX, DEFAULT_USER, DemoZabbix, api_url
 
 
 def demo(
@@ -35,8 +37,28 @@ def demo(
     directory: Annotated[Path | None, typer.Option(
         "--dir", file_okay=False, help="folder for the mirror, file_sd output, state and log (default: a new "
                                        "temporary folder); the demo's own files in it are replaced")] = None,
+    zabbix: Annotated[str | None, typer.Option(
+        "--zabbix", show_default=False,
+        help="also keep this real Zabbix in step: its frontend's URL (http://127.0.0.1:8080/) or its "
+             "api_jsonrpc.php")] = None,
+    zabbix_token: Annotated[str | None, typer.Option(
+        "--zabbix-token", show_default=False, help="log in to Zabbix with this API token")] = None,
+    zabbix_user: Annotated[str | None, typer.Option(
+        "--zabbix-user", show_default=False,
+        help=f"log in to Zabbix as this user (default {DEFAULT_USER}, the account a fresh Zabbix comes with)")] = None,
+    zabbix_password: Annotated[str | None, typer.Option(
+        "--zabbix-password", show_default=False,
+        help=f"that user's password (default {DEFAULT_PASSWORD}, a fresh Zabbix's; change it on any Zabbix that "
+             "others can reach)")] = None,
+    zabbix_prefix: Annotated[str, typer.Option(
+        "--zabbix-prefix", help="the demo's host groups are <prefix>/<biz>/<set>/<module>; what the demo made under "
+                                "it is removed at start and at exit")] = DEFAULT_PREFIX,
+    zabbix_keep: Annotated[bool, typer.Option(
+        "--zabbix-keep", help="leave the demo's hosts and groups in Zabbix at exit, to look at them after")] = False,
 ) -> None:
-    """See rwatch work in one command: a simulated CMDB, rwatch, a SQLite mirror and file_sd, live."""
+    """See rwatch work in one command: a simulated CMDB, rwatch, a SQLite mirror and file_sd, live (and a real
+    Zabbix with --zabbix)."""
+    target = _zabbix(zabbix, zabbix_token, zabbix_user, zabbix_password, zabbix_prefix, zabbix_keep)
     try:
         chosen = choose_port(port)
     except OSError as exc:
@@ -52,7 +74,7 @@ def demo(
 
         setup_logging("info", "json", log_stream)  # the view owns the terminal; the JSON logs go to the file
         options = DemoOptions(amqp_url=amqp_url, rate=rate, seconds=seconds, port=chosen, files=files,
-                              live=sys.stdout.isatty())
+                              live=sys.stdout.isatty(), zabbix=target)
         try:
             code = asyncio.run(run_demo(options, sys.stdout))
         except DemoError as exc:
@@ -61,3 +83,29 @@ def demo(
         finally:
             logging.getLogger().handlers.clear()  # nothing may write to the file once it is closed
     raise typer.Exit(code)
+
+
+def _zabbix(url: str | None, token: str | None, user: str | None, password: str | None, prefix: str,
+            keep: bool) -> DemoZabbix | None:
+    """The --zabbix options, checked as usage (exit 2) before anything starts."""
+    from rwatch.config.sinks import check_zabbix_names
+
+    if url is None:
+        if token or user or password or keep or prefix != DEFAULT_PREFIX:
+            raise typer.BadParameter("the --zabbix-* options need --zabbix URL", param_hint="--zabbix")
+        return None
+    try:
+        endpoint = api_url(url)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--zabbix") from None
+    try:
+        check_zabbix_names(prefix)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc).removeprefix("group_prefix: "), param_hint="--zabbix-prefix") from None
+    if token and (user or password):
+        raise typer.BadParameter("give --zabbix-token, or --zabbix-user and --zabbix-password, not both",
+                                 param_hint="--zabbix-token")
+    if token:
+        return DemoZabbix(endpoint, prefix, token=token, username=None, password=None, keep=keep)
+    return DemoZabbix(endpoint, prefix, username=user or DEFAULT_USER, password=password or DEFAULT_PASSWORD,
+                      keep=keep)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
 
+    from rwatch.cli.demo.zabbix import DemoZabbix
     from rwatch.config import Config
 
 DEFAULT_PORT = 9108
@@ -65,6 +66,7 @@ class DemoOptions:
     port: int
     files: DemoFiles
     live: bool
+    zabbix: DemoZabbix | None = None  # --zabbix: a zabbix sink fed by the mirror
     unique: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
 
 
@@ -96,16 +98,21 @@ def demo_config(options: DemoOptions, sim_url: str) -> Config:
         # Never the real "cmdb" exchange or "rwatch" queues: a name of this run's own, deleted at exit.
         name = f"rwatch-demo-{options.unique}"
         bus = {"kind": "amqp", "url": options.amqp_url, "exchange": name, "queue_prefix": name}
+    sinks: dict[str, Any] = {
+        SINK: {"kind": "mirror", "url": f"sqlite:///{files.mirror}"},
+        "targets": {"kind": "prom_sd", "source": SINK, "file": str(files.targets),
+                    "jobs": [{"name": "node", "port": 9100}]},
+    }
+    if options.zabbix is not None:
+        from rwatch.cli.demo.zabbix import SINK as ZABBIX_SINK
+
+        sinks[ZABBIX_SINK] = options.zabbix.sink(SINK)
     return Config.model_validate({
         "cmdb": {"base_url": sim_url, "rate_limit": 0},
         "watch": {"bootstrap": "now"},
         "bus": bus,
         "store": {"url": f"sqlite:///{files.state}"},
-        "sinks": {
-            SINK: {"kind": "mirror", "url": f"sqlite:///{files.mirror}"},
-            "targets": {"kind": "prom_sd", "source": SINK, "file": str(files.targets),
-                        "jobs": [{"name": "node", "port": 9100}]},
-        },
+        "sinks": sinks,
         "http": {"listen": f"127.0.0.1:{options.port}"},
         "log": {"level": "info", "format": "json"},
     })

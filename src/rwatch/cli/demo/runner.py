@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from rwatch.cli.demo.options import DemoError, DemoOptions, demo_config
 from rwatch.cli.demo.view import View, say
+from rwatch.cli.demo.zabbix import ZabbixUnusable, check_zabbix, remove_demo
 
 if TYPE_CHECKING:
 
@@ -84,6 +85,14 @@ async def run_demo(options: DemoOptions, out: TextIO) -> int:
     log = get_logger("rwatch.demo")
     if options.amqp_url is not None:
         await _check_broker(options.amqp_url)
+    zabbix_version: str | None = None
+    if options.zabbix is not None:
+        try:
+            zabbix_version, cleared = await check_zabbix(options.zabbix)
+        except ZabbixUnusable as exc:
+            raise DemoError(str(exc)) from None
+        if cleared:
+            say(out, f"removed {cleared} hosts an earlier demo left in Zabbix under {options.zabbix.prefix}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -118,7 +127,7 @@ async def run_demo(options: DemoOptions, out: TextIO) -> int:
                     return code if asked else code or 1
                 if options.rate > 0:
                     sim.load.start(options.rate)
-                _banner(out, options, bound.result(), sim.url)
+                _banner(out, options, bound.result(), sim.url, zabbix_version)
                 view = View(config, options, sim)
                 await view.run(stop, daemon, out, deadline=started + options.seconds if options.seconds else None)
             finally:
@@ -149,6 +158,17 @@ async def _finish(daemon: asyncio.Task[None], config: Config, options: DemoOptio
             await _delete_broker_topology(config)
         except Exception as exc:
             say(out, f"could not delete the demo's exchange and queues ({config.bus.exchange}): {exc}")
+    zabbix = options.zabbix
+    if zabbix is not None and zabbix.keep:
+        say(out, f"the demo's hosts and groups stay in Zabbix under {zabbix.prefix} (the next demo with this prefix "
+                 "removes them)")
+    elif zabbix is not None:
+        try:
+            removed = await remove_demo(zabbix)
+            say(out, f"removed the demo's {removed} hosts and its groups from Zabbix ({zabbix.prefix}; "
+                     "--zabbix-keep leaves them)")
+        except Exception as exc:
+            say(out, f"could not remove the demo's hosts and groups from Zabbix ({zabbix.prefix}): {exc}")
     if not stopped_early:
         say(out, f"stopped. The mirror, file_sd output and log stay in {options.files.folder}")
     return code
@@ -160,20 +180,38 @@ def _describe(exc: BaseException | None) -> str:
     return repr(exc)
 
 
-def _banner(out: TextIO, options: DemoOptions, port: int, sim_url: str) -> None:
+def _banner(out: TextIO, options: DemoOptions, port: int, sim_url: str, zabbix_version: str | None) -> None:
     files = options.files
     bus = f"RabbitMQ, exchange rwatch-demo-{options.unique} (deleted at exit)" if options.amqp_url else "memory"
     changes = f"{options.rate:g} changes/s" if options.rate else "no changes (--rate 0)"
     stop = f"stops after {options.seconds:g} s, or press Ctrl-C" if options.seconds else "press Ctrl-C to stop"
     lines = [
-        "rwatch demo: a simulated CMDB -> rwatch -> SQLite mirror + Prometheus file_sd",
+        "rwatch demo: a simulated CMDB -> rwatch -> SQLite mirror + Prometheus file_sd"
+        + (" + Zabbix" if options.zabbix else ""),
         f"  status page  http://127.0.0.1:{port}/   (also /healthz, /readyz, /metrics, /sd)",
         f"  simulator    {sim_url}   ({changes})",
         f"  bus          {bus}",
         f"  mirror       {files.mirror}   (sqlite3 {files.mirror} 'SELECT * FROM rwatch_topology LIMIT 5')",
         f"  file_sd      {files.targets}",
+        *_zabbix_lines(options, zabbix_version),
         f"  logs         {files.log}",
         f"  {stop}",
         "",
     ]
     say(out, "\n".join(lines))
+
+
+def _zabbix_lines(options: DemoOptions, version: str | None) -> list[str]:
+    zabbix = options.zabbix
+    if zabbix is None:
+        return []
+    leave = "kept at exit (--zabbix-keep)" if zabbix.keep else "removed at exit"
+    return [
+        f"  zabbix       {zabbix.url}   (Zabbix {version}, {zabbix.login}; groups {zabbix.prefix}/<biz>/<set>/<module>,"
+        f" {leave})",
+        f"               in its UI: {zabbix.groups_page(version)}   ({_who(zabbix.username)})",
+    ]
+
+
+def _who(username: str | None) -> str:
+    return f"sign in as {username}" if username else "sign in as a user who may see them"

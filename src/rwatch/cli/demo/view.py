@@ -1,4 +1,5 @@
-"""The demo's live view: per resource, events published and applied, mirror rows and the newest event's time."""
+"""The demo's live view: per resource, events published and applied, mirror rows and the newest event's time; with
+``--zabbix``, one line for the zabbix sink."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
 from rwatch.cli.demo.options import ACTIONS, SINK, DemoOptions
+from rwatch.cli.demo.zabbix import ZabbixWatch
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -41,6 +43,7 @@ class View:
         self.sim = sim
         self.started = time.monotonic()
         self.history: list[tuple[float, int]] = []  # (monotonic, total applied) for the rate
+        self.zabbix = ZabbixWatch() if options.zabbix is not None else None
 
     @staticmethod
     def _counter(name: str, labels: dict[str, str]) -> int:
@@ -79,6 +82,8 @@ class View:
             if resource in mirror:
                 row.rows, row.last_event = mirror[resource]
             rows.append(row)
+        if self.zabbix is not None:
+            self.zabbix.sample()
         now = time.monotonic()
         self.history.append((now, sum(r.applied for r in rows)))
         self.history = [h for h in self.history if now - h[0] <= 5.0]
@@ -125,6 +130,8 @@ class View:
         parts = [f"{r.resource} published={r.published} applied={r.applied} rows={'-' if r.rows is None else r.rows}"
                  for r in rows]
         elapsed = time.monotonic() - self.started
+        if self.zabbix is not None:
+            parts.append(self.zabbix.state.text())
         return f"[{elapsed:5.0f}s] changes={self.changes()} applied/s={self.rate():.1f} | " + " | ".join(parts)
 
     def table(self, rows: list[Row]) -> Table:
@@ -133,7 +140,8 @@ class View:
         elapsed = time.monotonic() - self.started
         table = Table(title=f"rwatch demo, {elapsed:.0f} s: {self.changes()} simulated changes, "
                             f"{self.rate():.1f} events applied/s", title_justify="left",
-                      caption="Ctrl-C stops", caption_justify="left")
+                      caption="Ctrl-C stops" if self.zabbix is None else f"{self.zabbix.state.text()}\nCtrl-C stops",
+                      caption_justify="left")
         table.add_column("resource")
         for name in ("published", "applied", "mirror rows"):
             table.add_column(name, justify="right")
