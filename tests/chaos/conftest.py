@@ -9,6 +9,7 @@ import pytest
 
 from tests.chaos.nemesis import KINDS
 from tests.chaos.oracle import RoundResult, table
+from tests.downstream.conftest import zabbix  # noqa: F401  (the real Zabbix: the oracle's third sink)
 
 RESULTS: list[RoundResult] = []
 _STARTED: list[float] = []

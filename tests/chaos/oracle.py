@@ -21,10 +21,15 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from rwatch.config import ZabbixSinkConfig
 from rwatch.sim.server import Simulator
 from rwatch.sinks.mirror import MirrorSink
+from rwatch.sinks.zabbix.desired import desired_state
+from rwatch.sinks.zabbix.sink import options_of
 from rwatch.store.records import Gap
 from tests.chaos.receiver import ChaosReceiver
+from tests.downstream.instances import Zabbix
+from tests.downstream.test_zabbix_reconcile import Side
 from tests.integration.harness import Setup
 from tests.integration.test_apply_e2e import TOPOLOGY, async_url, mirror_rows, truth
 
@@ -106,6 +111,62 @@ async def wrong_deletes(engine: AsyncEngine, sim: Simulator) -> list[str]:
                 continue  # recreated after the delete (or its creation is no longer known): not this incarnation
         wrong.append(f"{resource} {key} deleted at v[{new_s}, {new_i}] by {event_id[:12]} while CMDB still has it")
     return wrong
+
+
+class ZabbixOracle:
+    """The round's zabbix sink (on the real Zabbix, under a prefix of its own) and the check that Zabbix's managed
+    part equals what the mirror's topology calls for: the third sink of the oracle, a projection of the first."""
+
+    def __init__(self, zabbix: Zabbix, prefix: str) -> None:
+        self.prefix = prefix
+        self.url = zabbix.url
+        settings = ZabbixSinkConfig.model_validate({
+            "kind": "zabbix", "url": zabbix.url, "token": "unused", "group_prefix": prefix,
+            "technical_name": f"{prefix}-{{bk_host_id}}", "visible_name": f"{{label}} ({prefix}-{{bk_host_id}})",
+            "on_delete": "delete"})
+        self.options = options_of(settings)
+        self.side = Side(zabbix, self.options)
+        self.mirror: MirrorSink | None = None
+
+    def sink_toml(self) -> str:
+        return f"""
+[sinks.zbx]
+kind = "zabbix"
+source = "mirror"
+url = "{self.url}"
+username = "Admin"
+password = "zabbix"
+group_prefix = "{self.prefix}"
+technical_name = "{self.prefix}-{{bk_host_id}}"
+visible_name = "{{label}} ({self.prefix}-{{bk_host_id}})"
+on_delete = "delete"
+debounce = "50ms"
+"""
+
+    async def open(self, setup: Setup) -> None:
+        self.mirror = MirrorSink("zabbix-oracle", setup.config().sinks["mirror"])  # type: ignore[arg-type]
+        await self.mirror.open()
+
+    async def close(self) -> None:
+        if self.mirror is not None:
+            await self.mirror.close()
+        self.side.cleanup()
+
+    async def differs(self) -> list[str]:
+        """What keeps Zabbix from equalling the mirror's topology now; [] when it does."""
+        assert self.mirror is not None
+        try:
+            rows = await self.mirror.topology()
+            facts = await self.mirror.host_facts()
+        except Exception as exc:  # SQLite busy under a writer: read again on the next pass
+            return [f"mirror not readable: {exc!r}"]
+        live = [i for i, f in facts.items() if not f.deleted]
+        desired = desired_state(rows, self.options, live, {i: f.os_type for i, f in facts.items()})
+        try:
+            self.side.assert_equal(desired)
+        except (AssertionError, ValueError) as exc:  # ValueError: a host read in the middle of its write
+            return [" ".join(str(exc).split())[:600]]
+        return []
 
 
 def divergence(got: dict[str, Any], want: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:

@@ -36,6 +36,7 @@ from tests.chaos.nemesis import (
 )
 from tests.chaos.oracle import (
     RoundResult,
+    ZabbixOracle,
     describe,
     lost_changes,
     mirror_audit,
@@ -46,6 +47,7 @@ from tests.chaos.oracle import (
 )
 from tests.chaos.proxy import Proxy
 from tests.chaos.receiver import ChaosReceiver
+from tests.downstream.instances import Zabbix
 from tests.entrypoint import RWATCH
 from tests.integration.harness import Setup, delete_topology
 from tests.integration.test_apply_e2e import MIX, TOPOLOGY, seed_from_start
@@ -101,12 +103,12 @@ async def receiver() -> AsyncIterator[ChaosReceiver]:
     pytest.param(s, marks=[pytest.mark.postgres] if topology_of(s) == "ha" else [], id=f"seed{s}") for s in seeds()
 ])
 async def test_chaos_round(seed: int, amqp_url: str, store_url: str, receiver: ChaosReceiver,
-                           tmp_path: Path) -> None:
+                           tmp_path: Path, zabbix: Zabbix) -> None:
     plan = make_plan(seed)
     result = RoundResult(seed, plan.topology, [])
     started = time.monotonic()
     try:
-        await run_round(plan, result, amqp_url, store_url, receiver, tmp_path)
+        await run_round(plan, result, amqp_url, store_url, receiver, tmp_path, zabbix)
     except Exception as exc:
         result.problems.append(f"round crashed: {exc!r}")
         raise
@@ -124,18 +126,21 @@ async def test_chaos_round(seed: int, amqp_url: str, store_url: str, receiver: C
 
 
 async def run_round(plan: Plan, result: RoundResult, amqp_url: str, store_url: str, receiver: ChaosReceiver,
-                    tmp: Path) -> None:
+                    tmp: Path, zabbix: Zabbix) -> None:
     options = SimOptions(port=0, hold=1.0, error_delay=0.01, seed=plan.seed, bizs=3, hosts=60, retention=RETENTION)
     async with Simulator(options) as sim, \
             Proxy.before("amqp", amqp_url) as amqp, \
             Proxy("cmdb", "127.0.0.1", int(sim.url.rsplit(":", 1)[1])) as cmdb:
         # A poisoned payload is isolated after 3 attempts or 3 s, so a round can watch it leave its queue.
+        unique = uuid.uuid4().hex[:10]
+        zbx = ZabbixOracle(zabbix, f"chaos{plan.seed}-{unique}")
         extra = receiver.sink_toml("hook", batch_max=16, concurrency=4, timeout=5, max_attempts=3,
-                                   retry_timeout="3s") + "[run]\nshutdown_timeout = 8\n"
-        setup = ChaosSetup(tmp, cmdb.url("http"), amqp_url, uuid.uuid4().hex[:10], TOPOLOGY, store_url=store_url,
+                                   retry_timeout="3s") + zbx.sink_toml() + "[run]\nshutdown_timeout = 8\n"
+        setup = ChaosSetup(tmp, cmdb.url("http"), amqp_url, unique, TOPOLOGY, store_url=store_url,
                            mirror_url=store_url, prefetch=PREFETCH, extra=extra, bus_url=amqp.via(amqp_url))
         await seed_from_start(setup)  # the whole history: every chain event must reach the receiver
         engine = await prepare_mirror(setup)
+        await zbx.open(setup)
         cluster = Cluster(setup, plan.roles, tmp)
         world = World(sim, cluster, amqp, cmdb, receiver, setup, rss_limit_kb=RSS_LIMIT_KB)
         try:
@@ -157,7 +162,7 @@ async def run_round(plan: Plan, result: RoundResult, amqp_url: str, store_url: s
             await cluster.heal()
             await replay_dead_letters(setup, result)  # what a poison step dead-lettered, now that it is accepted
             healed = time.monotonic()
-            states = await converge(engine, setup, sim, receiver, CONVERGE_WITHIN)
+            states = await converge(engine, setup, sim, receiver, zbx, CONVERGE_WITHIN)
             if not states:
                 result.converge_s = round(time.monotonic() - healed, 1)
                 await drain(setup, result)
@@ -169,13 +174,15 @@ async def run_round(plan: Plan, result: RoundResult, amqp_url: str, store_url: s
         finally:
             cluster.kill_all()
             await engine.dispose()
+            await zbx.close()
             with contextlib.suppress(Exception):
                 await delete_topology(setup)
 
 
-async def converge(engine: Any, setup: Setup, sim: Simulator, receiver: ChaosReceiver,
+async def converge(engine: Any, setup: Setup, sim: Simulator, receiver: ChaosReceiver, zbx: ZabbixOracle,
                    within: float) -> dict[str, tuple[list[str], list[str], list[str]]]:
-    """Wait until both sinks equal CMDB and no gap is open; what still differs after ``within`` seconds."""
+    """Wait until both queue sinks equal CMDB, no gap is open and Zabbix equals the mirror's topology; what still
+    differs after ``within`` seconds."""
     deadline = time.monotonic() + within
     store = open_store(setup.store_url)
     await store.open()
@@ -184,9 +191,12 @@ async def converge(engine: Any, setup: Setup, sim: Simulator, receiver: ChaosRec
             states = await sink_states(engine, setup, sim, receiver)
             if not states:
                 gaps = await store.gaps("0")
-                if not gaps:
+                if gaps:
+                    states = {"store": ([f"open gap {g.resource} {g.id}" for g in gaps], [], [])}
+                elif zabbix := await zbx.differs():
+                    states = {"zabbix": ([], zabbix, [])}
+                else:
                     return {}
-                states = {"store": ([f"open gap {g.resource} {g.id}" for g in gaps], [], [])}
             if time.monotonic() > deadline:
                 return states
             await asyncio.sleep(0.25)
