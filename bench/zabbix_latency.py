@@ -36,6 +36,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -377,7 +378,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     options = options_for(tag)
     result: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "params": {k: v for k, v in vars(args).items() if k != "out"},
+        "params": {k: v for k, v in vars(args).items() if k not in ("out", "keep_log")},
     }
     result["params"]["mix"] = dict(KINDS)
     before = await busy_fraction(1.0)
@@ -444,6 +445,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 poller.join(5)
             if rwatch is not None:
                 await rwatch.stop()
+                if args.keep_log is not None:
+                    shutil.copyfile(rwatch.log, args.keep_log)
             if sim is not None:
                 await sim.stop()
             try:
@@ -521,6 +524,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sink", default="", help="extra TOML lines for [sinks.zabbix], e.g. 'debounce = \"50ms\"'")
     parser.add_argument("--startup", type=float, default=600.0, help="seconds allowed for the initial sync")
     parser.add_argument("--straggle", type=float, default=15.0, help="seconds to wait for the last changes")
+    parser.add_argument("--keep-log", type=Path, default=None, help="copy rwatch's log here afterwards")
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args()
 
