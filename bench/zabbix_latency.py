@@ -509,8 +509,8 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--hosts", type=int, default=2000)
     parser.add_argument("--modules", type=int, default=200)
     parser.add_argument("--rate", type=float, default=20.0, help="changes per second")
@@ -526,7 +526,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--straggle", type=float, default=15.0, help="seconds to wait for the last changes")
     parser.add_argument("--keep-log", type=Path, default=None, help="copy rwatch's log here afterwards")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
