@@ -12,12 +12,6 @@ Deletes need proof. A managed host leaves Zabbix (per ``on_delete``) only when t
 as ``zabbix_removal_unproven``. And the mass-delete guard (``watch.mass_delete_share`` / ``mass_delete_floor``)
 holds a removal larger than that share of the managed hosts until ``rwatch zabbix-sync --allow-mass-delete``.
 
-In steady state the reads of one projection overlap the reconcile of the one before: while changes keep coming,
-a projection reads the mirror and computes the desired state, then waits for the reconcile still running, and
-leaves its own running while the next one reads. Reconciles still run one at a time and in order; the scope is
-taken against what the last one that succeeded applied. The first projection, ``sync()`` and the last one at close
-wait for their reconcile.
-
 Zabbix being down never stops rwatch: the projection fails, is counted and logged, and is tried again after a pause
 that doubles (the mirror keeps applying meanwhile); the next reconcile carries every change since.
 """
@@ -88,10 +82,7 @@ class ZabbixSink(Projection):
         self._connected = False
         self._applied: DesiredState | None = None  # what Zabbix was last made equal to; None: a full reconcile is due
         self._proven: set[int] = set()  # the tombstoned hosts at that reconcile
-        self._full_due = False  # the next reconcile covers everything (full_every, sync)
         self._timer: asyncio.Task[None] | None = None
-        self._overlap = False  # may a projection leave its reconcile running (the steady-state loop only)
-        self._reconciling: asyncio.Task[None] | None = None
         self.share, self.floor = mass_delete_share, mass_delete_floor
         self.allow_mass_delete = False
         self.last: Summary | None = None
@@ -100,21 +91,15 @@ class ZabbixSink(Projection):
 
     async def open(self) -> None:
         await super().open()
-        self._overlap = True
         self._timer = asyncio.create_task(self._full_timer(), name=f"zabbix-full:{self.name}")
 
     async def close(self) -> None:
-        self._overlap = False
         if self._timer is not None:
             self._timer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._timer
         try:
             await super().close()
-            try:
-                await self._finish()
-            except Exception as exc:  # the last reconcile failed; the next start's full reconcile repairs it
-                self._failed(f"{self.kind}_failed", exc)
         finally:
             if self._connected:
                 self._connected = False
@@ -123,13 +108,8 @@ class ZabbixSink(Projection):
     async def sync(self) -> Summary:
         """One full reconcile now, never beside the loop's own; raises what it met."""
         async with self._projecting:
-            try:
-                await self._finish()
-            except Exception as exc:  # the loop's last reconcile: this full one repairs what it left
-                self._failed(f"{self.kind}_failed", exc)
-            self._full_due = True
+            self._applied = None
             await self.project()
-            await self._finish()
         assert self.last is not None
         return self.last
 
@@ -137,14 +117,8 @@ class ZabbixSink(Projection):
         """Every ``full_every``, the next projection covers everything."""
         while True:  # ends when close() cancels it
             await asyncio.sleep(self.settings.full_every)
-            self._full_due = True
+            self._applied = None
             self.mark_dirty()
-
-    async def _finish(self) -> None:
-        """Wait for the reconcile a projection left running; raise what it met (once)."""
-        task, self._reconciling = self._reconciling, None
-        if task is not None:
-            await task
 
     async def project(self) -> None:
         if not self._connected:
@@ -157,31 +131,16 @@ class ZabbixSink(Projection):
         os_types = {i: f.os_type for i, f in facts.items()}
         # Pure, but 10,000 hosts take a while: off the loop, so /healthz and the consumers keep going.
         desired = await asyncio.to_thread(desired_state, rows, self.options, live, os_types)
-        # The previous reconcile ran while this projection read. Its failure is raised here, as this projection's:
-        # the changes it carried are still in the difference from what was last applied, so the retry carries them.
-        await self._finish()
-        full, self._full_due = self._full_due, False
         # A new tombstone changes no desired host, yet it is the proof an unproven host waited for.
-        scope = (None if full or self._applied is None
-                 else changed_hosts(self._applied, desired) | (proven - self._proven))
+        scope = None if self._applied is None else changed_hosts(self._applied, desired) | (proven - self._proven)
         if scope is not None and not scope:
             return  # nothing Zabbix shows changed (a commit of another resource, a redelivery)
-        task = asyncio.create_task(self._reconcile(desired, proven, scope), name=f"zabbix-reconcile:{self.name}")
-        self._reconciling = task
-        if not self._overlap:
-            await self._finish()
-
-    async def _reconcile(self, desired: DesiredState, proven: set[int], scope: set[int] | None) -> None:
-        """Make Zabbix equal to ``desired`` (for ``scope``; None: everything), then remember it as applied."""
         reads, writes = self.api.total_calls - self.api.write_calls, self.api.write_calls
         total = len(desired.hosts)
         try:
             summary = await reconcile(self.api, desired, self.options, scope=scope, proven=proven,
                                       guard=lambda count, _: self._guard(count, total),
                                       guard_threshold=self.floor)
-        except BaseException:
-            self._full_due |= scope is None  # a full reconcile cut short is owed again
-            raise
         finally:
             self._calls[0].inc(self.api.total_calls - self.api.write_calls - reads)
             self._calls[1].inc(self.api.write_calls - writes)
@@ -201,18 +160,5 @@ class ZabbixSink(Projection):
         return self.allow_mass_delete or count <= self.share * (desired + count)
 
     def projected(self, since: float | None) -> None:
-        task = self._reconciling
-        if task is None:
-            if since is not None:
-                self._lag.observe(max(0.0, time.monotonic() - since))
-            return
-
-        def done(task: asyncio.Task[None]) -> None:
-            # Counted when Zabbix shows it; a failure is seen by the next projection, which this wakes.
-            if task.cancelled() or task.exception() is not None:
-                self._restore(since)
-                self.mark_dirty()
-            elif since is not None:
-                self._lag.observe(max(0.0, time.monotonic() - since))
-
-        task.add_done_callback(done)
+        if since is not None:
+            self._lag.observe(max(0.0, time.monotonic() - since))
