@@ -461,7 +461,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     delta = {k: round(metrics1.get(k, 0.0) - metrics0.get(k, 0.0), 3) for k in metrics1}
     reconciles = delta.get("rwatch_zabbix_reconciles_total", 0.0)
     result["sink"] = {
-        "reconciles_per_s": round(reconciles / driven, 2),
+        "projections_per_s": round(reconciles / driven, 2),  # rwatch_zabbix_reconciles_total: attempts
         "api_calls_per_reconcile": {kind: round(delta.get(f'rwatch_zabbix_api_calls_total{{kind="{kind}"}}', 0.0)
                                                 / max(1.0, reconciles), 2) for kind in ("read", "write")},
         "mean_lag_ms": round(1000 * delta.get("rwatch_zabbix_lag_seconds_sum", 0.0)
@@ -499,8 +499,9 @@ def report(result: dict[str, Any]) -> str:
         f"the zabbix sink adds p50 {every['zabbix']['p50_ms'] - every['mirror']['p50_ms']:.0f} ms, "
         f"p99 {every['zabbix']['p99_ms'] - every['mirror']['p99_ms']:.0f} ms to the mirror's; goal p99 < "
         f"{result['goal_p99_ms']:.0f} ms: {'met' if result['goal_met'] else 'MISSED'}; missing: {result['missing']}",
-        f"{result['achieved_rate']:.1f} changes/s; {sink['reconciles_per_s']} reconciles/s, "
-        f"{sink['api_calls_per_reconcile']['read']} reads + {sink['api_calls_per_reconcile']['write']} writes each, "
+        f"{result['achieved_rate']:.1f} changes/s; {sink['projections_per_s']} projections/s, "
+        f"{sink['api_calls_per_reconcile']['read']} reads + {sink['api_calls_per_reconcile']['write']} writes per "
+        "projection, "
         f"mean lag (commit -> reconcile done) {sink['mean_lag_ms']} ms, errors {sink['errors']:g}; "
         f"rwatch {result['rwatch_cores']:.2f} cores; initial sync {result['initial_sync_s']} s; "
         f"machine {result['machine']['busy_before_start']:.0%} busy before, "
