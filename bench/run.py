@@ -2,7 +2,7 @@
 
 Run (RabbitMQ on 127.0.0.1:5672, or RWATCH_TEST_AMQP_URL; under 10 minutes on 2 cores, ``--quick`` about 4):
 
-    python bench/run.py [--quick] [--budget SECONDS]
+    python bench/run.py [--quick] [--budget SECONDS] [--zabbix]
 
 In sequence, in this process (reusing each bench module's ``main``), sized to fit the time budget:
 
@@ -18,6 +18,9 @@ In sequence, in this process (reusing each bench module's ``main``), sized to fi
    largest backlog is the biggest of 1,000,000 / 500,000 / ... that the remaining budget allows at the drain
    rates measured in steps 1 and 2. The idle rwatch process makes a poll per resource every 20 s: it does not
    disturb a memory measurement, and nothing it measures (requests, its own CPU) depends on the machine's load.
+6. only with ``--zabbix`` (the real Zabbix of tests/downstream; about 3 minutes more, outside the budget):
+   bench/zabbix_sync.py (an initial sync of 1,000 hosts against a naive one-call-per-object sync, one round) and
+   bench/zabbix_latency.py (change -> Zabbix at 20 changes/s for 30 s against change -> mirror).
 
 Prints one table (figure | rwatch | baseline | ratio or percentile | goal | met?) and writes bench/results/run.json
 with every bench's full result, the git revision and the machine (cores, CPU, Python, RabbitMQ, how busy).
@@ -208,6 +211,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     result["memory_plan"] = {"left_s": round(left, 1), "sizes": sizes, "estimate_s": estimate}
     result["memory"], result["idle"] = await step(f"memory {sizes} and idle {p.idle_seconds:g} s",
                                                   memory_and_idle(sizes, p.idle_seconds))
+    if args.zabbix:  # imported here: they need the real Zabbix (and pytest, for its instance helpers)
+        import zabbix_latency
+        import zabbix_sync
+
+        result["zabbix_sync"] = await step("zabbix sync", zabbix_sync.main(zabbix_sync.parse_args(["--rounds", "1"])))
+        result["zabbix_latency"] = await step("zabbix latency", zabbix_latency.main(zabbix_latency.parse_args([
+            "--seconds", "30"])))
     result["machine"].update(account.summary())
     result["table"] = table(result)
     result["elapsed_s"] = round(time.perf_counter() - began, 1)
@@ -269,6 +279,26 @@ def table(r: dict[str, Any]) -> list[dict[str, Any]]:
     low = sum(sum(x["minimum"].values()) for x in t.values())
     rows.append(row("resync list requests", f"{req}", f"{low} minimum", f"ratio {req / low:.2f}", "= minimum",
                     req <= low))
+    if "zabbix_sync" in r:
+        rows += zabbix_rows(r["zabbix_sync"], r["zabbix_latency"])
+    return rows
+
+
+def zabbix_rows(sync: dict[str, Any], lat: dict[str, Any]) -> list[dict[str, Any]]:
+    w, n = sync["rounds"][0]["rwatch"], sync["rounds"][0]["naive"]
+    rows = [row(f"zabbix: initial sync of {sync['hosts']:,} hosts, API calls", f"{w['calls']:,}",
+                f"{n['calls']:,} naive, one call per object", f"ratio {sync['calls_ratio']:g}", ">= 10",
+                sync["calls_ratio"] >= 10),
+            row("zabbix: the same, seconds", f"{w['seconds']:.2f}", f"{n['seconds']:.1f} naive",
+                f"ratio {sync['seconds_ratio']:g}", ">= 5", sync["seconds_ratio"] >= 5)]
+    z, m = lat["latency"]["all"]["zabbix"], lat["latency"]["all"]["mirror"]
+    rate = lat["params"]["rate"]
+    rows.append(row(f"zabbix: change -> Zabbix at {rate:g}/s, ms", f"{z['p50_ms']:.0f}", f"{m['p50_ms']:.0f} mirror",
+                    "p50", "-", None))
+    missing = lat["missing"]["zabbix"]
+    rows.append(row("zabbix: change -> Zabbix, ms" + (f" ({missing} MISSING)" if missing else ""),
+                    f"{z['p99_ms']:.0f}", f"{m['p99_ms']:.0f} mirror", f"p99 (n={z['n']})",
+                    f"< {lat['goal_p99_ms']:g} ms", lat["goal_met"]))
     return rows
 
 
@@ -301,6 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, about 4 minutes")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds the whole run should take (sizes the memory backlog; default 570, quick 240)")
+    parser.add_argument("--zabbix", action="store_true",
+                        help="also the zabbix sink's benches (the real Zabbix; about 3 minutes more)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 

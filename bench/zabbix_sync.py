@@ -167,14 +167,18 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--hosts", type=int, default=1000)
     parser.add_argument("--modules", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", choices=("rwatch", "naive"), default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    arguments = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
     setup_logging("warning", "console", stream=sys.stderr)
     outcome = asyncio.run(main(arguments))
     arguments.out.parent.mkdir(parents=True, exist_ok=True)

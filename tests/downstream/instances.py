@@ -149,14 +149,14 @@ class Zabbix:
         return zabbix_rpc(self.url, method, {} if params is None else params, token, self.bearer)
 
 
-def start_zabbix(workdir: Path) -> Zabbix:
-    """Serve the Zabbix frontend with php's own server, wait for its API, log in."""
+def start_zabbix(workdir: Path, workers: int = PHP_WORKERS) -> Zabbix:
+    """Serve the Zabbix frontend with php's own server (``workers`` requests at a time), wait for its API, log in."""
     port = free_port()
     server = Server(
         "zabbix frontend (php -S)",
         ["php", "-d", "date.timezone=UTC", "-S", f"127.0.0.1:{port}", "-t", str(ZABBIX_ROOT)],
         workdir / "php.log",
-        env={"PHP_CLI_SERVER_WORKERS": str(PHP_WORKERS)},
+        env={"PHP_CLI_SERVER_WORKERS": str(workers)},
     )
     url = f"http://127.0.0.1:{port}/api_jsonrpc.php"
     try:

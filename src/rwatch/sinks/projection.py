@@ -3,10 +3,11 @@
 prom_sd (a file_sd file and ``/sd``), the Ansible inventory file and Zabbix are each a function of the mirror's
 ``rwatch_topology`` view. A projection registers a listener on its mirror; every committed apply or sweep marks
 it dirty, and one task re-projects: at once after a quiet spell, then at most once per ``debounce`` while
-changes keep coming, so a burst costs one projection at its start and one after its end, and the downstream
-system is never more than one projection behind. A failed projection is logged, counted and tried again after
-``debounce`` doubling up to ``retry_max``, or at the next change if that comes first. ``apply`` and ``sweep`` do
-nothing: the mirror applies and sweeps, and its commit re-projects.
+changes keep coming (start to start: a slow projection is followed at once by the next), so a burst costs one
+projection at its start and one after its end, and the downstream system is never more than one projection
+behind. A failed projection is logged, counted and tried again after ``debounce`` doubling up to ``retry_max``,
+or at the next change if that comes first. ``apply`` and ``sweep`` do nothing: the mirror applies and sweeps,
+and its commit re-projects.
 """
 
 from __future__ import annotations
@@ -133,9 +134,14 @@ class Projection:
             self._wake.clear()
             if not self._dirty:
                 continue
+            started = time.monotonic()
             await self.render_once()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), self._debounce)
+            # Once per debounce counted start to start: after a projection that took longer, the changes that came
+            # meanwhile have waited long enough.
+            rest = self._debounce - (time.monotonic() - started)
+            if rest > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), rest)
 
     async def render_once(self) -> bool:
         """Project now; False (logged, counted, retried later) when that failed."""

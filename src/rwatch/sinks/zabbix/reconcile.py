@@ -311,9 +311,11 @@ async def _remove_groups(api: ZabbixApi, current: CurrentState, final: dict[str,
     """Delete the managed groups no host is in any more and no desired group is bound to, but never the parent of
     one that stays, so that it keeps its place in the tree (and the permissions it inherits)."""
     occupied = {g for groups in final.values() for g in groups}
-    for gid, hostids in current.members.items():
-        if any(h not in final for h in hostids):  # a host rwatch does not manage: its group stays
-            occupied.add(gid)
+    # The hosts of ``final`` as they were read; any other host in a group (one rwatch does not manage, or a managed
+    # one outside the scope) keeps it.
+    read = {h.hostid: h.groups for h in (*current.hosts.values(), *current.adoptable.values())}
+    ours = Counter(g for hostid in final if hostid in read for g in read[hostid])
+    occupied |= {gid for gid, size in current.sizes.items() if size > ours[gid]}
     empty = sorted((g for g in current.groups if g not in keep and g not in occupied), key=int)
     # The parents of a group that stays (<prefix>/_deleted, a group a held or hand-made host keeps) stay too.
     staying = [current.groups[g] for g in current.groups if g not in empty]

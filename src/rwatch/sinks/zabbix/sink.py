@@ -124,8 +124,8 @@ class ZabbixSink(Projection):
         if not self._connected:
             await self.api.open()
             self._connected = True
-        rows = await self._source.topology()
-        facts = await self._facts_source.host_facts()
+        # Two reads of one mirror, side by side (a file mirror reads each on its own connection).
+        rows, facts = await asyncio.gather(self._source.topology(), self._facts_source.host_facts())
         live = [i for i, f in facts.items() if not f.deleted]
         proven = {i for i, f in facts.items() if f.deleted}
         os_types = {i: f.os_type for i, f in facts.items()}
