@@ -1,7 +1,8 @@
 """Seeded chaos rounds: workload, nemesis, quiescence, oracle (tests/chaos/README.md tells the whole story).
 
-``RWATCH_CHAOS_ROUNDS=N`` runs seeds 1..N (default 22); ``RWATCH_CHAOS_SEED=7`` (or ``7,12``) runs just
-those. A round's seed decides its topology, workload rate and fault schedule (``nemesis.make_plan``).
+``RWATCH_CHAOS_ROUNDS=N`` runs seeds 1..N (default 12: every fault kind at least once); ``RWATCH_CHAOS_SEED=7``
+(or ``7,12``) runs just those. A round's seed decides its topology, workload rate and fault schedule
+(``nemesis.make_plan``).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def seeds() -> list[int]:
     chosen = os.environ.get("RWATCH_CHAOS_SEED", "").strip()
     if chosen:
         return [int(s) for s in chosen.split(",") if s.strip()]
-    return list(range(1, int(os.environ.get("RWATCH_CHAOS_ROUNDS", "22")) + 1))
+    return list(range(1, int(os.environ.get("RWATCH_CHAOS_ROUNDS", "12")) + 1))
 
 
 pytestmark = [pytest.mark.chaos, pytest.mark.amqp, pytest.mark.slow]

@@ -132,6 +132,7 @@ async def test_zabbix_equals_the_mirror_after_10000_operations_three_kills_and_a
          "technical_name": f"{prefix}-{{bk_host_id}}", "visible_name": f"{{label}} ({prefix}-{{bk_host_id}})",
          "on_delete": "delete"})))
     flaky = FlakyZabbix(zabbix.url)
+    daemon: Daemon | None = None
     try:
         async with Simulator(SimOptions(port=0, hold=1.0, error_delay=0.01, seed=14, bizs=3, hosts=150)) as sim, \
                 flaky.serving():
@@ -191,6 +192,8 @@ async def test_zabbix_equals_the_mirror_after_10000_operations_three_kills_and_a
             assert sum(e["groups_renamed"] for e in events) > 0, "no biz / set / module rename reached Zabbix"
             assert sum(e["hosts_removed"] for e in events) > 0, "no CMDB delete reached Zabbix"
     finally:
+        if daemon is not None and daemon.running:  # a failed or timed-out run leaves no rwatch behind
+            daemon.signal(signal.SIGKILL)
         hand_after = zabbix.call("host.get", {"hostids": [hand_host], "output": "extend",
                                               "selectGroups": ["groupid"], "selectTags": "extend",
                                               "selectInterfaces": ["ip"]})

@@ -222,3 +222,16 @@ technical_name = "{prefix}-{{bk_host_id}}"
     wrong = await asyncio.to_thread(subprocess.run, [RWATCH, "zabbix-sync", "--config", str(config), "--sink",
                                                      "mirror"], capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and "no zabbix sink of that name" in wrong.stderr
+
+
+async def test_a_host_known_only_by_its_relations_leaves_with_them(
+        mirror: MirrorSink, side: Side, open_sink: Open) -> None:
+    """Its host row never reached the mirror (created and deleted inside a lost interval): it entered Zabbix on its
+    relation's evidence alone, and leaves when CMDB withdraws that (chaos seed 3 kept three such hosts for ever)."""
+    await apply(mirror, world())
+    await mirror.apply([relation(7, 121, 12, 1, 2)])  # host 7's row never arrives
+    sink = await open_sink(on_delete="delete")
+    assert set(side.hosts()) == set(range(1, 8))
+    await mirror.apply([relation(7, 121, 12, 1, 3, "delete")])
+    await until(lambda: set(side.hosts()) == set(range(1, 7)), "host 7 removed with its last relation")
+    assert sink.last is not None and sink.last.hosts_unproven == 0

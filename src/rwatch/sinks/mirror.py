@@ -321,16 +321,30 @@ class MirrorSink:
             return list((await conn.execute(query)).all())
 
     async def host_facts(self, tenant: str | None = None) -> dict[int, HostFacts]:
-        """Every host row of the mirror, live or tombstoned, with the few fields projections need beyond the
-        topology view: whether CMDB deleted it (a tombstone is the proof a projection may remove it downstream)
-        and its ``bk_os_type``. Keys that are not host ids are skipped."""
+        """Every host the mirror knows, live or deleted, with the few fields projections need beyond the topology
+        view: whether CMDB deleted it (the proof a projection may remove it downstream) and its ``bk_os_type``.
+
+        A host row's tombstone is CMDB's delete. A host the mirror knows only through its relations (its row never
+        arrived: created and deleted inside a lost interval, say) counts as deleted once every one of those
+        relations is tombstoned: it entered the topology, and the projections, on their evidence alone, and CMDB
+        has withdrawn all of it. Keys that are not host ids are skipped."""
         engine = self._live("host_facts")
-        query = select(_O.tenant, _O.key, _O.deleted, _O.data["bk_os_type"].as_string()).where(_O.resource == "host")
+        hosts = select(_O.key, _O.deleted, _O.data["bk_os_type"].as_string()).where(_O.resource == "host")
+        relations = select(_O.key, _O.deleted).where(_O.resource == "host_relation")
         if tenant is not None:
-            query = query.where(_O.tenant == tenant)
+            hosts, relations = hosts.where(_O.tenant == tenant), relations.where(_O.tenant == tenant)
         with self._errors("host_facts"):
-            rows = await self._read(engine, query)
-        return {int(key): HostFacts(bool(deleted), os_type) for _, key, deleted, os_type in rows if key.isdigit()}
+            host_rows = await self._read(engine, hosts)
+            relation_rows = await self._read(engine, relations)
+        facts = {int(key): HostFacts(bool(deleted), os_type) for key, deleted, os_type in host_rows if key.isdigit()}
+        placed: dict[int, bool] = {}  # host id -> has a live relation
+        for key, deleted in relation_rows:
+            host = key.partition(":")[0]
+            if host.isdigit():
+                placed[int(host)] = placed.get(int(host), False) or not deleted
+        for host_id, live in placed.items():
+            facts.setdefault(host_id, HostFacts(deleted=not live, os_type=None))
+        return facts
 
     # --- errors ------------------------------------------------------------------------------------------
 

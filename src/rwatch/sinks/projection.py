@@ -2,12 +2,12 @@
 
 prom_sd (a file_sd file and ``/sd``), the Ansible inventory file and Zabbix are each a function of the mirror's
 ``rwatch_topology`` view. A projection registers a listener on its mirror; every committed apply or sweep marks
-it dirty, and one task re-projects: at once after a quiet spell, then at most once per ``debounce`` while
-changes keep coming (start to start: a slow projection is followed at once by the next), so a burst costs one
-projection at its start and one after its end, and the downstream system is never more than one projection
-behind. A failed projection is logged, counted and tried again after ``debounce`` doubling up to ``retry_max``,
-or at the next change if that comes first. ``apply`` and ``sweep`` do nothing: the mirror applies and sweeps,
-and its commit re-projects.
+it dirty, and one task re-projects: at once after a quiet spell, then at most once per ``debounce`` (start to
+start) while changes keep coming, and never more than half the time (a projection of t seconds is followed by t
+idle, so the mirror it reads keeps applying), so a burst costs one projection at its start and one after its end,
+and the downstream system is never more than one projection behind. A failed projection is logged, counted and
+tried again after ``debounce`` doubling up to ``retry_max``, or at the next change if that comes first. ``apply``
+and ``sweep`` do nothing: the mirror applies and sweeps, and its commit re-projects.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from rwatch.sinks.base import TopologyRow
 
 RETRY_MAX_SECONDS = 30.0
+IDLE_SHARE = 1.0  # after a projection of t seconds, at least IDLE_SHARE * t idle: at most half of the process
 
 
 class TopologySource(Protocol):
@@ -136,9 +137,11 @@ class Projection:
                 continue
             started = time.monotonic()
             await self.render_once()
-            # Once per debounce counted start to start: after a projection that took longer, the changes that came
-            # meanwhile have waited long enough.
-            rest = self._debounce - (time.monotonic() - started)
+            # Once per debounce counted start to start, but idle at least as long as the projection took: each one
+            # re-reads the whole mirror, and back to back in a burst they took the CPU (and the GIL) from the mirror
+            # applying in the same process, which then fell behind its queue (chaos seed 6, invariant 5).
+            took = time.monotonic() - started
+            rest = max(self._debounce - took, took * IDLE_SHARE)
             if rest > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), rest)
