@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 from rwatch.metrics import ANSIBLE_INVENTORY_HOSTS, ANSIBLE_INVENTORY_RENDER_ERRORS, ANSIBLE_INVENTORY_RENDERS
-from rwatch.sinks.files import replace_file
+from rwatch.sinks.files import ProjectedFile
 from rwatch.sinks.projection import Projection, ProjectionFailed, TopologySource
 
 if TYPE_CHECKING:
@@ -244,7 +244,7 @@ class AnsibleInventorySink(Projection):
         self._hosts_source = source
         self._options = InventoryOptions.of(settings)
         self._path = Path(settings.file)
-        self._written: bytes | None = None
+        self._file = ProjectedFile(self._path)
         self._hosts = ANSIBLE_INVENTORY_HOSTS.labels(name)
 
     async def project(self) -> None:
@@ -255,14 +255,10 @@ class AnsibleInventorySink(Projection):
             raise ProjectionFailed("ansible_inventory_topology_failed", exc) from exc
         hostvars = document["_meta"]["hostvars"]
         self._hosts.set(len(hostvars))
-        if content == self._written:
-            return
         try:
-            # After a restart compare with what is on disk: an unchanged file is not touched.
-            wrote = await asyncio.to_thread(replace_file, self._path, content, compare=self._written is None)
+            wrote = await self._file.write(content)
         except OSError as exc:
             raise ProjectionFailed("ansible_inventory_write_failed", exc) from exc
-        self._written = content
         if wrote:
             self._log.info("ansible_inventory_written", path=str(self._path), hosts=len(hostvars),
                            groups=len(document) - 2, no_ip=sum("ansible_host" not in v for v in hostvars.values()),

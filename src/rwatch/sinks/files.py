@@ -6,6 +6,7 @@ temp file in the same directory, fsynced, renamed over the old one, and the dire
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import tempfile
@@ -45,3 +46,22 @@ def replace_file(path: Path, content: bytes, *, compare: bool = False) -> bool:
     finally:
         os.close(dir_fd)
     return True
+
+
+class ProjectedFile:
+    """The file a projection keeps: ``await write(content)`` replaces it when the content changed since the last
+    write (after a restart, when it differs from what is on disk); True when the file was written. Raises
+    OSError, the content then counting as not written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._written: bytes | None = None
+
+    async def write(self, content: bytes) -> bool:
+        if content == self._written:
+            return False
+        # Off the loop: fsyncs take a while. The first write compares with the disk, so an unchanged file is not
+        # touched after a restart.
+        wrote = await asyncio.to_thread(replace_file, self.path, content, compare=self._written is None)
+        self._written = content
+        return wrote

@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from rwatch.metrics import PROM_SD_RENDER_ERRORS, PROM_SD_RENDERS, PROM_SD_TARGETS
-from rwatch.sinks.files import replace_file
+from rwatch.sinks.files import ProjectedFile
 from rwatch.sinks.projection import Projection, ProjectionFailed, TopologySource
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ class PromSdSink(Projection):
         self._jobs = list(settings.jobs)
         self._path = Path(settings.file) if settings.file else None
         self._content: bytes | None = None  # None until a render succeeded
-        self._written: bytes | None = None
+        self._file = ProjectedFile(self._path) if self._path is not None else None
         self._targets = PROM_SD_TARGETS.labels(name)
 
     @property
@@ -170,13 +170,11 @@ class PromSdSink(Projection):
             raise ProjectionFailed("prom_sd_topology_failed", exc) from exc
         self._content = content
         self._targets.set(targets)
-        if self._path is not None and content != self._written:
+        if self._file is not None:
             try:
-                # After a restart compare with what is on disk: an unchanged file is not touched.
-                wrote = await asyncio.to_thread(replace_file, self._path, content, compare=self._written is None)
+                wrote = await self._file.write(content)
             except OSError as exc:
                 raise ProjectionFailed("prom_sd_write_failed", exc) from exc
-            self._written = content
             if wrote:
                 self._log.info("prom_sd_written", path=str(self._path), targets=targets, no_ip=no_ip,
                                bytes=len(content))
