@@ -20,7 +20,7 @@ from rwatch.bus.consumer import ConsumerGroup
 from rwatch.bus.dlq import list_dead, replay
 from rwatch.bus.topology import dead_queue_name, dlx_name, queue_name
 from rwatch.config import Config
-from rwatch.errors import SinkRejected, SinkUnavailable
+from rwatch.errors import BusError, SinkRejected, SinkUnavailable
 from rwatch.events import Event, ResyncMark
 from tests.chaos.proxy import Proxy
 from tests.sinks.doubles import (  # noqa: F401 - fast_backoff is an autouse fixture
@@ -371,3 +371,20 @@ async def test_a_message_that_crashes_the_sink_is_dead_lettered_by_the_broker_an
         assert await queue_depth(config, queue_name(config, "rec", "host")) == 0
     finally:
         await delete_queues(amqp_url, config)
+
+
+async def test_a_connection_that_closes_as_the_consumers_open_their_channels_is_lost_not_a_crash(
+    config: Config,
+) -> None:
+    """Chaos seed 12 (amqp_reset): the broker's connection went between the session's declare and a consumer's
+    ``connection.channel()``, before aio-pika ran the close callback that tells the group. aio-pika answers with
+    a bare ``RuntimeError("... closed")``; that is broker trouble (``BusError``: the next session after a pause),
+    never a crash of the consumers' task."""
+    connection = await aio_pika.connect(config.bus.url.get_secret_value())
+    try:
+        await connection.transport.connection.close()  # closed under aio-pika: its close callbacks have not run
+        group = ConsumerGroup(config, {"rec": RecordingSink()}, asyncio.Event())  # type: ignore[dict-item]
+        with pytest.raises(BusError, match="closed under a consumer"):
+            await group._run_until_lost(connection, asyncio.Event())
+    finally:
+        await connection.close()

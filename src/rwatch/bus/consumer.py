@@ -24,10 +24,11 @@ import aio_pika
 import orjson
 import structlog
 from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage
-from aiormq.exceptions import AMQPError
+from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
 from rwatch import metrics as m
+from rwatch.bus.link import connection_gone
 from rwatch.bus.topology import dead_queue_name, declare_topology, dlx_name, queue_name
 from rwatch.config import Config
 from rwatch.errors import TRANSIENT_ERRORS, BusError, SinkCrashed, Stopping
@@ -290,8 +291,13 @@ class ConsumerGroup:
         try:
             done, _ = await asyncio.wait({*tasks, watcher}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                if task is not watcher and not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+                if task is not watcher and not task.cancelled() and (error := task.exception()) is not None:
+                    if isinstance(error, ChannelInvalidStateError) or lost.is_set() or connection_gone(connection):
+                        # The channel or the connection went while the consumer opened a channel or acknowledged;
+                        # aio-pika says so with a bare RuntimeError ("... closed"), sometimes before the close
+                        # callback set ``lost``. Broker trouble, not a bug: the next session.
+                        raise BusError(f"channel closed under a consumer: {error!r}") from error
+                    raise error
             if self.stop.is_set():
                 # Let every consumer finish the batch in hand and acknowledge it.
                 await asyncio.gather(*tasks, return_exceptions=True)

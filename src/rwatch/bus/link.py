@@ -26,6 +26,13 @@ from rwatch.metrics import BUS_CONNECTED, BUS_RECONNECTS
 from rwatch.retry import Policy, close_quietly, log_retry, retrying
 
 
+def connection_gone(connection: AbstractConnection) -> bool:
+    """The connection is closed, by us or under us: aio-pika marks only the first at once, its transport both
+    (the close callbacks that would tell the owner run a moment later)."""
+    transport = getattr(connection, "transport", None)
+    return connection.is_closed or transport is None or transport.connection.is_closed
+
+
 class Link:
     """One connection, its channel, and the publishes in flight on that channel.
 
@@ -145,8 +152,11 @@ class Connector:
                 raise TypeError(f"unexpected channel type {type(raw).__name__}")
             if self._closed.is_set():
                 raise Stopping("bus closed while connecting")
-        except BaseException:
+        except BaseException as exc:
+            gone = isinstance(exc, RuntimeError) and connection_gone(conn)
             await close_quietly(conn.close(), self._close_timeout)
+            if gone:  # aio-pika's bare RuntimeError("... closed"): the broker dropped it as we opened the channel
+                raise BusError(f"connection closed while opening its channel: {exc!r}") from exc
             raise
         link = Link(conn, channel, raw)
         # The aiormq channel's closing future completes whenever the channel goes, with its connection
