@@ -83,7 +83,9 @@ async def test_sigkill_at_random_moments_loses_nothing(
     sim: Simulator, setups: MakeSetup, seed: int
 ) -> None:
     rng = random.Random(seed)
-    setup = setups(sim.url, RESOURCES)
+    # A killed process's leases stay its until they expire: a short lease keeps the restarts from waiting out the
+    # 10 s default three times (the wait itself is test_ha's subject, not this test's).
+    setup = setups(sim.url, RESOURCES, watch="lease_ttl = 3")
     daemon = Daemon(setup)
     daemon.start()
     await wait_long_polling(sim, RESOURCES)

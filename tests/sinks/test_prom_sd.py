@@ -230,6 +230,9 @@ async def test_replacement_is_atomic(tmp_path: Path) -> None:
                 seen.append(len(json.loads(path.read_bytes())))
             except BaseException as exc:  # pragma: no cover - the failure under test
                 errors.append(exc)
+            # A breath between reads: a reader that never releases the GIL starves the renders it watches
+            # (each handoff waits out the 5 ms switch interval), and the test took 40 s for 148 renders.
+            stop.wait(0.0002)
 
     reader = threading.Thread(target=poll)
     reader.start()
