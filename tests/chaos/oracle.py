@@ -29,7 +29,7 @@ from rwatch.sinks.zabbix.sink import options_of
 from rwatch.store.records import Gap
 from tests.chaos.receiver import ChaosReceiver
 from tests.downstream.instances import Zabbix
-from tests.downstream.test_zabbix_reconcile import Side
+from tests.downstream.side import Side
 from tests.integration.harness import Setup
 from tests.integration.test_apply_e2e import TOPOLOGY, async_url, mirror_rows, truth
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from rwatch.sinks.zabbix.desired import ZabbixOptions
 from tests.downstream.instances import (
     ZABBIX_CONF,
     ZABBIX_ROOT,
@@ -24,6 +25,7 @@ from tests.downstream.instances import (
     start_zabbix,
     stop_zabbix,
 )
+from tests.downstream.side import Side
 from tests.integration.conftest import setups  # noqa: F401  (rwatch setups, for the end-to-end runs)
 
 StartPrometheus = Callable[..., Prometheus]
@@ -79,3 +81,13 @@ def prometheus(prometheus_factory: StartPrometheus, tmp_path: Path) -> Prometheu
     instance = prometheus_factory([job])
     instance.file_sd = sd
     return instance
+
+
+@pytest.fixture
+def side(zabbix: Zabbix, options: ZabbixOptions) -> Iterator[Side]:
+    """The test's view of the managed part of Zabbix under its ``options`` (each module's fixture), removed after."""
+    view = Side(zabbix, options)
+    try:
+        yield view
+    finally:
+        view.cleanup()

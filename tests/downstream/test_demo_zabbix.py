@@ -11,7 +11,6 @@ import re
 import subprocess
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from rwatch.sinks.mirror import MirrorSink
 from rwatch.sinks.zabbix.desired import DesiredState, ZabbixOptions, desired_state
 from rwatch.sinks.zabbix.sink import options_of
 from tests.downstream.instances import ZABBIX_ADMIN, Zabbix, free_port
-from tests.downstream.test_zabbix_reconcile import Side
+from tests.downstream.side import Side
 from tests.entrypoint import RWATCH
 from tests.integration.test_demo import DemoProcess, clean_env
 
@@ -40,15 +39,6 @@ def options(zabbix: Zabbix, prefix: str) -> ZabbixOptions:
     """What the demo's own sink makes of the topology (its table, as the demo embeds it)."""
     table = DemoZabbix(zabbix.url, prefix).sink("mirror")
     return options_of(ZabbixSinkConfig.model_validate(table))
-
-
-@pytest.fixture
-def side(zabbix: Zabbix, options: ZabbixOptions) -> Iterator[Side]:
-    view = Side(zabbix, options)
-    try:
-        yield view
-    finally:
-        view.cleanup()
 
 
 def run_demo(tmp: Path, zabbix: Zabbix, prefix: str, *extra: str) -> DemoProcess:

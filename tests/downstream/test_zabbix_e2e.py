@@ -25,7 +25,7 @@ from rwatch.sinks.mirror import MirrorSink
 from rwatch.sinks.zabbix.desired import desired_state
 from rwatch.sinks.zabbix.sink import options_of
 from tests.downstream.instances import Zabbix
-from tests.downstream.test_zabbix_reconcile import Side
+from tests.downstream.side import Side
 from tests.integration.harness import Daemon, MakeSetup
 from tests.integration.test_apply_e2e import MIX, TOPOLOGY, async_url, differences, seed_from_start
 

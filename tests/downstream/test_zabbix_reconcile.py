@@ -5,7 +5,7 @@ Each test works under a prefix and name templates of its own (``unique``), and d
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -14,10 +14,11 @@ import pytest
 from rwatch.errors import TransientError
 from rwatch.sinks.base import TopologyRow
 from rwatch.sinks.zabbix.api import ZabbixApi, ZabbixUnavailable
-from rwatch.sinks.zabbix.desired import DesiredState, TemplateRule, ZabbixOptions, desired_state
+from rwatch.sinks.zabbix.desired import TemplateRule, ZabbixOptions, desired_state
 from rwatch.sinks.zabbix.reconcile import Summary, reconcile
 from rwatch.sinks.zabbix.writes import ReconcileConflict
 from tests.downstream.instances import Zabbix
+from tests.downstream.side import Side
 
 TEMPLATE = "Linux by Zabbix agent"  # shipped in Zabbix's data.sql
 
@@ -50,85 +51,11 @@ def topology() -> list[TopologyRow]:
     return rows
 
 
-class Side:
-    """The test's own view of Zabbix (the fixture's synchronous client): what the reconcile left there."""
-
-    def __init__(self, zabbix: Zabbix, options: ZabbixOptions) -> None:
-        self.zabbix, self.options = zabbix, options
-
-    def groups(self) -> dict[str, str]:
-        """Group name -> id, under the prefix."""
-        prefix = self.options.group_prefix
-        found = self.zabbix.call("hostgroup.get", {"output": ["name"], "search": {"name": prefix},
-                                                   "startSearch": True})
-        return {g["name"]: g["groupid"] for g in found if g["name"] == prefix or g["name"].startswith(prefix + "/")}
-
-    def hosts(self) -> dict[int, dict[str, Any]]:
-        """bk_host_id -> the managed host (groups by name, tags as pairs, the agent interface's IP)."""
-        tag, value = self.options.managed
-        found = self.zabbix.call("host.get", {
-            "output": ["hostid", "host", "name", "status"], "selectGroups": ["name"], "selectTags": ["tag", "value"],
-            "selectInterfaces": ["ip", "type"], "selectParentTemplates": ["host"],
-            "tags": [{"tag": tag, "value": value, "operator": 1}],
-        })
-        hosts = {}
-        for h in found:
-            if not h["tags"]:  # found by its managed tag, deleted before host.get read its tags (a sink at work)
-                continue
-            tags = {(t["tag"], t["value"]) for t in h["tags"]}
-            [bk_host_id] = [int(v) for t, v in tags if t == "bk_host_id"]
-            assert bk_host_id not in hosts, f"two Zabbix hosts for bk_host_id {bk_host_id}"
-            hosts[bk_host_id] = {
-                "hostid": h["hostid"], "host": h["host"], "name": h["name"], "status": int(h["status"]),
-                "groups": {g["name"] for g in h["groups"]}, "tags": tags,
-                "ips": [i["ip"] for i in h["interfaces"] if i["type"] == "1"],
-                "templates": {t["host"] for t in h["parentTemplates"]},
-            }
-        return hosts
-
-    def assert_equal(self, desired: DesiredState) -> None:
-        """Zabbix's managed part is exactly ``desired``: its groups (parents and no others) and hosts."""
-        groups = set(self.groups())
-        assert groups - {self.options.deleted_group} == set(desired.groups.values())
-        hosts = self.hosts()
-        live = {i: h for i, h in hosts.items() if self.options.deleted_group not in h["groups"]}
-        assert set(live) == set(desired.hosts)
-        for i, d in desired.hosts.items():
-            h = live[i]
-            assert (h["host"], h["name"]) == (d.host, d.name)
-            assert {g for g in h["groups"] if g.startswith(self.options.group_prefix)} == d.groups
-            assert {t for t in h["tags"] if self.options.owns_tag(t[0])} == d.tags
-            assert h["ips"] == ([d.ip] if d.ip else [])
-            assert h["status"] == (1 if d.disabled else 0)
-
-    def cleanup(self) -> None:
-        tag, value = self.options.managed
-        hosts = self.zabbix.call("host.get", {"output": ["hostid"], "tags": [{"tag": tag, "value": value,
-                                                                               "operator": 1}]})
-        hosts += self.zabbix.call("host.get", {"output": ["hostid"], "search": {"host": self.options.group_prefix},
-                                               "startSearch": True})
-        if hosts:
-            self.zabbix.call("host.delete", sorted({h["hostid"] for h in hosts}))
-        found = self.zabbix.call("hostgroup.get", {"output": ["name"], "search": {"name": self.options.group_prefix},
-                                                   "startSearch": True})
-        if found:
-            self.zabbix.call("hostgroup.delete", [g["groupid"] for g in found])
-
-
 @pytest.fixture
 def options(unique: str) -> ZabbixOptions:
     prefix = f"t{unique}"
     return ZabbixOptions(group_prefix=prefix, technical_name=f"{prefix}-{{bk_host_id}}",
                          visible_name=f"{{label}} ({prefix}-{{bk_host_id}})", on_delete="delete")
-
-
-@pytest.fixture
-def side(zabbix: Zabbix, options: ZabbixOptions) -> Iterator[Side]:
-    view = Side(zabbix, options)
-    try:
-        yield view
-    finally:
-        view.cleanup()
 
 
 @pytest.fixture
@@ -241,25 +168,6 @@ async def test_a_host_cmdb_deleted_is_removed_disabled_or_moved_as_configured(
     if on_delete != "delete":
         assert summary.hosts_created == 0
         assert {h["hostid"] for h in side.hosts().values()} == {h["hostid"] for h in hosts.values()}
-
-
-async def test_the_guard_is_asked_before_removing_many_hosts_and_can_hold_them(
-        api: ZabbixApi, side: Side, options: ZabbixOptions) -> None:
-    rows = [row(i, 1, 11, 111) for i in range(1, 6)] + [row(9, 1, 11, 112)]
-    await sync(api, rows, options)
-    asked: list[tuple[int, str]] = []
-
-    async def refuse(count: int, on_delete: str) -> bool:
-        asked.append((count, on_delete))
-        return False
-
-    summary = await sync(api, rows[-1:], options, guard=refuse, guard_threshold=3)
-    assert asked == [(5, "delete")]
-    assert (summary.hosts_guarded, summary.hosts_removed, summary.groups_removed) == (5, 0, 0)
-    assert set(side.hosts()) == {1, 2, 3, 4, 5, 9}
-    summary = await sync(api, rows[-1:], options, guard=lambda count, on_delete: True, guard_threshold=3)
-    assert summary.hosts_removed == 5
-    side.assert_equal(desired_state(rows[-1:], options))
 
 
 async def test_a_host_made_by_hand_with_the_technical_name_is_adopted_keeping_its_own_groups_and_tags(

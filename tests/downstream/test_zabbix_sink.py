@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,10 @@ from prometheus_client import REGISTRY
 from rwatch.config import MirrorSinkConfig, SecretUrl, ZabbixSinkConfig
 from rwatch.events import Event
 from rwatch.sinks.mirror import MirrorSink
-from rwatch.sinks.zabbix.desired import desired_state
+from rwatch.sinks.zabbix.desired import ZabbixOptions, desired_state
 from rwatch.sinks.zabbix.sink import ZabbixSink, options_of
 from tests.downstream.instances import Zabbix, free_port
-from tests.downstream.test_zabbix_reconcile import Side
+from tests.downstream.side import Side
 from tests.entrypoint import RWATCH
 from tests.sinks.test_mirror import host, named, relation
 
@@ -69,12 +69,9 @@ def prefix(unique: str) -> str:
 
 
 @pytest.fixture
-def side(zabbix: Zabbix, prefix: str) -> Iterator[Side]:
-    view = Side(zabbix, options_of(settings(zabbix, prefix)))
-    try:
-        yield view
-    finally:
-        view.cleanup()
+def options(zabbix: Zabbix, prefix: str) -> ZabbixOptions:
+    """What the sinks of these tests make of the topology (the ``side`` fixture's view)."""
+    return options_of(settings(zabbix, prefix))
 
 
 @pytest.fixture
@@ -175,7 +172,7 @@ async def test_a_large_removal_cmdb_proved_goes_through(mirror: MirrorSink, side
                                                        "delete"), host(h, 2, "delete"))]
     await apply(mirror, gone)
     await until(lambda: set(side.hosts()) == {1, 6}, "the four proven deletes carried out")
-    assert sink.last is not None and sink.last.hosts_guarded == 0
+    assert sink.last is not None and sink.last.hosts_unproven == 0
 
 
 async def test_zabbix_away_at_start_is_retried_not_fatal(

@@ -11,7 +11,8 @@ proxies when the options name some), diffs, then writes with arrays, never one c
    ``CHUNK`` hosts: names, tags, groups, status, templates, proxy, the agent interface;
 4. hosts CMDB no longer has, per ``on_delete``: ``host.delete``; or ``host.massadd`` to ``<prefix>/_deleted`` and
    ``host.massremove`` from the managed groups (``move``), with ``host.massupdate`` to disabled (``disable``).
-   Past ``guard_threshold`` such hosts, ``guard(count, on_delete)`` is asked first; refused, they stay as they are;
+   Given ``proven`` (the sink always gives it), only the hosts CMDB is proved to have deleted; the mass-delete
+   guard stands before the mirror (a sweep past the share never becomes a tombstone), not here;
 5. ``hostgroup.delete`` of the managed groups nothing is in any more.
 
 What is not rwatch's is never written: groups outside the prefix, hosts without the managed tag (except a host of
@@ -23,10 +24,9 @@ finished by the next one, and a reconcile of an unchanged topology makes no writ
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -36,10 +36,7 @@ from rwatch.sinks.zabbix.current import AGENT, CurrentHost, CurrentState, depth,
 from rwatch.sinks.zabbix.desired import DISABLED_TAG, DesiredHost, DesiredState, GroupKey, ZabbixOptions
 from rwatch.sinks.zabbix.writes import Outcomes, create_groups, create_hosts, delete, mass, update
 
-GUARD_THRESHOLD = 50
 SCOPE_MAX = 500  # bk_host_id tags OR-ed in one host.get; past this, reading every managed host is as quick
-# Asked before removing, disabling or moving more than ``guard_threshold`` hosts: (how many, on_delete) -> go?
-Guard = Callable[[int, str], Awaitable[bool] | bool]
 
 log = get_logger("rwatch.sinks.zabbix")
 
@@ -56,7 +53,6 @@ class Summary:
     hosts_adopted: int = 0
     hosts_removed: int = 0  # deleted, disabled or moved to <prefix>/_deleted, per on_delete
     hosts_held: int = 0  # desired.held: not placeable yet, left as they are
-    hosts_guarded: int = 0  # would have been removed, but the guard said no
     hosts_unproven: int = 0  # not desired, but CMDB's delete is not proved (no tombstone): left as they are
     existing: int = 0  # found already made (a concurrent change, a retry after a crash)
     gone: int = 0  # found already gone
@@ -66,9 +62,8 @@ class Summary:
     seconds: float = 0.0
 
 
-async def reconcile(api: ZabbixApi, desired: DesiredState, options: ZabbixOptions, *, guard: Guard | None = None,
-                    guard_threshold: int = GUARD_THRESHOLD, scope: Collection[int] | None = None,
-                    proven: Collection[int] | None = None) -> Summary:
+async def reconcile(api: ZabbixApi, desired: DesiredState, options: ZabbixOptions, *,
+                    scope: Collection[int] | None = None, proven: Collection[int] | None = None) -> Summary:
     """Write to Zabbix whatever keeps its managed part from equalling ``desired``.
 
     ``scope``: the bk_host_ids whose hosts to reconcile (those a batch touched), the others neither read nor
@@ -109,9 +104,6 @@ async def reconcile(api: ZabbixApi, desired: DesiredState, options: ZabbixOption
     deleted_gid = current.group_ids().get(options.deleted_group)
     act = [h for h in orphans if options.on_delete == "delete" or h.groups & set(current.groups) != {deleted_gid}
            or (options.on_delete == "disable" and h.status != 1)]
-    if act and len(act) > guard_threshold and guard is not None and not await _ask(guard, len(act), options):
-        log.warning("zabbix_removal_held", hosts=len(act), on_delete=options.on_delete, threshold=guard_threshold)
-        summary.hosts_guarded, act = len(act), []
 
     missing = [name for key, name in desired.groups.items() if key not in bound]
     if act and options.on_delete != "delete" and deleted_gid is None:
@@ -166,11 +158,6 @@ async def _ids(api: ZabbixApi, kind: str, name_field: str, names: set[str]) -> d
     if unknown := sorted(names - set(ids)):
         raise ZabbixApiError(f"{kind}.get", 0, f"no {kind} of these names", ", ".join(unknown))
     return ids
-
-
-async def _ask(guard: Guard, count: int, options: ZabbixOptions) -> bool:
-    answer = guard(count, options.on_delete)
-    return bool(await answer) if inspect.isawaitable(answer) else bool(answer)
 
 
 def _bind_groups(current: CurrentState, desired: DesiredState,

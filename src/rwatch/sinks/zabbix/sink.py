@@ -70,11 +70,11 @@ class ZabbixSink(Projection):
     """``ZabbixSink(name, settings, mirror)``; ``sync()`` runs one full reconcile at once (the CLI's zabbix-sync)."""
 
     kind = "zabbix"
+    _source: ZabbixSource  # the projection's source, with the host facts the proof of a delete needs
 
     def __init__(self, name: str, settings: ZabbixSinkConfig, source: ZabbixSource, *,
                  api: ZabbixApi | None = None) -> None:
         super().__init__(name, source, debounce=settings.debounce, renders=ZABBIX_RECONCILES, errors=ZABBIX_ERRORS)
-        self._facts_source = source
         self.settings = settings
         self.options = options_of(settings)
         self.api = api or ZabbixApi(
@@ -125,7 +125,7 @@ class ZabbixSink(Projection):
             await self.api.open()
             self._connected = True
         # Two reads of one mirror, side by side (a file mirror reads each on its own connection).
-        rows, facts = await asyncio.gather(self._source.topology(), self._facts_source.host_facts())
+        rows, facts = await asyncio.gather(self._source.topology(), self._source.host_facts())
         live = [i for i, f in facts.items() if not f.deleted]
         proven = {i for i, f in facts.items() if f.deleted}
         os_types = {i: f.os_type for i, f in facts.items()}
