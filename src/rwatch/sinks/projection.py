@@ -3,11 +3,12 @@
 prom_sd (a file_sd file and ``/sd``), the Ansible inventory file and Zabbix are each a function of the mirror's
 ``rwatch_topology`` view. A projection registers a listener on its mirror; every committed apply or sweep marks
 it dirty, and one task re-projects: at once after a quiet spell, then at most once per ``debounce`` (start to
-start) while changes keep coming, and never more than half the time (a projection of t seconds is followed by t
-idle, so the mirror it reads keeps applying), so a burst costs one projection at its start and one after its end,
-and the downstream system is never more than one projection behind. A failed projection is logged, counted and
-tried again after ``debounce`` doubling up to ``retry_max``, or at the next change if that comes first. ``apply``
-and ``sweep`` do nothing: the mirror applies and sweeps, and its commit re-projects.
+start) while changes keep coming, and never more than half the time (a projection that worked t seconds in this
+process, reading and computing, is followed by t idle, so the mirror it reads keeps applying). So a burst costs
+one projection at its start and one after its end, and the downstream system is never more than one projection
+behind. A failed projection is logged, counted and tried again after ``debounce`` doubling up to ``retry_max``, or
+at the next change if that comes first. ``apply`` and ``sweep`` do nothing: the mirror applies and sweeps, and its
+commit re-projects.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ if TYPE_CHECKING:
 
 RETRY_MAX_SECONDS = 30.0
 IDLE_SHARE = 1.0  # after a projection of t seconds, at least IDLE_SHARE * t idle: at most half of the process
+
+
+def pause_after(took: float, local: float | None, debounce: float) -> float:
+    """The idle after a projection of ``took`` seconds, ``local`` of them working in this process (None: all): the
+    rest of ``debounce`` counted start to start, and at least ``IDLE_SHARE`` of the local work."""
+    worked = took if local is None else min(took, local)
+    return max(debounce - took, worked * IDLE_SHARE)
 
 
 class TopologySource(Protocol):
@@ -69,6 +77,9 @@ class Projection:
         self._log = get_logger(f"rwatch.sinks.{self.kind}", sink=name)
         self._renders = renders.labels(name)
         self._errors = errors.labels(name)
+        # Of the last projection, the seconds spent working in this process (reading the mirror, computing),
+        # when the subclass tells (``project`` sets it); None: all of it.
+        self.local_seconds: float | None = None
 
     async def project(self) -> None:
         """Read the topology and make the downstream system equal to it; raise on failure."""
@@ -137,11 +148,11 @@ class Projection:
                 continue
             started = time.monotonic()
             await self.render_once()
-            # Once per debounce counted start to start, but idle at least as long as the projection took: each one
-            # re-reads the whole mirror, and back to back in a burst they took the CPU (and the GIL) from the mirror
-            # applying in the same process, which then fell behind its queue (chaos seed 6, invariant 5).
-            took = time.monotonic() - started
-            rest = max(self._debounce - took, took * IDLE_SHARE)
+            # Once per debounce counted start to start, but idle at least as long as the projection worked here:
+            # each one re-reads the whole mirror, and back to back in a burst they took the CPU (and the GIL) from
+            # the mirror applying in the same process, which then fell behind its queue (chaos seed 6, invariant
+            # 5). Time spent waiting on the downstream system (Zabbix's answers) takes nothing from the mirror.
+            rest = pause_after(time.monotonic() - started, self.local_seconds, self._debounce)
             if rest > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), rest)
@@ -152,6 +163,7 @@ class Projection:
             self._dirty = False
             since, self._dirty_since = self._dirty_since, None
             self._renders.inc()
+            self.local_seconds = None
             try:
                 await self.project()
             except ProjectionFailed as exc:

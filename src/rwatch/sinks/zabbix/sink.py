@@ -124,6 +124,7 @@ class ZabbixSink(Projection):
         if not self._connected:
             await self.api.open()
             self._connected = True
+        started = time.monotonic()
         # Two reads of one mirror, side by side (a file mirror reads each on its own connection).
         rows, facts = await asyncio.gather(self._source.topology(), self._source.host_facts())
         live = [i for i, f in facts.items() if not f.deleted]
@@ -133,6 +134,7 @@ class ZabbixSink(Projection):
         desired = await asyncio.to_thread(desired_state, rows, self.options, live, os_types)
         # A new tombstone changes no desired host, yet it is the proof an unproven host waited for.
         scope = None if self._applied is None else changed_hosts(self._applied, desired) | (proven - self._proven)
+        self.local_seconds = time.monotonic() - started  # the rest is mostly waiting on Zabbix's answers
         if scope is not None and not scope:
             return  # nothing Zabbix shows changed (a commit of another resource, a redelivery)
         reads, writes = self.api.total_calls - self.api.write_calls, self.api.write_calls
