@@ -108,9 +108,9 @@ def test_the_demo_puts_the_simulated_topology_into_zabbix_and_its_ui(
     assert side.hosts() == {} and side.groups() == {}, "the demo removed its hosts and groups at exit"
 
 
-def demo_refused(tmp_path: Path, *argv: str) -> str:
+def demo_refused(tmp_path: Path, *argv: str, **env: str) -> str:
     out = subprocess.run([RWATCH, "demo", "--port", "0", "--dir", str(tmp_path), "--seconds", "5", *argv],
-                         capture_output=True, text=True, timeout=120, env=clean_env())
+                         capture_output=True, text=True, timeout=120, env=clean_env(**env))
     assert out.returncode == 1, out
     assert "Traceback" not in out.stderr and "rwatch demo: a simulated CMDB" not in out.stdout, out
     [line] = out.stderr.strip().splitlines()  # one line
@@ -127,6 +127,10 @@ def test_a_zabbix_that_cannot_be_reached_or_refuses_the_login_stops_the_demo_in_
     line = demo_refused(tmp_path / "b", "--zabbix", zabbix.url, "--zabbix-user", "rwatch-nobody",
                         "--zabbix-password", "wrong")
     assert line.startswith(f"rwatch demo: --zabbix: Zabbix at {zabbix.url} refused the login as rwatch-nobody: ")
+
+    # The secret from the environment (kept out of ps and the shell's history): the token is the one refused.
+    line = demo_refused(tmp_path / "d", "--zabbix", zabbix.url, RWATCH_DEMO_ZABBIX_TOKEN="0" * 64)
+    assert line.startswith(f"rwatch demo: --zabbix: Zabbix at {zabbix.url} refused the API token: "), line
 
     line = demo_refused(tmp_path / "c", "--zabbix", zabbix.url.removesuffix("api_jsonrpc.php") + "no/such/")
     assert "is not Zabbix's API: apiinfo.version: HTTP 404" in line

@@ -42,12 +42,13 @@ def demo(
         help="also keep this real Zabbix in step: its frontend's URL (http://127.0.0.1:8080/) or its "
              "api_jsonrpc.php")] = None,
     zabbix_token: Annotated[str | None, typer.Option(
-        "--zabbix-token", show_default=False, help="log in to Zabbix with this API token")] = None,
+        "--zabbix-token", envvar="RWATCH_DEMO_ZABBIX_TOKEN", show_default=False,
+        help="log in to Zabbix with this API token (or the environment, kept out of ps and shell history)")] = None,
     zabbix_user: Annotated[str | None, typer.Option(
         "--zabbix-user", show_default=False,
         help=f"log in to Zabbix as this user (default {DEFAULT_USER}, the account a fresh Zabbix comes with)")] = None,
     zabbix_password: Annotated[str | None, typer.Option(
-        "--zabbix-password", show_default=False,
+        "--zabbix-password", envvar="RWATCH_DEMO_ZABBIX_PASSWORD", show_default=False,
         help=f"that user's password (default {DEFAULT_PASSWORD}, a fresh Zabbix's; change it on any Zabbix that "
              "others can reach)")] = None,
     zabbix_prefix: Annotated[str, typer.Option(
