@@ -20,7 +20,7 @@ from rwatch.config import PromSdSinkConfig
 from rwatch.http import serve_http
 from rwatch.sinks.base import TopologyRow
 from rwatch.sinks.projection import TopologySource
-from rwatch.sinks.prom_sd import PromSdSink, render_groups, sd_routes
+from rwatch.sinks.prom_sd import PromSdSink, _target_ip, render_groups, sd_routes
 
 DEBOUNCE = 0.05
 
@@ -444,3 +444,9 @@ async def test_sd_answers_503_until_a_render_succeeded_so_prometheus_keeps_its_t
 def test_fake_matches_the_protocol() -> None:
     source: TopologySource = FakeMirror()
     assert source is not None
+
+
+def test_a_target_is_the_first_inner_ip_with_an_ipv6_address_in_brackets() -> None:
+    assert _target_ip(" 10.0.0.1 ,10.0.0.2") == "10.0.0.1"
+    assert _target_ip("fd00::1,10.0.0.2") == "[fd00::1]"  # host:port stays parseable
+    assert _target_ip(None) is None and _target_ip(" , ") is None

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from rwatch.sinks.base import TopologyRow
-from rwatch.sinks.zabbix.desired import TemplateRule, ZabbixOptions, desired_state, first_ip, segment
+from rwatch.sinks.base import TopologyRow, first_ip
+from rwatch.sinks.zabbix.desired import TemplateRule, ZabbixOptions, desired_state, segment
 
 
 def row(host: int, module: int = 111, *, biz: int | None = 1, set_: int | None = 11, biz_name: str | None = "shop",

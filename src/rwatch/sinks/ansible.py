@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 from rwatch.metrics import ANSIBLE_INVENTORY_HOSTS, ANSIBLE_INVENTORY_RENDER_ERRORS, ANSIBLE_INVENTORY_RENDERS
+from rwatch.sinks.base import first_ip
 from rwatch.sinks.files import ProjectedFile
 from rwatch.sinks.projection import Projection, ProjectionFailed, TopologySource
 
@@ -53,11 +54,6 @@ class InventoryOptions:
 
 
 # --- the inventory (pure) -------------------------------------------------------------------------------
-
-
-def first_ip(value: str | None) -> str | None:
-    """CMDB keeps several inner IPs comma-separated; the first one is the host's address."""
-    return next((ip for part in (value or "").split(",") if (ip := part.strip())), None)
 
 
 def alias(prefix: str, name: str) -> str:

@@ -41,6 +41,11 @@ class Sink(Protocol):
     async def close(self) -> None: ...
 
 
+def first_ip(value: str | None) -> str | None:
+    """CMDB keeps several inner IPs comma-separated (``bk_host_innerip``); the first one is the host's address."""
+    return next((ip for part in (value or "").split(",") if (ip := part.strip())), None)
+
+
 @dataclass(frozen=True, slots=True)
 class TopologyRow:
     """One row of the mirror's ``rwatch_topology`` view: a host in a module, with the module's set and biz.

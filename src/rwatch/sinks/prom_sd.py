@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from rwatch.metrics import PROM_SD_RENDER_ERRORS, PROM_SD_RENDERS, PROM_SD_TARGETS
+from rwatch.sinks.base import first_ip
 from rwatch.sinks.files import ProjectedFile
 from rwatch.sinks.projection import Projection, ProjectionFailed, TopologySource
 
@@ -57,13 +58,10 @@ class _Matcher:
         return name is not None and name in self.names
 
 
-def _first_ip(value: str | None) -> str | None:
-    """CMDB keeps several inner IPs comma-separated; the first one is the host's address."""
-    for part in (value or "").split(","):
-        ip = part.strip()
-        if ip:
-            return f"[{ip}]" if ":" in ip else ip
-    return None
+def _target_ip(value: str | None) -> str | None:
+    """The host's first inner IP as a target's host part (an IPv6 address in brackets, for ``host:port``)."""
+    ip = first_ip(value)
+    return f"[{ip}]" if ip is not None and ":" in ip else ip
 
 
 def _joined(values: Iterable[object]) -> str:
@@ -96,7 +94,7 @@ def render_groups(jobs: Sequence[PromJob], rows: Iterable[TopologyRow]) -> tuple
                     and module(row.bk_module_id, row.bk_module_name)):
                 hosts.setdefault((row.bk_host_id, row.tenant), []).append(row)
         for (host_id, tenant), host_rows in hosts.items():
-            ip = next((ip for r in host_rows if (ip := _first_ip(r.bk_host_innerip))), None)
+            ip = next((ip for r in host_rows if (ip := _target_ip(r.bk_host_innerip))), None)
             if ip is None:
                 no_ip.add((tenant, host_id))
                 continue

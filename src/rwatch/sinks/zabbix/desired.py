@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rwatch.config.sinks import check_zabbix_names
-from rwatch.sinks.base import TopologyRow
+from rwatch.sinks.base import TopologyRow, first_ip
 
 OnDelete = Literal["delete", "disable", "move"]
 ON_DELETE: tuple[OnDelete, ...] = ("delete", "disable", "move")
@@ -134,14 +134,6 @@ def segment(name: str | None, ident: int) -> str:
     """One level of a group name: the CMDB name with ``/`` made harmless, or ``#<id>`` while it is unknown."""
     text = (name or "").strip().replace("/", "／")
     return text or f"#{ident}"
-
-
-def first_ip(value: str | None) -> str | None:
-    """CMDB keeps several inner IPs comma-separated; the agent listens on the first."""
-    for part in (value or "").split(","):
-        if part.strip():
-            return part.strip()
-    return None
 
 
 def desired_state(rows: Iterable[TopologyRow], options: ZabbixOptions, pending: Iterable[int] = (),
