@@ -219,6 +219,12 @@ technical_name = "{prefix}-{{bk_host_id}}"
     wrong = await asyncio.to_thread(subprocess.run, [RWATCH, "zabbix-sync", "--config", str(config), "--sink",
                                                      "mirror"], capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and "no zabbix sink of that name" in wrong.stderr
+    # A mirror path that holds nothing (a typo, a volume not mounted) is said, not created empty and reconciled.
+    config.write_text(config.read_text().replace(f"{tmp_path}/m.db", f"{tmp_path}/typo.db"))
+    missing = await asyncio.to_thread(subprocess.run, [RWATCH, "zabbix-sync", "--config", str(config)],
+                                      capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "typo.db does not exist" in missing.stderr, missing.stderr
+    assert not (tmp_path / "typo.db").exists()
 
 
 async def test_a_host_known_only_by_its_relations_leaves_with_them(

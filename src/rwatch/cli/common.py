@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from rwatch.config import Config, load_config
 from rwatch.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rwatch.config import MirrorSinkConfig
+    from rwatch.sinks.mirror import MirrorSink
 
 ConfigOption = Annotated[
     Path | None,
@@ -32,6 +36,20 @@ def bad_config(exc: ConfigError) -> typer.Exit:
     """Say on stderr why the configuration is refused; the caller raises the exit 2 returned."""
     typer.echo(f"rwatch: bad configuration: {exc}", err=True)
     return typer.Exit(2)
+
+
+def existing_mirror(name: str, settings: MirrorSinkConfig) -> MirrorSink:
+    """The mirror sink a command reads (not open yet); SinkUnavailable for a SQLite file that does not exist."""
+    from rwatch.errors import SinkUnavailable
+    from rwatch.sinks.mirror import MirrorSink
+
+    mirror = MirrorSink(name, settings)
+    database = mirror.url.database
+    if mirror.backend == "sqlite" and database not in (None, "", ":memory:") and not Path(database).is_file():
+        # Opening would create an empty mirror, and a wrong path would read as an empty topology.
+        raise SinkUnavailable(f"{database} does not exist (has `rwatch run` filled mirror sink {name!r} yet?)",
+                              sink=name)
+    return mirror
 
 
 def check_role(role: str) -> None:

@@ -8,12 +8,11 @@ Only JSON goes to stdout; logs (warnings and up) go to stderr, which Ansible sho
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from rwatch.cli.common import ConfigOption, bad_config, load
+from rwatch.cli.common import ConfigOption, bad_config, existing_mirror, load
 from rwatch.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -67,7 +66,7 @@ def inventory_cmd(
     setup_logging("debug" if cfg.log.level == "debug" else "warning", cfg.log.format, sys.stderr)
     try:
         name, settings, options = choose(cfg, sink)
-        document = asyncio.run(_read(_mirror(name, settings), options))
+        document = asyncio.run(_read(existing_mirror(name, settings), options))
     except ConfigError as exc:
         raise bad_config(exc) from None
     except (RwatchError, OSError) as exc:
@@ -78,20 +77,6 @@ def inventory_cmd(
 
         document = host_vars(document, host)
     typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
-
-
-def _mirror(name: str, settings: MirrorSinkConfig) -> MirrorSink:
-    """The mirror sink to read; SinkUnavailable for a SQLite file that does not exist."""
-    from rwatch.errors import SinkUnavailable
-    from rwatch.sinks.mirror import MirrorSink
-
-    mirror = MirrorSink(name, settings)
-    database = mirror.url.database
-    if mirror.backend == "sqlite" and database not in (None, "", ":memory:") and not Path(database).is_file():
-        # Opening would create an empty mirror, and a wrong path would read as an empty inventory.
-        raise SinkUnavailable(f"{database} does not exist (has `rwatch run` filled mirror sink {name!r} yet?)",
-                              sink=name)
-    return mirror
 
 
 async def _read(mirror: MirrorSink, options: InventoryOptions) -> dict[str, object]:

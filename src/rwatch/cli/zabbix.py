@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from rwatch.cli.common import ConfigOption, load
+from rwatch.cli.common import ConfigOption, existing_mirror, load
 
 
 def zabbix_sync(
@@ -22,10 +22,9 @@ def zabbix_sync(
 
     import orjson
 
-    from rwatch.config import ZabbixSinkConfig
+    from rwatch.config import MirrorSinkConfig, ZabbixSinkConfig
     from rwatch.errors import RwatchError
     from rwatch.logs import setup_logging
-    from rwatch.sinks.mirror import MirrorSink
     from rwatch.sinks.zabbix.sink import ZabbixSink
 
     cfg = load(config)
@@ -41,10 +40,11 @@ def zabbix_sync(
         typer.echo(f"rwatch zabbix-sync: --sink {name!r}: no zabbix sink of that name", err=True)
         raise typer.Exit(2)
     source = cfg.sinks[settings.source]
-    assert source.kind == "mirror"  # config validation: a projection's source is a mirror
+    assert isinstance(source, MirrorSinkConfig)  # config validation: a projection's source is a mirror
 
     async def main() -> dict[str, object]:
-        mirror = MirrorSink(settings.source, source)
+        # Never a new, empty mirror from a wrong path: its full reconcile would only list every host as unproven.
+        mirror = existing_mirror(settings.source, source)
         await mirror.open()
         zabbix = ZabbixSink(name, settings, mirror)
         try:
