@@ -149,3 +149,17 @@ def test_the_zabbix_url_may_be_the_frontend_or_the_endpoint(given: str, endpoint
     assert api_url(given) == endpoint
     with pytest.raises(ValueError, match="not an http"):
         api_url("zbx.example.com/zabbix")
+
+
+@pytest.mark.parametrize(("version", "page"), [
+    ("6.0.14", "hostgroups.php?filter_name=BK-demo&filter_set=1"),
+    ("6.2.9", "hostgroups.php?filter_name=BK-demo&filter_set=1"),
+    ("6.4.0", "zabbix.php?action=hostgroup.list&filter_name=BK-demo&filter_set=1"),
+    ("7.0.5", "zabbix.php?action=hostgroup.list&filter_name=BK-demo&filter_set=1"),
+])
+def test_the_banners_ui_link_follows_the_host_group_page_to_where_the_version_has_it(version: str, page: str) -> None:
+    """6.0 is checked in the UI above; 6.4 moved the page (only this table checks that link)."""
+    from rwatch.cli.demo.zabbix import DemoZabbix
+    from rwatch.sinks.zabbix.api import ApiVersion
+
+    assert DemoZabbix("http://z/api_jsonrpc.php").groups_page(ApiVersion.parse(version)) == f"http://z/{page}"

@@ -15,6 +15,7 @@ from rwatch.cli.demo.zabbix import ZabbixUnusable, check_zabbix, remove_demo
 if TYPE_CHECKING:
 
     from rwatch.config import Config
+    from rwatch.sinks.zabbix.api import ApiVersion
 
 
 # Topology operations only: every change the generator makes is one the mirror and file_sd show.
@@ -85,7 +86,7 @@ async def run_demo(options: DemoOptions, out: TextIO) -> int:
     log = get_logger("rwatch.demo")
     if options.amqp_url is not None:
         await _check_broker(options.amqp_url)
-    zabbix_version: str | None = None
+    zabbix_version: ApiVersion | None = None
     if options.zabbix is not None:
         try:
             zabbix_version, cleared = await check_zabbix(options.zabbix)
@@ -180,7 +181,8 @@ def _describe(exc: BaseException | None) -> str:
     return repr(exc)
 
 
-def _banner(out: TextIO, options: DemoOptions, port: int, sim_url: str, zabbix_version: str | None) -> None:
+def _banner(out: TextIO, options: DemoOptions, port: int, sim_url: str,
+            zabbix_version: ApiVersion | None) -> None:
     files = options.files
     bus = f"RabbitMQ, exchange rwatch-demo-{options.unique} (deleted at exit)" if options.amqp_url else "memory"
     changes = f"{options.rate:g} changes/s" if options.rate else "no changes (--rate 0)"
@@ -201,14 +203,14 @@ def _banner(out: TextIO, options: DemoOptions, port: int, sim_url: str, zabbix_v
     say(out, "\n".join(lines))
 
 
-def _zabbix_lines(options: DemoOptions, version: str | None) -> list[str]:
+def _zabbix_lines(options: DemoOptions, version: ApiVersion | None) -> list[str]:
     zabbix = options.zabbix
-    if zabbix is None:
+    if zabbix is None or version is None:
         return []
     leave = "kept at exit (--zabbix-keep)" if zabbix.keep else "removed at exit"
     return [
-        f"  zabbix       {zabbix.url}   (Zabbix {version}, {zabbix.login}; groups {zabbix.prefix}/<biz>/<set>/<module>,"
-        f" {leave})",
+        f"  zabbix       {zabbix.url}   (Zabbix {version.text}, {zabbix.login}; "
+        f"groups {zabbix.prefix}/<biz>/<set>/<module>, {leave})",
         f"               in its UI: {zabbix.groups_page(version)}   ({_who(zabbix.username)})",
     ]
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
-    from rwatch.sinks.zabbix.api import ZabbixApi
+    from rwatch.sinks.zabbix.api import ApiVersion, ZabbixApi
 
 SINK = "zabbix"
 API_FILE = "api_jsonrpc.php"
@@ -61,11 +61,10 @@ class DemoZabbix:
     def login(self) -> str:
         return "an API token" if self.token else f"user {self.username}"
 
-    def groups_page(self, version: str | None) -> str:
+    def groups_page(self, version: ApiVersion) -> str:
         """The frontend's host group list filtered to the prefix (its page moved in 6.4)."""
         query = f"filter_name={quote(self.prefix)}&filter_set=1"
-        major, _, rest = (version or "6.0").partition(".")
-        if (int(major), int(rest.partition(".")[0] or 0)) >= (6, 4):
+        if (version.major, version.minor) >= (6, 4):
             return f"{self.frontend}zabbix.php?action=hostgroup.list&{query}"
         return f"{self.frontend}hostgroups.php?{query}"
 
@@ -87,7 +86,7 @@ class DemoZabbix:
                          password=None if self.token else self.password, timeout=CHECK_SECONDS)
 
 
-async def check_zabbix(zabbix: DemoZabbix) -> tuple[str, int]:
+async def check_zabbix(zabbix: DemoZabbix) -> tuple[ApiVersion, int]:
     """Log in once before anything starts (a wrong URL or password is said at once, in one line), and clear what
     an earlier demo left under the prefix; Zabbix's version and the hosts removed."""
     from rwatch.sinks.zabbix.api import ZabbixApiError, ZabbixUnavailable
@@ -110,7 +109,7 @@ async def check_zabbix(zabbix: DemoZabbix) -> tuple[str, int]:
             raise ZabbixUnusable(f"--zabbix: Zabbix at {zabbix.url} refused {what}: {_line(exc)}") from None
         assert api.version is not None
         try:
-            return api.version.text, await _clear(api, zabbix.prefix)
+            return api.version, await _clear(api, zabbix.prefix)
         except (ZabbixApiError, ZabbixUnavailable) as exc:
             raise ZabbixUnusable(f"--zabbix: cannot clear the prefix {zabbix.prefix!r} at {zabbix.url}: "
                             f"{_line(exc)}") from None
