@@ -113,6 +113,19 @@ class PromSdSinkConfig(ProjectionSinkConfig):
 ZABBIX_NAME_FIELDS = ("bk_host_id", "bk_host_name", "bk_host_innerip", "ip", "bk_cloud_id", "label", "tenant")
 
 
+def template_fields(template: str, known: tuple[str, ...], what: str = "") -> list[str]:
+    """The fields a host name template (a ``str.format`` string) names; ValueError saying what is wrong with it
+    (prefixed ``what: ``) when it does not parse or names a field outside ``known``."""
+    said = f"{what}: " if what else ""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise ValueError(f"{said}{template!r}: {exc}") from None
+    if unknown := set(fields) - set(known):
+        raise ValueError(f"{said}{template!r} has unknown fields {sorted(unknown)} (known: {', '.join(known)})")
+    return fields
+
+
 def check_zabbix_names(group_prefix: str, **templates: str) -> None:
     """ValueError naming what is wrong with a group prefix or a host name template (``visible_name=...``)."""
     if not group_prefix or group_prefix != group_prefix.strip() or group_prefix.startswith("/") \
@@ -120,13 +133,7 @@ def check_zabbix_names(group_prefix: str, **templates: str) -> None:
         raise ValueError(f"group_prefix: {group_prefix!r} must be a non-empty group name without a leading or "
                          "trailing / or space")
     for which, template in templates.items():
-        try:
-            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-        except ValueError as exc:
-            raise ValueError(f"{which}: {template!r}: {exc}") from None
-        if unknown := fields - set(ZABBIX_NAME_FIELDS):
-            raise ValueError(f"{which}: {template!r} has unknown fields {sorted(unknown)} (known: "
-                             f"{', '.join(ZABBIX_NAME_FIELDS)})")
+        template_fields(template, ZABBIX_NAME_FIELDS, which)
 
 
 class ZabbixTemplateRule(Section):
@@ -217,13 +224,7 @@ class AnsibleInventorySinkConfig(ProjectionSinkConfig):
 
 def check_ansible_host_name(template: str) -> None:
     """ValueError naming what is wrong with an inventory host name template."""
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as exc:
-        raise ValueError(f"{template!r}: {exc}") from None
-    if unknown := set(fields) - set(ANSIBLE_NAME_FIELDS):
-        raise ValueError(f"{template!r}: unknown fields {sorted(unknown)} (known: {ANSIBLE_NAME_FIELDS})")
-    if not fields:
+    if not template_fields(template, ANSIBLE_NAME_FIELDS):
         raise ValueError(f"{template!r}: names no field, so every host would have the same name")
 
 
