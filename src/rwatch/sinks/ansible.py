@@ -232,12 +232,12 @@ class AnsibleInventorySink(Projection):
     """A projection: the inventory file re-rendered after its mirror's commits (debounced), replaced atomically."""
 
     kind = "ansible_inventory"
+    _source: HostSource  # the projection's source, with the host rows the hostvars come from
 
     def __init__(self, name: str, settings: AnsibleInventorySinkConfig, source: HostSource, *,
                  debounce: float | None = None) -> None:
         super().__init__(name, source, debounce=settings.debounce if debounce is None else debounce,
                          renders=ANSIBLE_INVENTORY_RENDERS, errors=ANSIBLE_INVENTORY_RENDER_ERRORS)
-        self._hosts_source = source
         self._options = InventoryOptions.of(settings)
         self._path = Path(settings.file)
         self._file = ProjectedFile(self._path)
@@ -245,7 +245,7 @@ class AnsibleInventorySink(Projection):
 
     async def project(self) -> None:
         try:
-            document = await read_inventory(self._hosts_source, self._options)
+            document = await read_inventory(self._source, self._options)
             content = await asyncio.to_thread(encode, document)
         except Exception as exc:
             raise ProjectionFailed("ansible_inventory_topology_failed", exc) from exc
